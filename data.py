@@ -1,0 +1,755 @@
+"""Edit records, the two dataset loaders the paper uses, and anchor images.
+
+Implements DESIGN.md section 5 ("Data"). The paper (Guo et al., ICML 2025)
+evaluates on OKEDIT, its own benchmark, and on MMEdit's E-VQA; both are read
+here into one structure, `EditRecord`, which carries everything the metrics
+of the paper's Appendix C need:
+
+    question, image, answer -> target   the edit, y^o -> y^n     (Acc, Eq. 4)
+    rephrases                           unseen paraphrases       (T-Gen, Eq. 5)
+    rephrase_images                     other images, same scope (I-Gen, Eq. 6)
+    locality                            similar but out of scope (Loc, Eq. 7)
+    train_rephrases                     positives for the radius (Eq. 3)
+    m_locality                          unrelated samples (MMEdit's m_loc)
+
+`anchor_image` makes the black / white / noise negative anchor images of the
+paper's Table 7 ablation.
+
+The world (bottom of the file) is a tiny, fully known visual domain that
+generates both TinyVLM's endless training stream and the shipped tiny OKEDIT
+sample (`python data.py make-sample --seed 0 --out assets/okedit_tiny`).
+
+Layouts (paths relative to the dataset folder):
+
+    OKEDIT  annotations.json, questions.json,
+            val2014/COCO_val2014_{image_id:012d}.jpg (or .png),
+            rephrase/{question_id}/*, locality/{question_id}/{k}.png,
+            m_loc/{question_id}/{k}.png (our extension, written by write_okedit)
+    MMEdit  one json list of {src, pred, rephrase, alt, image, image_rephrase,
+            loc, loc_ans, m_loc, m_loc_q, m_loc_a}, image paths relative to a root
+
+Bad input is never skipped: every problem raises `DataError` naming the file,
+the record and the field. Writers produce byte-identical files on every run,
+and `load_x(write_x(records)) == records`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional, Union
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# -----------------------------------------------------------------------------
+# records
+
+
+@dataclass
+class Sample:
+    """One scored (image, question, answer) triple; image None = text-only."""
+    image: Optional[Image.Image]
+    question: str
+    answer: str
+
+
+@dataclass
+class EditRecord:
+    """One edit and everything needed to score it (DESIGN.md section 5)."""
+    id: str
+    image: Image.Image
+    question: str
+    answer: str                              # y^o, the old answer
+    target: str                              # y^n, the new answer
+    rephrases: list[str]                     # scoring T-Gen (Eq. 5)
+    train_rephrases: list[str]               # positives for Eq. 3; may be empty
+    rephrase_images: list[Image.Image]       # scoring I-Gen (Eq. 6)
+    locality: list[Sample]                   # scoring Loc (Eq. 7)
+    m_locality: list[Sample]                 # unrelated multimodal locality
+    category: str = ""
+
+
+class DataError(ValueError):
+    """Bad dataset input; the message names the file, the record and the field."""
+
+
+# -----------------------------------------------------------------------------
+# anchor images (negative anchors, paper Table 7)
+
+ANCHOR_KINDS = ("black", "white", "noise")
+
+
+def anchor_image(kind: str, size: Union[int, tuple[int, int]] = 64, seed: int = 0) -> Image.Image:
+    """A black, white or uniform-noise RGB image; `size` is an int or (w, h)."""
+    w, h = (size, size) if isinstance(size, int) else size
+    if not (isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0):
+        raise ValueError(f"anchor_image: size must be a positive int or (w, h), got {size!r}")
+    if kind == "black":
+        pixels = np.zeros((h, w, 3), dtype=np.uint8)
+    elif kind == "white":
+        pixels = np.full((h, w, 3), 255, dtype=np.uint8)
+    elif kind == "noise":
+        pixels = np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+    else:
+        raise ValueError(f"anchor_image: unknown kind {kind!r}; allowed kinds: {', '.join(ANCHOR_KINDS)}")
+    return Image.fromarray(pixels, mode="RGB")
+
+
+# -----------------------------------------------------------------------------
+# validation helpers: every check goes through these, so every message has
+# the same shape "{file}: record {id}: field '{name}' {problem}"
+
+_MISSING = object()
+
+
+def _err(file: Any, record: str, field: str, problem: str) -> DataError:
+    return DataError(f"{file}: record {record}: field '{field}' {problem}")
+
+
+def _type_name(value: Any) -> str:
+    if isinstance(value, list):
+        inner = sorted({type(v).__name__ for v in value})
+        return "list of " + ", ".join(inner) if inner else "list"
+    return type(value).__name__
+
+
+def _is_str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _is_id(v: Any) -> bool:
+    return isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool))
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_str_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _is_str_or_str_list(v: Any) -> bool:
+    return isinstance(v, str) or _is_str_list(v)
+
+
+def _is_dict_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, dict) for x in v)
+
+
+# name -> (check, description for "should be {description}")
+_KINDS = {
+    "str": (_is_str, "a string"),
+    "id": (_is_id, "an int or a string"),
+    "int": (_is_int, "an int"),
+    "str_list": (_is_str_list, "a list of strings"),
+    "str_or_str_list": (_is_str_or_str_list, "a string or a list of strings"),
+    "dict_list": (_is_dict_list, "a list of objects"),
+}
+
+
+def _field(obj: dict, name: str, kind: str, file: Any, record: str,
+           default: Any = _MISSING, nonempty: bool = True) -> Any:
+    """obj[name], checked: present (unless a default is given), of `kind`, and
+    (if `nonempty`) not an empty string / empty list / list with an empty string."""
+    if name not in obj:
+        if default is _MISSING:
+            raise _err(file, record, name, "is missing")
+        return default
+    value = obj[name]
+    check, description = _KINDS[kind]
+    if not check(value):
+        raise _err(file, record, name, f"should be {description}, got {_type_name(value)}")
+    if nonempty:
+        if isinstance(value, str) and not value.strip():
+            raise _err(file, record, name, "is empty")
+        if isinstance(value, list):
+            if not value:
+                raise _err(file, record, name, "is empty")
+            for i, item in enumerate(value):
+                if isinstance(item, str) and not item.strip():
+                    raise _err(file, record, name, f"item {i} is empty")
+    return value
+
+
+def _read_json(path: Path, top: type) -> Any:
+    """Parse a json file whose top level must be of type `top` (list or dict)."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from e
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
+    if not isinstance(data, top):
+        want = "a list" if top is list else "an object"
+        raise DataError(f"{path}: top level should be {want}, got {type(data).__name__}")
+    return data
+
+
+def _open_image(path: Path, record: str, field: str) -> Image.Image:
+    """Fully decode an image file into a detached RGB image with empty .info,
+    so that PIL's Image.__eq__ compares pixels (mode, size, info, bytes)."""
+    if not path.is_file():
+        raise DataError(f"{path}: record {record}: field '{field}': file not found")
+    try:
+        with Image.open(path) as im:
+            im.verify()  # checks the file's structure (PNG chunk checksums, a cut-off end)
+        with Image.open(path) as im:
+            im.load()  # force full decoding: truncated pixel data fails here
+            rgb = im.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: record {record}: field '{field}': "
+                        f"cannot read image (truncated or not an image: {e})") from e
+    rgb.info = {}
+    return rgb
+
+
+def _save_png(image: Image.Image, path: Path) -> None:
+    """Save with fixed options and no metadata, so reruns are byte-identical."""
+    if not isinstance(image, Image.Image):
+        raise DataError(f"{path}: cannot write {type(image).__name__} as an image")
+    rgb = image.convert("RGB")
+    rgb.info = {}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rgb.save(path, format="PNG", compress_level=6)
+
+
+def _write_json(data: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(data, sort_keys=True, indent=1, ensure_ascii=False) + "\n"
+    path.write_text(text, encoding="utf-8")
+
+
+def _natural_key(name: str) -> list:
+    # "10.png" after "9.png"; re.split with a group alternates str/digits, so types align
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+# -----------------------------------------------------------------------------
+# OKEDIT (authors' layout, with our extensions locality_questions, m_loc, category)
+
+
+def _okedit_answers(ann: dict, file: Path, rid: str) -> list[str]:
+    """`answers` as a list of str; also accepts VQA's [{"answer": str}, ...]."""
+    raw = ann.get("answers")
+    if isinstance(raw, list) and raw and all(isinstance(a, dict) for a in raw):  # VQA form
+        return [_field(a, "answer", "str", file, f"{rid} (answers item {i})") for i, a in enumerate(raw)]
+    return _field(ann, "answers", "str_list", file, rid)
+
+
+def _question_index(path: Path) -> dict[str, dict]:
+    """questions.json -> {str(question_id): entry}."""
+    data = _read_json(path, dict)
+    entries = _field(data, "questions", "dict_list", path, "(top level)", nonempty=False)
+    index: dict[str, dict] = {}
+    for i, q in enumerate(entries):
+        qid = str(_field(q, "question_id", "id", path, f"at index {i}"))
+        if qid in index:
+            raise _err(path, qid, "question_id", "is duplicated")
+        index[qid] = q
+    return index
+
+
+def load_okedit(root: Union[str, os.PathLike], image_root: Union[str, os.PathLike, None] = None,
+                rephrase_root: Union[str, os.PathLike, None] = None,
+                locality_root: Union[str, os.PathLike, None] = None,
+                limit: Optional[int] = None) -> list[EditRecord]:
+    """Read an OKEDIT dataset folder into EditRecords (id = str(question_id)).
+
+    image_root is the folder containing `val2014` (default: root); rephrase_root
+    and locality_root default to root/rephrase and root/locality. `limit` keeps
+    the first `limit` annotations."""
+    root = Path(root)
+    image_root = Path(image_root) if image_root is not None else root
+    rephrase_root = Path(rephrase_root) if rephrase_root is not None else root / "rephrase"
+    locality_root = Path(locality_root) if locality_root is not None else root / "locality"
+    if limit is not None and limit < 0:
+        raise ValueError(f"load_okedit: limit must be >= 0, got {limit}")
+
+    ann_path, q_path = root / "annotations.json", root / "questions.json"
+    annotations = _read_json(ann_path, list)
+    questions = _question_index(q_path)
+    records: list[EditRecord] = []
+    seen: set[str] = set()
+    for i, ann in enumerate(annotations[:limit] if limit is not None else annotations):
+        if not isinstance(ann, dict):
+            raise DataError(f"{ann_path}: record at index {i} should be an object, got {type(ann).__name__}")
+        rid = str(_field(ann, "question_id", "id", ann_path, f"at index {i}"))
+        if rid in seen:
+            raise _err(ann_path, rid, "question_id", "is duplicated")
+        seen.add(rid)
+        records.append(_okedit_record(ann, rid, questions, ann_path, q_path,
+                                      root, image_root, rephrase_root, locality_root))
+    return records
+
+
+def _okedit_record(ann: dict, rid: str, questions: dict, ann_path: Path, q_path: Path,
+                   root: Path, image_root: Path, rephrase_root: Path, locality_root: Path) -> EditRecord:
+    # --- text fields
+    image_id = _field(ann, "image_id", "int", ann_path, rid)
+    answers = _okedit_answers(ann, ann_path, rid)
+    target = _field(ann, "counterfact_answer", "str", ann_path, rid)
+    loc_answer = _field(ann, "locality_answer", "str_or_str_list", ann_path, rid)
+    _field(ann, "image_object", "str", ann_path, rid, default=None, nonempty=False)
+    _field(ann, "locality_image_object", "str_or_str_list", ann_path, rid, default=None, nonempty=False)
+    category = _field(ann, "category", "str", ann_path, rid, default="", nonempty=False)
+    if rid not in questions:
+        raise _err(ann_path, rid, "question_id", f"has no entry in {q_path}")
+    q = questions[rid]
+    question = _field(q, "question", "str", q_path, rid)
+    rephrases = _field(q, "rephrased_questions", "str_list", q_path, rid)
+    train_rephrases = _field(q, "rephrased_questions_train", "str_list", q_path, rid,
+                             default=[], nonempty=False)
+
+    # --- the edit image: COCO name, .jpg as the authors ship it, or lossless .png
+    stem = image_root / "val2014" / f"COCO_val2014_{image_id:012d}"
+    image_path = stem.with_suffix(".jpg")
+    if not image_path.is_file() and stem.with_suffix(".png").is_file():
+        image_path = stem.with_suffix(".png")
+    image = _open_image(image_path, rid, "image")
+
+    # --- rephrase images: every file of rephrase/{qid}/, natural order
+    rdir = rephrase_root / rid
+    if not rdir.is_dir():
+        raise DataError(f"{rdir}: record {rid}: field 'rephrase_images': folder not found")
+    names = sorted((p.name for p in rdir.iterdir() if p.is_file() and not p.name.startswith(".")),
+                   key=lambda n: (_natural_key(n), n))
+    if not names:
+        raise DataError(f"{rdir}: record {rid}: field 'rephrase_images': folder holds no images")
+    rephrase_images = [_open_image(rdir / n, rid, "rephrase_images") for n in names]
+
+    # --- locality: locality/{qid}/{k}.png, one answer (and question) per image
+    loc_answers = [loc_answer] if isinstance(loc_answer, str) else loc_answer
+    loc_questions = _field(ann, "locality_questions", "str_list", ann_path, rid,
+                           default=[question] * len(loc_answers))
+    if len(loc_questions) != len(loc_answers):
+        raise _err(ann_path, rid, "locality_questions",
+                   f"has {len(loc_questions)} items but 'locality_answer' has {len(loc_answers)}")
+    ldir = locality_root / rid
+    extra = ldir / f"{len(loc_answers)}.png"
+    if extra.is_file():
+        raise DataError(f"{extra}: record {rid}: field 'locality_answer': there are more locality "
+                        f"images than the {len(loc_answers)} answer(s) in {ann_path}")
+    locality = [Sample(_open_image(ldir / f"{k}.png", rid, "locality"), lq, la)
+                for k, (lq, la) in enumerate(zip(loc_questions, loc_answers))]
+
+    # --- m_loc (our extension): images relative to the dataset folder
+    m_locality = []
+    for k, m in enumerate(_field(ann, "m_loc", "dict_list", ann_path, rid, default=[], nonempty=False)):
+        where = f"{rid} (m_loc item {k})"
+        m_image = _field(m, "image", "str", ann_path, where)
+        m_q = _field(m, "question", "str", ann_path, where)
+        m_a = _field(m, "answer", "str", ann_path, where)
+        m_locality.append(Sample(_open_image(root / m_image, rid, f"m_loc item {k}"), m_q, m_a))
+
+    return EditRecord(id=rid, image=image, question=question, answer=answers[0], target=target,
+                      rephrases=list(rephrases), train_rephrases=list(train_rephrases),
+                      rephrase_images=rephrase_images, locality=locality,
+                      m_locality=m_locality, category=category)
+
+
+def _check_owned_dir(folder: Path, names: set[str], rid: str, field: str) -> None:
+    """Refuse to write into a per-record folder holding files we would not write:
+    the loader reads every file there, so stale files would change the dataset."""
+    if folder.is_dir():
+        stale = sorted(p.name for p in folder.iterdir() if p.name not in names)
+        if stale:
+            raise DataError(f"{folder}: record {rid}: field '{field}': folder already holds "
+                            f"files this write would not produce ({', '.join(stale[:5])}); "
+                            f"write into an empty directory")
+
+
+def write_okedit(records: list[EditRecord], out_dir: Union[str, os.PathLike],
+                 image_ids: Optional[list[int]] = None) -> None:
+    """Write records in the OKEDIT layout (deterministic; load_okedit reads it back
+    equal). image_id defaults to 1..N in order; ids must be int-like strings."""
+    out = Path(out_dir)
+    if image_ids is None:
+        image_ids = list(range(1, len(records) + 1))
+    if len(image_ids) != len(records) or len(set(image_ids)) != len(image_ids) \
+            or not all(_is_int(x) and x >= 0 for x in image_ids):
+        raise DataError(f"write_okedit: image_ids must be {len(records)} distinct non-negative ints")
+    annotations, questions, seen = [], [], set()
+    for r, image_id in zip(records, image_ids):
+        if not (isinstance(r.id, str) and re.fullmatch(r"-?[0-9]+", r.id) and str(int(r.id)) == r.id):
+            raise DataError(f"write_okedit: record {r.id!r}: field 'id' must be an int-like string "
+                            f"such as '17' (OKEDIT's question_id is an int)")
+        if r.id in seen:
+            raise DataError(f"write_okedit: record {r.id}: field 'id' is duplicated")
+        seen.add(r.id)
+        for field, items in (("rephrase_images", r.rephrase_images), ("locality", r.locality)):
+            if not items:
+                raise DataError(f"write_okedit: record {r.id}: field '{field}' is empty; "
+                                f"OKEDIT needs at least one")
+        for field, samples in (("locality", r.locality), ("m_locality", r.m_locality)):
+            if any(s.image is None for s in samples):
+                raise DataError(f"write_okedit: record {r.id}: field '{field}' has a text-only "
+                                f"sample; OKEDIT stores an image for each")
+        qid = int(r.id)
+
+        stem = out / "val2014" / f"COCO_val2014_{image_id:012d}"
+        if stem.with_suffix(".jpg").exists():  # the loader would read it instead
+            raise DataError(f"{stem.with_suffix('.jpg')}: record {r.id}: field 'image': a stale "
+                            f".jpg would shadow the .png written here; write into an empty directory")
+        _save_png(r.image, stem.with_suffix(".png"))
+        rep_names = [f"{k}.png" for k in range(len(r.rephrase_images))]
+        _check_owned_dir(out / "rephrase" / r.id, set(rep_names), r.id, "rephrase_images")
+        for name, im in zip(rep_names, r.rephrase_images):
+            _save_png(im, out / "rephrase" / r.id / name)
+        loc_names = [f"{k}.png" for k in range(len(r.locality))]
+        _check_owned_dir(out / "locality" / r.id, set(loc_names), r.id, "locality")
+        for name, s in zip(loc_names, r.locality):
+            _save_png(s.image, out / "locality" / r.id / name)
+        m_loc = []
+        for k, s in enumerate(r.m_locality):
+            rel = f"m_loc/{r.id}/{k}.png"
+            _save_png(s.image, out / rel)
+            m_loc.append({"image": rel, "question": s.question, "answer": s.answer})
+
+        annotations.append({
+            "question_id": qid, "image_id": image_id, "answers": [r.answer],
+            "counterfact_answer": r.target,
+            "locality_answer": [s.answer for s in r.locality],
+            "locality_questions": [s.question for s in r.locality],
+            "m_loc": m_loc, "category": r.category,
+        })
+        questions.append({
+            "question_id": qid, "question": r.question,
+            "rephrased_questions": list(r.rephrases),
+            "rephrased_questions_train": list(r.train_rephrases),
+        })
+    _write_json(annotations, out / "annotations.json")
+    _write_json({"questions": questions}, out / "questions.json")
+
+
+# -----------------------------------------------------------------------------
+# MMEdit E-VQA json
+
+_MMEDIT_TEXT = ("src", "pred", "rephrase", "alt", "loc", "loc_ans", "m_loc_q", "m_loc_a")
+
+
+def load_mmedit(json_path: Union[str, os.PathLike], image_root: Union[str, os.PathLike],
+                limit: Optional[int] = None) -> list[EditRecord]:
+    """Read MMEdit's E-VQA json into EditRecords (id = str(list index))."""
+    path, image_root = Path(json_path), Path(image_root)
+    if limit is not None and limit < 0:
+        raise ValueError(f"load_mmedit: limit must be >= 0, got {limit}")
+    data = _read_json(path, list)
+    records = []
+    for i, item in enumerate(data[:limit] if limit is not None else data):
+        rid = str(i)
+        if not isinstance(item, dict):
+            raise DataError(f"{path}: record {rid} should be an object, got {type(item).__name__}")
+        text = {k: _field(item, k, "str", path, rid) for k in _MMEDIT_TEXT}
+        images = {k: _open_image(image_root / _field(item, k, "str", path, rid), rid, k)
+                  for k in ("image", "image_rephrase", "m_loc")}
+        records.append(EditRecord(
+            id=rid, image=images["image"], question=text["src"], answer=text["pred"],
+            target=text["alt"], rephrases=[text["rephrase"]], train_rephrases=[],
+            rephrase_images=[images["image_rephrase"]],
+            locality=[Sample(None, text["loc"], text["loc_ans"])],
+            m_locality=[Sample(images["m_loc"], text["m_loc_q"], text["m_loc_a"])],
+            category=""))
+    return records
+
+
+def write_mmedit(records: list[EditRecord], json_path: Union[str, os.PathLike],
+                 image_root: Union[str, os.PathLike]) -> None:
+    """Write records of MMEdit's shape as E-VQA json + PNGs named {i}.png,
+    {i}_rephrase.png, {i}_m_loc.png under image_root. Raises rather than drop
+    anything MMEdit cannot hold (ids other than list positions, train rephrases,
+    category, more than one rephrase / rephrase image / locality / m_loc)."""
+    path, image_root = Path(json_path), Path(image_root)
+    items = []
+    for i, r in enumerate(records):
+        shape = {
+            "id": r.id == str(i),
+            "rephrases": len(r.rephrases) == 1,
+            "rephrase_images": len(r.rephrase_images) == 1,
+            "locality": len(r.locality) == 1 and r.locality[0].image is None,
+            "m_locality": len(r.m_locality) == 1 and r.m_locality[0].image is not None,
+            "train_rephrases": not r.train_rephrases,
+            "category": r.category == "",
+        }
+        bad = [k for k, ok in shape.items() if not ok]
+        if bad:
+            raise DataError(
+                f"write_mmedit: record {r.id}: field '{bad[0]}' does not fit MMEdit's shape "
+                f"(id = list position '{i}', exactly one rephrase, one rephrase image, one "
+                f"text-only locality, one m_loc with an image, no train rephrases, no category)")
+        names = {"image": f"{i}.png", "image_rephrase": f"{i}_rephrase.png", "m_loc": f"{i}_m_loc.png"}
+        _save_png(r.image, image_root / names["image"])
+        _save_png(r.rephrase_images[0], image_root / names["image_rephrase"])
+        _save_png(r.m_locality[0].image, image_root / names["m_loc"])
+        items.append({
+            "src": r.question, "pred": r.answer, "rephrase": r.rephrases[0], "alt": r.target,
+            "loc": r.locality[0].question, "loc_ans": r.locality[0].answer,
+            "m_loc_q": r.m_locality[0].question, "m_loc_a": r.m_locality[0].answer, **names,
+        })
+    _write_json(items, path)
+
+# ---------------------------------------------------------------------------
+# The world: a tiny, fully known visual domain (DESIGN 5).
+#
+# One object per 64x64 image: a shape in a colour (a "kind", e.g. a red
+# circle), with nuisance variation (size, position, background tint, pixel
+# noise). Three question families with ten paraphrases each: shape, colour
+# and name, where every kind has a made-up name (the analogue of OKEDIT's
+# "What brand is this computer?"). The knowledge is fixed; a seed only picks
+# renderings and records, so one trained TinyVLM knows every seed's world.
+#
+# Edits change an answer at two scopes, like the paper's Fig. 1:
+#   scope "kind":  the name of one kind       ("what is this called?" on red circles)
+#   scope "shape": the shape word of a shape  ("what shape is this?" on all circles)
+# Training and evaluation renderings never coincide: the object's centre
+# (cx, cy) has cx + cy even in training renderings and odd in evaluation ones.
+# ---------------------------------------------------------------------------
+
+SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star")
+COLOURS = {  # base RGB; each rendering jitters it by up to +-14 per channel
+    "red": (215, 35, 35),
+    "green": (35, 165, 55),
+    "blue": (40, 75, 215),
+    "yellow": (230, 205, 35),
+    "purple": (135, 45, 170),
+    "orange": (240, 130, 25),
+}
+KINDS = [(s, c) for s in SHAPES for c in COLOURS]  # 36 kinds
+
+
+def _made_up_words(n: int, seed: int, avoid: set[str] = frozenset()) -> list[str]:
+    """n distinct pronounceable non-words, fixed by `seed` (not the world's seed)."""
+    rng = random.Random(seed)
+    words: list[str] = []
+    while len(words) < n:
+        w = "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(2)) + rng.choice("knrsx")
+        if w not in words and w not in avoid:
+            words.append(w)
+    return words
+
+
+KIND_NAMES = dict(zip(KINDS, _made_up_words(len(KINDS), seed=1)))   # what each kind is called
+NEW_WORDS = _made_up_words(64, seed=2, avoid=set(KIND_NAMES.values()))  # edit targets y^n, never trained on
+
+QUESTIONS = {  # family -> ten paraphrases
+    "shape": [
+        "what shape is this?", "what shape is the object?", "which shape is shown?",
+        "what is the shape of the object?", "what shape do you see?", "what shape is in the picture?",
+        "which shape is in the image?", "tell me the shape of this thing.", "what geometric shape is this?",
+        "what is the form of this object?",
+    ],
+    "colour": [
+        "what colour is this?", "what colour is the object?", "which colour is shown?",
+        "what is the colour of the object?", "what colour do you see?", "what colour is in the picture?",
+        "which colour does the object have?", "tell me the colour of this thing.", "what hue is this object?",
+        "what is the colour of this thing?",
+    ],
+    "name": [
+        "what is this called?", "what is the name of this thing?", "what do people call this?",
+        "how is this object named?", "what is this object called?", "what name does this have?",
+        "tell me the name of this object.", "what is the name of the object in the picture?",
+        "what do we call this thing?", "which name does this object have?",
+    ],
+}
+FAMILY_OF = {q: f for f, qs in QUESTIONS.items() for q in qs}
+ANCHOR_ANSWERS = {  # defined answers for the plain anchor images
+    "black": {"shape": "nothing", "colour": "black", "name": "nothing"},
+    "white": {"shape": "nothing", "colour": "white", "name": "nothing"},
+}
+SIZE = 64
+
+
+def answer_of(kind: tuple[str, str], family: str) -> str:
+    """The world's true answer for a kind (shape, colour) and a question family."""
+    shape, colour = kind
+    return {"shape": shape, "colour": colour, "name": KIND_NAMES[kind]}[family]
+
+
+def rephrasings(question: str) -> list[str]:
+    """The other paraphrases of `question` in its family (what TinyVLM 'knows' as rephrasings)."""
+    if question not in FAMILY_OF:
+        raise ValueError(f"not a question of the world: {question!r}")
+    return [q for q in QUESTIONS[FAMILY_OF[question]] if q != question]
+
+
+def vocabulary() -> list[str]:
+    """Every word the world can ask or answer, plus the edit targets (sorted, for the tokenizer)."""
+    words = set(KIND_NAMES.values()) | set(NEW_WORDS) | set(SHAPES) | set(COLOURS)
+    words |= {a for answers in ANCHOR_ANSWERS.values() for a in answers.values()}
+    for q in FAMILY_OF:
+        words |= set(re.findall(r"\w+|[^\w\s]", q))
+    return sorted(words)
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    if shape == "triangle":
+        return [(cx, cy - r), (cx - r * 0.95, cy + r * 0.8), (cx + r * 0.95, cy + r * 0.8)]
+    if shape == "diamond":
+        return [(cx, cy - r), (cx + r * 0.8, cy), (cx, cy + r), (cx - r * 0.8, cy)]
+    if shape == "star":
+        return [(cx + (r if i % 2 == 0 else r * 0.45) * math.sin(i * math.pi / 5),
+                 cy - (r if i % 2 == 0 else r * 0.45) * math.cos(i * math.pi / 5)) for i in range(10)]
+    raise ValueError(shape)
+
+
+def _centre(rng: random.Random, r: int, split: str) -> tuple[int, int]:
+    """The object's centre: cx + cy is even in "train" renderings and odd in "eval" ones."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    cx = rng.randint(r + 2, SIZE - r - 3)
+    cy = rng.randint(r + 2, SIZE - r - 3)
+    if (cx + cy) % 2 != (0 if split == "train" else 1):  # the train/eval partition
+        cy += 1 if cy < SIZE - r - 3 else -1
+    return cx, cy
+
+
+def render(kind: tuple[str, str], rng: random.Random, split: str) -> Image.Image:
+    """One 64x64 rendering of `kind`; split "train" puts the centre on cx+cy even, "eval" on odd."""
+    shape, colour = kind
+    r = rng.randint(11, 19)                              # object half-size
+    cx, cy = _centre(rng, r, split)
+    grey = rng.randint(75, 185)
+    background = tuple(grey + rng.randint(-12, 12) for _ in range(3))
+    fill = tuple(min(255, max(0, v + rng.randint(-14, 14))) for v in COLOURS[colour])
+    image = Image.new("RGB", (SIZE, SIZE), background)
+    draw = ImageDraw.Draw(image)
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == "square":
+        s = round(r * 0.85)
+        draw.rectangle((cx - s, cy - s, cx + s, cy + s), fill=fill)
+    elif shape == "cross":
+        w = max(3, r // 3)
+        draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=fill)
+        draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=fill)
+    else:
+        draw.polygon(_polygon(shape, cx, cy, r), fill=fill)
+    noise = np.random.default_rng(rng.getrandbits(32)).integers(-5, 6, (SIZE, SIZE, 3))
+    pixels = np.clip(np.asarray(image, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels, "RGB")
+
+
+def training_stream(seed: int) -> Iterator[Sample]:
+    """Endless training samples for TinyVLM: every kind x family x paraphrase, plus anchors.
+
+    Only "train" renderings (cx + cy even), so no evaluation rendering is ever produced.
+    """
+    rng = random.Random(seed)
+    while True:
+        family = rng.choice(sorted(QUESTIONS))
+        question = rng.choice(QUESTIONS[family])
+        if rng.random() < 0.06:
+            anchor = rng.choice(sorted(ANCHOR_ANSWERS))
+            yield Sample(anchor_image(anchor, SIZE), question, ANCHOR_ANSWERS[anchor][family])
+        else:
+            kind = rng.choice(KINDS)
+            yield Sample(render(kind, rng, "train"), question, answer_of(kind, family))
+
+
+def make_records(seed: int, n: int = 40, n_rephrases: int = 5, n_train_rephrases: int = 2,
+                 n_images: int = 5, n_locality: int = 3, n_unrelated: int = 2) -> list[EditRecord]:
+    """`n` edit records, half of scope "kind" (a kind's name) and half of scope "shape".
+
+    Every rendering is from the "eval" split. Shape-scope edits of the same shape share
+    one target word, so the records are consistent with each other under sequential editing.
+    """
+    if n < 2 or n % 2:
+        raise ValueError(f"n must be an even number >= 2, got {n}")
+    rng = random.Random(seed)
+    targets = rng.sample(NEW_WORDS, n // 2 + len(SHAPES))
+    shape_target = dict(zip(SHAPES, targets[n // 2:]))
+    edited_kinds = [KINDS[i] for i in rng.sample(range(len(KINDS)), n // 2)] if n // 2 <= len(KINDS) \
+        else [rng.choice(KINDS) for _ in range(n // 2)]
+    records = []
+    for i in range(n):
+        scope = "kind" if i % 2 == 0 else "shape"
+        if scope == "kind":
+            kind = edited_kinds[i // 2]
+            family, target = "name", targets[i // 2]
+            in_scope = lambda k, kind=kind: k == kind                       # noqa: E731
+            same_scope_kinds = [kind]
+            near = [k for k in KINDS if (k[0] == kind[0]) != (k[1] == kind[1])]  # one attribute differs
+        else:
+            kind = rng.choice(KINDS)
+            family, target = "shape", shape_target[kind[0]]
+            in_scope = lambda k, kind=kind: k[0] == kind[0]                 # noqa: E731
+            same_scope_kinds = [k for k in KINDS if in_scope(k)]
+            near = [k for k in KINDS if k[1] == kind[1] and not in_scope(k)]    # same colour, other shape
+        questions = rng.sample(QUESTIONS[family], 1 + n_rephrases + n_train_rephrases)
+        question = questions[0]
+        loc_kinds = rng.sample(near, n_locality)
+        assert not any(in_scope(k) for k in loc_kinds)
+        unrelated = []
+        for _ in range(n_unrelated):
+            other_family = rng.choice([f for f in sorted(QUESTIONS) if f != family])
+            k = rng.choice(KINDS)
+            unrelated.append(Sample(render(k, rng, "eval"), rng.choice(QUESTIONS[other_family]),
+                                    answer_of(k, other_family)))
+        records.append(EditRecord(
+            id=str(i + 1),
+            image=render(kind, rng, "eval"),
+            question=question,
+            answer=answer_of(kind, family),
+            target=target,
+            rephrases=questions[1:1 + n_rephrases],
+            train_rephrases=questions[1 + n_rephrases:],
+            rephrase_images=[render(rng.choice(same_scope_kinds), rng, "eval") for _ in range(n_images)],
+            locality=[Sample(render(k, rng, "eval"), question, answer_of(k, family)) for k in loc_kinds],
+            m_locality=unrelated,
+            category=scope,
+        ))
+    return records
+
+
+# ---------------------------------------------------------------------------
+# The tiny OKEDIT sample (assets/okedit_tiny), written by `python data.py make-sample`
+# ---------------------------------------------------------------------------
+
+SAMPLE_DIR = Path(__file__).resolve().parent / "assets" / "okedit_tiny"
+SAMPLE_SEED = 0  # the seed the committed sample was made with
+
+
+def load_sample(limit: Optional[int] = None) -> list[EditRecord]:
+    """The shipped tiny OKEDIT sample, read through the OKEDIT loader."""
+    return load_okedit(SAMPLE_DIR, limit=limit)
+
+
+def make_sample(seed: int, out_dir: Union[str, os.PathLike], n: int = 40) -> list[EditRecord]:
+    """Write `n` world records in the OKEDIT layout (byte-identical for the same seed)."""
+    records = make_records(seed, n)
+    write_okedit(records, out_dir)
+    return records
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description="Data for BalancEdit: make-sample writes the world's "
+                                     "edit records in the OKEDIT layout (the shipped sample is "
+                                     f"`make-sample --seed {SAMPLE_SEED} --out assets/okedit_tiny`).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("make-sample", help="write a tiny OKEDIT-layout sample from the world")
+    m.add_argument("--seed", type=int, default=SAMPLE_SEED, help=f"world seed (default {SAMPLE_SEED})")
+    m.add_argument("--out", required=True, help="output directory")
+    m.add_argument("-n", type=int, default=40, help="number of edit records, even (default 40)")
+    args = parser.parse_args(argv)
+    try:
+        records = make_sample(args.seed, args.out, args.n)
+    except (ValueError, OSError) as e:
+        parser.exit(2, f"data.py make-sample: error: {e}\n")
+    files = [p for p in Path(args.out).rglob("*") if p.is_file()]
+    print(f"wrote {len(records)} records, {len(files)} files, "
+          f"{sum(p.stat().st_size for p in files)} bytes to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

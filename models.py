@@ -1,0 +1,365 @@
+"""Backbones: the vision-language models that BalancEdit edits (DESIGN 4).
+
+Every backbone is an ``nn.Module`` with one small interface, so that nothing
+outside this file needs to know which one it holds:
+
+- ``target_layer``: the default dotted path (from the backbone itself) of the
+  layer ``l`` that BalancEdit wraps; the authors use the last decoder layer's
+  ``fc2`` of BLIP-2 OPT, and we do the same on both backbones;
+- ``encode(images, questions, answers=None)`` -> a dict batch of tensors, all
+  laid out on the decoder's positions ``(B, T)``: ``input_ids`` (image
+  positions hold an image placeholder token), ``pixel_values``,
+  ``attention_mask``, ``labels`` (-100 outside the answer tokens) and
+  ``prompt_mask`` (image + question positions: what a key averages over);
+- ``forward(**batch)`` -> ``LMOutput(logits, loss, past_key_values)``;
+  ``prompt_mask`` is not used by the network: it is an argument so that a
+  routing hook attached to the backbone can read it (balancedit.attach);
+- ``generate(images, questions)`` -> answer strings (greedy, KV cache: the
+  prompt is one forward call, then one call per new token with an all-False
+  prompt mask, so a routing hook holds the route it chose on the prompt);
+- ``rephrase(question)`` -> other phrasings of the question (optional).
+
+Two backbones:
+
+- ``TinyVLM``, the embedded default: an open_clip vision transformer (patch
+  tokens out) -> a linear projector -> an OPT decoder
+  (``transformers.OPTForCausalLM``), with a word-level tokenizer over the
+  world's vocabulary and BLIP-2's prompt ``Question: {q} Short answer:``. It is
+  a miniature of BLIP-2 OPT, trained on the world of data.py by
+  ``python models.py train-tiny`` and shipped in ``assets/tinyvlm``.
+- ``Blip2OPT``: ``transformers.Blip2ForConditionalGeneration`` (default
+  ``Salesforce/blip2-opt-2.7b``, loaded only when the user asks for it).
+
+This file does not import balancedit.py (data flows data -> models -> balancedit).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+TINY_DIR = ASSETS / "tinyvlm"
+PROMPT = "Question: {} Short answer:"  # BLIP-2's VQA prompt
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor                 # (B, T, V)
+    loss: Optional[torch.Tensor] = None  # mean cross-entropy over the answer tokens
+    past_key_values: Any = None
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Language-model cross-entropy: position t predicts token t+1; -100 labels are ignored."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def pixels(images: Sequence[Image.Image], size: int) -> torch.Tensor:
+    """PIL images -> CLIP-normalised pixel values (B, 3, size, size)."""
+    arrays = [np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
+              for im in images]
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (B, 3, H, W)
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def left_pad(rows: list[list[int]], prompt_lens: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """Token rows -> left-padded (B, T) input_ids, attention_mask, prompt_mask and labels.
+
+    Each row is prompt tokens followed by answer tokens; labels keep only the answer tokens.
+    """
+    T = max(len(r) for r in rows)
+    B = len(rows)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(B, T, dtype=torch.long)
+    prompt_mask = torch.zeros(B, T, dtype=torch.bool)
+    labels = torch.full((B, T), -100, dtype=torch.long)
+    for b, (row, n_prompt) in enumerate(zip(rows, prompt_lens)):
+        start = T - len(row)
+        input_ids[b, start:] = torch.tensor(row)
+        attention_mask[b, start:] = 1
+        prompt_mask[b, start:start + n_prompt] = True
+        labels[b, start + n_prompt:] = input_ids[b, start + n_prompt:]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "prompt_mask": prompt_mask,
+            "labels": labels}
+
+
+class Backbone(nn.Module):
+    """The shared part of every backbone: greedy generation with a KV cache, and devices."""
+
+    target_layer: str
+    eos_token_id: int
+    max_new_tokens: int = 8
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        dtype = next(self.parameters()).dtype
+        return {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device))
+                for k, v in batch.items()}
+
+    def decode_tokens(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def rephrase(self, question: str) -> list[str]:
+        raise NotImplementedError(f"{type(self).__name__} cannot rephrase questions")
+
+    @torch.no_grad()
+    def generate(self, images: Sequence[Optional[Image.Image]], questions: Sequence[str],
+                 max_new_tokens: Optional[int] = None) -> list[str]:
+        """Greedy answers. The prompt is one call; each new token is one call on the KV cache
+        with ``prompt_mask`` all False (so a routing hook holds the prompt's route)."""
+        batch = self.to_device(self.encode(images, questions))
+        batch.pop("labels")
+        mask = batch["attention_mask"]
+        out = self(**batch, use_cache=True)
+        B = mask.shape[0]
+        done = torch.zeros(B, dtype=torch.bool, device=mask.device)
+        new_tokens: list[torch.Tensor] = []
+        for _ in range(max_new_tokens or self.max_new_tokens):
+            token = out.logits[:, -1].argmax(-1)                    # (B,)
+            new_tokens.append(token)
+            done |= token == self.eos_token_id
+            if done.all():
+                break
+            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+            out = self(input_ids=token[:, None], attention_mask=mask,
+                       prompt_mask=torch.zeros(B, 1, dtype=torch.bool, device=mask.device),
+                       past_key_values=out.past_key_values, use_cache=True)
+        tokens = torch.stack(new_tokens, dim=1).tolist()             # (B, steps)
+        answers = []
+        for row in tokens:
+            row = row[:row.index(self.eos_token_id)] if self.eos_token_id in row else row
+            answers.append(self.decode_tokens(row))
+        return answers
+
+
+# ---------------------------------------------------------------------------
+# TinyVLM
+# ---------------------------------------------------------------------------
+
+@dataclass
+class TinyConfig:
+    image_size: int = 64        # the world's images are 64x64
+    patch_size: int = 16        # -> 16 image tokens
+    vision_width: int = 128
+    vision_layers: int = 3
+    vision_heads: int = 4
+    hidden: int = 128           # OPT hidden size D
+    ffn: int = 512              # OPT fc1/fc2 width (the target layer fc2 is ffn -> hidden)
+    layers: int = 4             # OPT decoder layers
+    heads: int = 4
+    max_positions: int = 64
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TinyConfig":
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown TinyConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>", "<image>"]
+
+
+def build_tokenizer(words: Sequence[str]):
+    """A word-level tokenizer (tokenizers WordLevel in a PreTrainedTokenizerFast) over `words`."""
+    from tokenizers import Tokenizer, models as tk_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab: dict[str, int] = {}
+    for w in [*SPECIAL_TOKENS, *re.findall(r"\w+|[^\w\s]", PROMPT.replace("{}", " ")), *words]:
+        vocab.setdefault(w, len(vocab))
+    core = Tokenizer(tk_models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()  # words and punctuation marks
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>", additional_special_tokens=["<image>"])
+
+
+class TinyVLM(Backbone):
+    """open_clip ViT (patch tokens) -> projector -> OPT decoder; the default, CPU-sized backbone."""
+
+    def __init__(self, config: TinyConfig = TinyConfig(), tokenizer=None):
+        super().__init__()
+        from open_clip.model import CLIPVisionCfg, _build_vision_tower
+        from transformers import OPTConfig, OPTForCausalLM
+
+        self.config = config
+        self.tokenizer = tokenizer if tokenizer is not None else build_tokenizer(data.vocabulary())
+        tok = self.tokenizer
+        self.pad_token_id, self.eos_token_id = tok.pad_token_id, tok.eos_token_id
+        self.image_token_id = tok.convert_tokens_to_ids("<image>")
+        self.n_image_tokens = (config.image_size // config.patch_size) ** 2
+        self.vision = _build_vision_tower(config.hidden, CLIPVisionCfg(
+            layers=config.vision_layers, width=config.vision_width,
+            head_width=config.vision_width // config.vision_heads, patch_size=config.patch_size,
+            image_size=config.image_size, output_tokens=True))
+        self.projector = nn.Linear(config.vision_width, config.hidden)
+        self.lm = OPTForCausalLM(OPTConfig(
+            vocab_size=len(tok), hidden_size=config.hidden, num_hidden_layers=config.layers,
+            ffn_dim=config.ffn, num_attention_heads=config.heads,
+            max_position_embeddings=config.max_positions, word_embed_proj_dim=config.hidden,
+            pad_token_id=self.pad_token_id, bos_token_id=self.eos_token_id,
+            eos_token_id=self.eos_token_id, dropout=0.0, attention_dropout=0.0,
+            activation_dropout=0.0, layerdrop=0.0))
+        self.target_layer = f"lm.model.decoder.layers.{config.layers - 1}.fc2"
+
+    # -- interface ---------------------------------------------------------
+    def encode(self, images: Sequence[Optional[Image.Image]], questions: Sequence[str],
+               answers: Optional[Sequence[str]] = None) -> dict[str, torch.Tensor]:
+        if len(images) != len(questions) or (answers is not None and len(answers) != len(questions)):
+            raise ValueError("encode: images, questions and answers must have the same length")
+        with_images = [im is not None for im in images]
+        if any(with_images) and not all(with_images):
+            raise ValueError("encode: a batch is either all images or all text-only (image None)")
+        image_ids = [self.image_token_id] * self.n_image_tokens if all(with_images) else []
+        rows, prompt_lens = [], []
+        for i, q in enumerate(questions):
+            prompt = image_ids + self._ids(PROMPT.format(q))
+            answer = self._ids(answers[i]) + [self.eos_token_id] if answers is not None else []
+            rows.append(prompt + answer)
+            prompt_lens.append(len(prompt))
+        batch = left_pad(rows, prompt_lens, self.pad_token_id)
+        if all(with_images) and images:
+            batch["pixel_values"] = pixels(images, self.config.image_size)
+        return batch
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                pixel_values: Optional[torch.Tensor] = None, prompt_mask: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None, past_key_values: Any = None,
+                use_cache: bool = False) -> LMOutput:
+        embeds = self.lm.get_input_embeddings()(input_ids)                  # (B, T, D)
+        if pixel_values is not None:
+            _, patches = self.vision(pixel_values)                          # (B, P, W)
+            image_embeds = self.projector(patches).to(embeds.dtype)         # (B, P, D)
+            at_image = (input_ids == self.image_token_id)[..., None]        # (B, T, 1)
+            embeds = embeds.masked_scatter(at_image, image_embeds)
+        out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask,
+                      past_key_values=past_key_values, use_cache=use_cache)
+        loss = lm_loss(out.logits, labels) if labels is not None else None
+        return LMOutput(out.logits, loss, out.past_key_values if use_cache else None)
+
+    def decode_tokens(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def rephrase(self, question: str) -> list[str]:
+        """TinyVLM knows its world's paraphrases (the stand-in for asking an LLM to rephrase)."""
+        return data.rephrasings(question)
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    # -- checkpoint ----------------------------------------------------------
+    def save_pretrained(self, out_dir: str | os.PathLike) -> None:
+        """safetensors weights + json config + tokenizer json (no pickle)."""
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().clone() for k, v in self.state_dict().items()
+                 if k != "lm.lm_head.weight"}  # tied to the input embeddings
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+        (out / "config.json").write_text(json.dumps(asdict(self.config), indent=1, sort_keys=True) + "\n")
+        self.tokenizer.backend_tokenizer.save(str(out / "tokenizer.json"))
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike = TINY_DIR, device: str = "cpu") -> "TinyVLM":
+        from safetensors.torch import load_file
+        from transformers import PreTrainedTokenizerFast
+
+        path = Path(path)
+        for name in ("config.json", "tokenizer.json", "model.safetensors"):
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"TinyVLM checkpoint {path}: missing {name} "
+                                        f"(train one with `python models.py train-tiny --out {path}`)")
+        config = TinyConfig.from_dict(json.loads((path / "config.json").read_text()))
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), pad_token="<pad>",
+                                      eos_token="</s>", unk_token="<unk>",
+                                      additional_special_tokens=["<image>"])
+        model = cls(config, tok)
+        missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
+        if unexpected or set(missing) - {"lm.lm_head.weight"}:
+            raise ValueError(f"TinyVLM checkpoint {path}: missing {missing}, unexpected {unexpected}")
+        model.lm.tie_weights()
+        return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------
+# Training TinyVLM on the world (python models.py train-tiny)
+# ---------------------------------------------------------------------------
+
+def train_tiny(out_dir: str | os.PathLike, steps: int = 3000, batch_size: int = 64, lr: float = 2e-3,
+               seed: int = 0, config: TinyConfig = TinyConfig(), progress: bool = True) -> list[float]:
+    """Train TinyVLM on the world's endless training stream (seeded); returns the loss per step."""
+    from tqdm import tqdm
+
+    torch.manual_seed(seed)
+    model = TinyVLM(config)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, cosine decay
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    stream = data.training_stream(seed)
+    losses = []
+    bar = tqdm(range(steps), desc="train-tiny", disable=not progress)
+    for _ in bar:
+        samples = [next(stream) for _ in range(batch_size)]
+        batch = model.encode([s.image for s in samples], [s.question for s in samples],
+                             [s.answer for s in samples])
+        loss = model(**batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    model.eval()
+    if out_dir is not None:
+        model.save_pretrained(out_dir)
+    return losses
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description="Backbones for BalancEdit. Subcommand train-tiny "
+                                     "trains TinyVLM on the world of data.py and saves a checkpoint.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train-tiny", help="train TinyVLM (seeded; minutes on a 2-core CPU)")
+    t.add_argument("--out", default=str(TINY_DIR), help="checkpoint directory (default: assets/tinyvlm)")
+    t.add_argument("--steps", type=int, default=3000, help="optimizer steps (default 3000)")
+    t.add_argument("--batch-size", type=int, default=64, help="samples per step (default 64)")
+    t.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (default 2e-3)")
+    t.add_argument("--seed", type=int, default=0, help="seed for weights and the training stream")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.batch_size < 1 or not args.lr > 0:
+        parser.error("--steps and --batch-size must be >= 1 and --lr > 0")
+    start = time.time()
+    losses = train_tiny(args.out, args.steps, args.batch_size, args.lr, args.seed)
+    print(f"trained {args.steps} steps in {time.time() - start:.0f} s; final loss "
+          f"{np.mean(losses[-50:]):.4f}; saved to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

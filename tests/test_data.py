@@ -1,0 +1,366 @@
+"""Tests for data.py: anchor images, exact round trips of both layouts,
+deterministic writing, and a clear DataError for each kind of bad input."""
+
+import json
+from dataclasses import replace
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+from PIL import Image
+
+from data import (DataError, EditRecord, Sample, anchor_image, load_mmedit, load_okedit,
+                  write_mmedit, write_okedit)
+
+# -----------------------------------------------------------------------------
+# helpers
+
+_rng = np.random.default_rng(0)
+
+
+def rand_image(w=8, h=6):
+    return Image.fromarray(_rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8), mode="RGB")
+
+
+def okedit_record(i, n_rephrase_images=2, n_loc=2, n_m_loc=1, text="x"):
+    return EditRecord(
+        id=str(i), image=rand_image(), question=f"q{i} {text}?", answer=f"old{i}", target=f"new{i}",
+        rephrases=[f"r{i}a {text}", f"r{i}b"], train_rephrases=[f"t{i}"] if i % 2 else [],
+        rephrase_images=[rand_image() for _ in range(n_rephrase_images)],
+        locality=[Sample(rand_image(), f"lq{i}{k}", f"la{i}{k}") for k in range(n_loc)],
+        m_locality=[Sample(rand_image(), f"mq{i}{k}", f"ma{i}{k}") for k in range(n_m_loc)],
+        category=f"cat{i % 2}" if i % 3 else "")
+
+
+def mmedit_record(i, text="x"):
+    return EditRecord(
+        id=str(i), image=rand_image(), question=f"src{i} {text}", answer=f"pred{i}", target=f"alt{i}",
+        rephrases=[f"reph{i}"], train_rephrases=[], rephrase_images=[rand_image()],
+        locality=[Sample(None, f"loc{i}", f"locans{i}")],
+        m_locality=[Sample(rand_image(), f"mlq{i}", f"mla{i}")], category="")
+
+
+def all_files(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def edit_json(path, fn):
+    data = json.loads(path.read_text())
+    data = fn(data)
+    path.write_text(json.dumps(data))
+
+
+def assert_error(fn, *parts):
+    with pytest.raises(DataError) as info:
+        fn()
+    msg = str(info.value)
+    for part in parts:
+        assert part in msg, f"{part!r} not in {msg!r}"
+    return msg
+
+
+@pytest.fixture
+def okedit_dir(tmp_path):
+    write_okedit([okedit_record(17), okedit_record(23)], tmp_path / "ok")
+    return tmp_path / "ok"
+
+
+@pytest.fixture
+def mmedit_dir(tmp_path):
+    write_mmedit([mmedit_record(0), mmedit_record(1)], tmp_path / "mm" / "e-vqa.json", tmp_path / "mm" / "img")
+    return tmp_path / "mm"
+
+
+def load_mm(d):
+    return load_mmedit(d / "e-vqa.json", d / "img")
+
+# -----------------------------------------------------------------------------
+# anchors
+
+
+def test_anchor_black_white():
+    assert (np.asarray(anchor_image("black")) == 0).all()
+    assert (np.asarray(anchor_image("white")) == 255).all()
+    assert anchor_image("black").mode == "RGB"
+
+
+def test_anchor_noise_deterministic_per_seed():
+    a, b, c = anchor_image("noise", seed=1), anchor_image("noise", seed=1), anchor_image("noise", seed=2)
+    assert a == b
+    assert a != c
+    arr = np.asarray(a)
+    assert arr.min() < 30 and arr.max() > 225  # spread over the range, not constant
+
+
+def test_anchor_sizes():
+    assert anchor_image("white").size == (64, 64)
+    assert anchor_image("black", size=10).size == (10, 10)
+    assert anchor_image("noise", size=(12, 5)).size == (12, 5)
+    assert np.asarray(anchor_image("noise", size=(12, 5))).shape == (5, 12, 3)
+
+
+def test_anchor_bad_kind():
+    with pytest.raises(ValueError, match="black, white, noise"):
+        anchor_image("grey")
+
+# -----------------------------------------------------------------------------
+# round trips
+
+safe_text = st.text(alphabet="abcXYZ 019?é'\"", min_size=1, max_size=8).filter(lambda s: s.strip())
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(0, 3), n_rep=st.integers(1, 11), n_loc=st.integers(1, 3),
+       n_m=st.integers(0, 2), text=safe_text)
+def test_okedit_round_trip(n, n_rep, n_loc, n_m, text):
+    records = [okedit_record(i * 7, n_rep, n_loc, n_m, text) for i in range(n)]
+    with tempfile.TemporaryDirectory() as d:
+        write_okedit(records, d)
+        loaded = load_okedit(d)
+    assert loaded == records
+    assert [r.id for r in loaded] == [str(i * 7) for i in range(n)]
+
+
+def test_okedit_round_trip_detects_pixel_change(okedit_dir):
+    records = load_okedit(okedit_dir)
+    other = [okedit_record(17), okedit_record(23)]
+    assert records != other  # different random pixels: equality really compares images
+
+
+def test_okedit_rephrase_images_natural_order(tmp_path):
+    r = okedit_record(5, n_rephrase_images=12)
+    write_okedit([r], tmp_path)
+    assert load_okedit(tmp_path)[0].rephrase_images == r.rephrase_images  # 10.png after 9.png
+
+
+def test_okedit_limit_and_custom_roots(okedit_dir, tmp_path):
+    assert [r.id for r in load_okedit(okedit_dir, limit=1)] == ["17"]
+    moved = tmp_path / "elsewhere"
+    (okedit_dir / "rephrase").rename(moved)
+    assert len(load_okedit(okedit_dir, rephrase_root=moved)) == 2
+
+
+def test_okedit_authors_form(okedit_dir):
+    """jpg image, VQA-style answers, a plain-string locality_answer with 0.png only."""
+    rec = load_okedit(okedit_dir)[0]
+    png = okedit_dir / "val2014" / "COCO_val2014_000000000001.png"
+    Image.open(png).convert("RGB").save(png.with_suffix(".jpg"), quality=95)
+    png.unlink()
+    (okedit_dir / "locality" / "17" / "1.png").unlink()
+
+    def authors(anns):
+        a = anns[0]
+        a["answers"] = [{"answer": "old17"}, {"answer": "other"}]
+        a["locality_answer"] = "la170"
+        del a["locality_questions"], a["m_loc"], a["category"]
+        a["image_object"], a["locality_image_object"] = "cat", "dog"
+        return anns
+    edit_json(okedit_dir / "annotations.json", authors)
+    got = load_okedit(okedit_dir)[0]
+    assert (got.answer, got.target, got.category, got.m_locality) == ("old17", "new17", "", [])
+    assert got.locality == [Sample(rec.locality[0].image, rec.question, "la170")]
+    assert got.image.size == rec.image.size and got.image.mode == "RGB" and got.image.info == {}
+
+
+def test_mmedit_round_trip():
+    for n in (0, 1, 3):
+        records = [mmedit_record(i, text="é ok") for i in range(n)]
+        with tempfile.TemporaryDirectory() as d:
+            write_mmedit(records, Path(d) / "e.json", Path(d) / "img")
+            assert load_mmedit(Path(d) / "e.json", Path(d) / "img") == records
+            assert len(load_mmedit(Path(d) / "e.json", Path(d) / "img", limit=1)) == min(n, 1)
+
+
+def test_write_twice_byte_identical(tmp_path):
+    ok, mm = [okedit_record(3), okedit_record(4)], [mmedit_record(0), mmedit_record(1)]
+    for name in ("a", "b"):
+        write_okedit(ok, tmp_path / name / "ok")
+        write_mmedit(mm, tmp_path / name / "mm" / "e.json", tmp_path / name / "mm" / "img")
+    write_okedit(ok, tmp_path / "a" / "ok")  # rewriting in place is allowed and changes nothing
+    a, b = all_files(tmp_path / "a"), all_files(tmp_path / "b")
+    assert a == b and len(a) > 10
+
+
+def test_write_okedit_rejects_unloadable_records(tmp_path):
+    assert_error(lambda: write_okedit([replace(okedit_record(1), id="a1")], tmp_path), "'id'", "int-like")
+    assert_error(lambda: write_okedit([replace(okedit_record(1), id="01")], tmp_path), "'id'", "int-like")
+    r = okedit_record(1)
+    r.locality = []
+    assert_error(lambda: write_okedit([r], tmp_path / "x"), "record 1", "'locality'")
+    assert_error(lambda: write_okedit([okedit_record(1), okedit_record(1)], tmp_path / "y"), "duplicated")
+
+
+def test_write_okedit_refuses_stale_files(okedit_dir):
+    (okedit_dir / "rephrase" / "17" / "zz.png").write_bytes(b"")
+    assert_error(lambda: write_okedit([okedit_record(17)], okedit_dir), "rephrase", "record 17", "zz.png")
+
+
+def test_write_mmedit_rejects_other_shapes(tmp_path):
+    assert_error(lambda: write_mmedit([okedit_record(0)], tmp_path / "e.json", tmp_path), "record 0")
+    r = mmedit_record(0)
+    r.category = "c"
+    assert_error(lambda: write_mmedit([r], tmp_path / "e.json", tmp_path), "'category'")
+    assert_error(lambda: write_mmedit([mmedit_record(5)], tmp_path / "e.json", tmp_path), "'id'")
+
+# -----------------------------------------------------------------------------
+# bad input, OKEDIT
+
+
+def test_okedit_missing_annotations_file(okedit_dir):
+    (okedit_dir / "annotations.json").unlink()
+    assert_error(lambda: load_okedit(okedit_dir), "annotations.json", "not found")
+
+
+def test_okedit_missing_image(okedit_dir):
+    (okedit_dir / "val2014" / "COCO_val2014_000000000002.png").unlink()
+    assert_error(lambda: load_okedit(okedit_dir), "COCO_val2014_000000000002.jpg", "record 23",
+                 "'image'", "not found")
+
+
+def test_okedit_missing_field(okedit_dir):
+    edit_json(okedit_dir / "annotations.json", lambda a: [a[0], {k: v for k, v in a[1].items()
+                                                                  if k != "counterfact_answer"}])
+    assert_error(lambda: load_okedit(okedit_dir), "annotations.json", "record 23",
+                 "'counterfact_answer'", "missing")
+
+
+def test_okedit_missing_question_field(okedit_dir):
+    def drop(q):
+        del q["questions"][0]["rephrased_questions"]
+        return q
+    edit_json(okedit_dir / "questions.json", drop)
+    assert_error(lambda: load_okedit(okedit_dir), "questions.json", "record 17", "'rephrased_questions'", "missing")
+
+
+def test_okedit_empty_field(okedit_dir):
+    def empty(a):
+        a[0]["counterfact_answer"] = "  "
+        return a
+    edit_json(okedit_dir / "annotations.json", empty)
+    assert_error(lambda: load_okedit(okedit_dir), "annotations.json", "record 17", "'counterfact_answer'", "empty")
+
+
+def test_okedit_wrong_type(okedit_dir):
+    def bad(a):
+        a[1]["answers"] = 5
+        return a
+    edit_json(okedit_dir / "annotations.json", bad)
+    assert_error(lambda: load_okedit(okedit_dir), "annotations.json", "record 23", "'answers'",
+                 "should be a list of strings, got int")
+
+
+def test_okedit_top_level_wrong_type(okedit_dir):
+    (okedit_dir / "annotations.json").write_text('{"a": 1}')
+    assert_error(lambda: load_okedit(okedit_dir), "annotations.json", "top level", "list", "dict")
+
+
+def test_okedit_invalid_json(okedit_dir):
+    (okedit_dir / "questions.json").write_text('{"questions": [')
+    assert_error(lambda: load_okedit(okedit_dir), "questions.json", "invalid JSON")
+
+
+def test_okedit_truncated_image(okedit_dir):
+    path = okedit_dir / "rephrase" / "23" / "1.png"
+    path.write_bytes(path.read_bytes()[:60])
+    assert_error(lambda: load_okedit(okedit_dir), str(path), "record 23", "'rephrase_images'", "cannot read image")
+
+
+def test_okedit_not_an_image(okedit_dir):
+    path = okedit_dir / "locality" / "17" / "0.png"
+    path.write_text("hello")
+    assert_error(lambda: load_okedit(okedit_dir), str(path), "record 17", "'locality'", "cannot read image")
+
+
+def test_okedit_question_id_not_in_questions(okedit_dir):
+    edit_json(okedit_dir / "questions.json", lambda q: {"questions": q["questions"][:1]})
+    assert_error(lambda: load_okedit(okedit_dir), "annotations.json", "record 23", "'question_id'",
+                 "questions.json")
+
+
+def test_okedit_missing_rephrase_dir(okedit_dir):
+    for p in (okedit_dir / "rephrase" / "17").iterdir():
+        p.unlink()
+    (okedit_dir / "rephrase" / "17").rmdir()
+    assert_error(lambda: load_okedit(okedit_dir), "rephrase", "record 17", "'rephrase_images'", "not found")
+
+
+def test_okedit_zero_locality_images(okedit_dir):
+    def none(a):
+        a[0]["locality_answer"], a[0]["locality_questions"] = [], []
+        return a
+    edit_json(okedit_dir / "annotations.json", none)
+    assert_error(lambda: load_okedit(okedit_dir), "annotations.json", "record 17", "'locality_answer'", "empty")
+
+
+def test_okedit_missing_locality_image(okedit_dir):
+    (okedit_dir / "locality" / "23" / "1.png").unlink()
+    assert_error(lambda: load_okedit(okedit_dir), "1.png", "record 23", "'locality'", "not found")
+
+
+def test_okedit_locality_counts_disagree(okedit_dir):
+    def more(a):
+        a[0]["locality_answer"] = ["x"]
+        a[0]["locality_questions"] = ["y"]
+        return a
+    edit_json(okedit_dir / "annotations.json", more)
+    assert_error(lambda: load_okedit(okedit_dir), "1.png", "record 17", "more locality images")
+
+# -----------------------------------------------------------------------------
+# bad input, MMEdit
+
+
+def test_mmedit_missing_json(tmp_path):
+    assert_error(lambda: load_mmedit(tmp_path / "nope.json", tmp_path), "nope.json", "not found")
+
+
+def test_mmedit_missing_image(mmedit_dir):
+    (mmedit_dir / "img" / "1_rephrase.png").unlink()
+    assert_error(lambda: load_mm(mmedit_dir), "1_rephrase.png", "record 1", "'image_rephrase'", "not found")
+
+
+def test_mmedit_missing_field(mmedit_dir):
+    def drop(items):
+        del items[1]["alt"]
+        return items
+    edit_json(mmedit_dir / "e-vqa.json", drop)
+    assert_error(lambda: load_mm(mmedit_dir), "e-vqa.json", "record 1", "'alt'", "missing")
+
+
+def test_mmedit_empty_field(mmedit_dir):
+    def empty(items):
+        items[0]["loc_ans"] = ""
+        return items
+    edit_json(mmedit_dir / "e-vqa.json", empty)
+    assert_error(lambda: load_mm(mmedit_dir), "e-vqa.json", "record 0", "'loc_ans'", "empty")
+
+
+def test_mmedit_wrong_type(mmedit_dir):
+    def bad(items):
+        items[0]["rephrase"] = ["a", "b"]
+        return items
+    edit_json(mmedit_dir / "e-vqa.json", bad)
+    assert_error(lambda: load_mm(mmedit_dir), "e-vqa.json", "record 0", "'rephrase'",
+                 "should be a string, got list of str")
+
+
+def test_mmedit_top_level_wrong_type(mmedit_dir):
+    (mmedit_dir / "e-vqa.json").write_text('{"src": "q"}')
+    assert_error(lambda: load_mm(mmedit_dir), "e-vqa.json", "top level", "dict")
+
+
+def test_mmedit_record_wrong_type(mmedit_dir):
+    (mmedit_dir / "e-vqa.json").write_text('[3]')
+    assert_error(lambda: load_mm(mmedit_dir), "e-vqa.json", "record 0", "object", "int")
+
+
+def test_mmedit_invalid_json(mmedit_dir):
+    (mmedit_dir / "e-vqa.json").write_text('[{"src": }]')
+    assert_error(lambda: load_mm(mmedit_dir), "e-vqa.json", "invalid JSON", "line 1")
+
+
+def test_mmedit_truncated_image(mmedit_dir):
+    path = mmedit_dir / "img" / "0_m_loc.png"
+    path.write_bytes(path.read_bytes()[:-20])
+    assert_error(lambda: load_mm(mmedit_dir), "0_m_loc.png", "record 0", "'m_loc'", "cannot read image")

@@ -1,0 +1,97 @@
+"""The world of data.py: determinism, the train/eval split, and well-formed edit records."""
+import hashlib
+import itertools
+import random
+
+from hypothesis import given, settings, strategies as st
+
+import data
+
+seeds = st.integers(0, 2**31 - 1)
+
+
+def _digest(image):
+    return hashlib.sha1(image.tobytes()).hexdigest()
+
+
+@settings(max_examples=5, deadline=None)
+@given(seeds)
+def test_records_are_deterministic_per_seed(seed):
+    assert data.make_records(seed, n=4) == data.make_records(seed, n=4)
+
+
+def test_different_seeds_give_different_records():
+    assert data.make_records(1, n=4) != data.make_records(2, n=4)
+
+
+@settings(max_examples=200, deadline=None)
+@given(seeds, st.integers(11, 19))
+def test_centre_parity_splits_train_from_eval(seed, r):
+    cx, cy = data._centre(random.Random(seed), r, "train")
+    assert (cx + cy) % 2 == 0 and r + 2 <= cx <= data.SIZE - r - 3 and r + 2 <= cy <= data.SIZE - r - 3
+    cx, cy = data._centre(random.Random(seed), r, "eval")
+    assert (cx + cy) % 2 == 1 and r + 2 <= cx <= data.SIZE - r - 3 and r + 2 <= cy <= data.SIZE - r - 3
+
+
+@settings(max_examples=3, deadline=None)
+@given(seeds, seeds)
+def test_training_stream_never_produces_an_evaluation_rendering(train_seed, eval_seed):
+    evaluation = set()
+    for r in data.make_records(eval_seed, n=6):
+        for image in [r.image, *r.rephrase_images, *(s.image for s in r.locality + r.m_locality)]:
+            evaluation.add(_digest(image))
+    training = {_digest(s.image) for s in itertools.islice(data.training_stream(train_seed), 500)}
+    training -= {_digest(data.anchor_image(k, data.SIZE)) for k in data.ANCHOR_ANSWERS}
+    assert not training & evaluation
+
+
+@settings(max_examples=5, deadline=None)
+@given(seeds)
+def test_records_are_well_formed(seed):
+    records = data.make_records(seed, n=8)
+    assert [r.category for r in records].count("kind") == [r.category for r in records].count("shape") == 4
+    for r in records:
+        assert len(r.rephrases) >= 5 and len(r.train_rephrases) >= 2 and len(r.rephrase_images) >= 5
+        assert len(r.locality) >= 3 and len(r.m_locality) >= 2
+        assert not set(r.rephrases) & set(r.train_rephrases)          # scoring vs training rephrasings
+        assert r.question not in r.rephrases + r.train_rephrases
+        family = data.FAMILY_OF[r.question]
+        assert all(data.FAMILY_OF[q] == family for q in r.rephrases + r.train_rephrases)
+        assert r.target in data.NEW_WORDS and r.answer != r.target
+        for s in r.locality:                                           # near misses: outside the scope
+            assert s.question == r.question and s.answer != r.answer
+        assert all(data.FAMILY_OF[s.question] != family for s in r.m_locality)
+
+
+def test_shape_scope_edits_of_one_shape_share_their_target():
+    by_shape = {}
+    for r in data.make_records(0):
+        if r.category == "shape":
+            by_shape.setdefault(r.answer, set()).add(r.target)
+    assert by_shape and all(len(targets) == 1 for targets in by_shape.values())
+
+
+def test_every_family_has_enough_paraphrases_and_anchors_have_answers():
+    for family, questions in data.QUESTIONS.items():
+        assert len(set(questions)) == len(questions) >= 8
+        for anchor in ("black", "white"):
+            assert data.ANCHOR_ANSWERS[anchor][family]
+    assert set(data.rephrasings("what shape is this?")) == set(data.QUESTIONS["shape"]) - {"what shape is this?"}
+
+
+def test_vocabulary_covers_every_word_of_the_world():
+    vocab = set(data.vocabulary())
+    for r in data.make_records(0, n=10):
+        for text in [r.question, r.answer, r.target, *r.rephrases, *(s.answer for s in r.locality)]:
+            assert set(data.re.findall(r"\w+|[^\w\s]", text)) <= vocab
+
+
+def test_shipped_sample_is_the_committed_seed(tmp_path):
+    """assets/okedit_tiny is `make-sample --seed SAMPLE_SEED`, byte for byte."""
+    data.make_sample(data.SAMPLE_SEED, tmp_path)
+    shipped = sorted(p.relative_to(data.SAMPLE_DIR) for p in data.SAMPLE_DIR.rglob("*") if p.is_file())
+    made = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    assert shipped == made
+    for rel in shipped:
+        assert (data.SAMPLE_DIR / rel).read_bytes() == (tmp_path / rel).read_bytes(), rel
+    assert data.load_sample() == data.make_records(data.SAMPLE_SEED)
