@@ -38,15 +38,24 @@ codebook entries.
 from __future__ import annotations
 
 import copy
+import json
 import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data import ANCHOR_KINDS, anchor_image
+from models import lm_loss
+
 DISTANCES = ("cos", "euc")
 KEYS = ("mean", "last")
 SPANS = ("row", "from_key")
+VALUE_KINDS = ("full", "lora")
 
 
 # ----------------------------------------------------------------------------
@@ -317,6 +326,29 @@ class VectorValue(nn.Module):
 # Routing, Eq. 1: a forward hook on layer l
 
 
+@torch.no_grad()
+def queries(h: torch.Tensor, prompt: torch.Tensor, key: str = "mean") -> torch.Tensor:
+    """The query (or key) of each sample from the layer input ``h^{l-1}``.
+
+    h: (B, T, D); prompt: (B, T) bool, the prompt positions (image + question).
+    ``"mean"``: the mean of ``h`` over the prompt positions (padding and answer never
+    count); ``"last"`` (GRACE): ``h`` at the last prompt position. -> (B, D) float32;
+    rows with no prompt position are NaN.
+    """
+    B, T = prompt.shape
+    hf = h.detach().float()  # (B, T, D)
+    n_prompt = prompt.sum(dim=1)  # (B,)
+    if key == "mean":
+        s = torch.where(prompt[..., None], hf, 0.0).sum(dim=1)  # (B, D)
+        q = s / n_prompt.clamp(min=1)[:, None].float()  # (B, D)
+    elif key == "last":
+        last = torch.where(prompt, torch.arange(T, device=h.device), -1).amax(dim=1)  # (B,)
+        q = hf[torch.arange(B, device=h.device), last.clamp(min=0)]  # (B, D)
+    else:
+        raise ValueError(f"unknown key {key!r}; allowed: {', '.join(KEYS)}")
+    return torch.where((n_prompt > 0)[:, None], q, math.nan)  # (B, D)
+
+
 class RouteHandle:
     """The hooks that :func:`attach` registers, and the state they share.
 
@@ -399,15 +431,7 @@ class RouteHandle:
         pos = torch.arange(T, device=h.device)  # (T,)
         last = torch.where(prompt, pos, -1).amax(dim=1)  # (B,)  last prompt position, -1 if none
 
-        # The query q of each sample (prompt positions only; padding never counts).
-        with torch.no_grad():
-            hf = h3.detach().float()  # (B, T, D)
-            if self.key == "mean":
-                s = torch.where(prompt[..., None], hf, 0.0).sum(dim=1)  # (B, D)
-                q = s / n_prompt.clamp(min=1)[:, None].float()  # (B, D)
-            else:  # "last": GRACE's key, the input at the last prompt position
-                q = hf[torch.arange(B, device=h.device), last.clamp(min=0)]  # (B, D)
-            q = torch.where(has_prompt[:, None], q, math.nan)  # (B, D)
+        q = queries(h3, prompt, self.key)  # (B, D) the query of each sample
 
         # Eq. 1: j = argmin_k d(q, k); route where d(q, k_j) <= eps_j.
         index = torch.full((B,), -1, dtype=torch.long, device=h.device)  # (B,)
@@ -520,3 +544,363 @@ def override(model: nn.Module, layer_path: str, value: nn.Module) -> OverrideHan
 
 
 # ---- Editor (Eq. 2) ----
+
+
+@dataclass
+class BalancEditConfig:
+    """Every knob of BalancEdit, with the defaults used on TinyVLM. Unknown values raise."""
+
+    layer: Optional[str] = None  # dotted path of layer l; None: the backbone's target_layer (last decoder fc2)
+    alpha: float = 0.2          # Eq. 3: weight of d(Pos, k); 0 -> eps = d(Neg, k), 1 -> eps = d(Pos, k)
+    distance: str = "cos"       # d(q, k): "cos" (1 - cos, the authors' default) or "euc" (paper Table 6)
+    steps: int = 40             # Eq. 2: Adam steps on the value (authors: 50 on BLIP-2 OPT)
+    lr: float = 1e-3            # Eq. 2: Adam learning rate (authors: 1e-4 on BLIP-2 OPT; TinyVLM needs more)
+    negative: str = "black"     # the negative's anchor image (paper Table 7): "black", "white" or "noise"
+    value: str = "full"         # v_k: "full" trainable copy of layer l (paper default) or "lora" (W + B A)
+    rank: int = 8               # rank of B A when value == "lora"
+    grace_eps0: float = 0.05    # GRACE baseline only: its fixed initial radius (same distance as above)
+    cache: bool = True          # Eq. 2 on cached activations (same result; the backbone must supply a tail)
+    seed: int = 0               # seeds value initialisation (LoRA's A) and the noise anchor
+
+    def __post_init__(self):
+        if self.distance not in DISTANCES:
+            raise ValueError(f"distance must be one of {DISTANCES}, got {self.distance!r}")
+        if self.negative not in ANCHOR_KINDS:
+            raise ValueError(f"negative must be one of {ANCHOR_KINDS}, got {self.negative!r}")
+        if self.value not in VALUE_KINDS:
+            raise ValueError(f"value must be one of {VALUE_KINDS}, got {self.value!r}")
+        if not 0.0 <= float(self.alpha) <= 1.0:
+            raise ValueError(f"alpha must lie in [0, 1], got {self.alpha}")
+        for name in ("steps", "rank"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        for name in ("lr", "grace_eps0"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a positive number, got {v!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BalancEditConfig":
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown BalancEditConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclass
+class EditReport:
+    """What one edit did (returned by every method's ``edit``)."""
+
+    index: int                  # codebook entry of this edit (FT: the number of edits so far - 1)
+    action: str                 # "new", "overlap", "conflict" (BalancEdit); "expand", "split" (GRACE); "tune" (FT)
+    d_pos: float                # d(Pos, k) (nan where the method has none)
+    d_neg: float                # d(Neg, k)
+    radius: float               # eps of the entry (Eq. 3 for BalancEdit; GRACE's radius)
+    losses: list[float] = field(default_factory=list)  # Eq. 2 loss at each step
+    seconds: float = 0.0        # wall time of the whole edit
+
+
+class _Method:
+    """What BalancEdit, FT and GRACE share: the layer, keys, and the Eq. 2 training loop."""
+
+    def __init__(self, backbone: nn.Module, config: BalancEditConfig = BalancEditConfig()):
+        self.backbone, self.config = backbone, config
+        self.layer_path = config.layer or backbone.target_layer
+        self.layer = backbone.get_submodule(self.layer_path)  # layer l (never eval)
+        backbone.requires_grad_(False)  # Eq. 2 trains the value only; the model is frozen
+
+    def _batch(self, images, questions, answers=None) -> dict:
+        return self.backbone.to_device(self.backbone.encode(list(images), list(questions), answers))
+
+    @torch.no_grad()
+    def keys(self, images, questions, key: str = "mean") -> torch.Tensor:
+        """The key of each (image, question) at layer l: (B, D), exactly as the routing hook sees it."""
+        batch = self._batch(images, questions)
+        h, _ = self._layer_io(batch)
+        mask = batch["prompt_mask"].bool()
+        B, T = mask.shape
+        return queries(h.reshape(B, T, -1), mask, key)  # (B, D)
+
+    @torch.no_grad()
+    def _layer_io(self, batch: dict):
+        """Layer l's input h^{l-1} and output on ``batch`` (as the layer saw them)."""
+        seen = []
+
+        def record(module, args, out):
+            seen.append((args[0], out))  # returns None: the output is unchanged
+
+        handle = self.layer.register_forward_hook(record)
+        try:
+            self.backbone(**batch)
+        finally:
+            handle.remove()
+        return seen[0]
+
+    def _train(self, value: nn.Module, batch: dict) -> list[float]:
+        """Eq. 2: v* = argmin_v L(f_new(i, t), y^n), Adam on the value's parameters only.
+
+        The loss is the language-model cross-entropy on the target tokens (labels are -100
+        elsewhere). With ``config.cache`` and a backbone that supplies ``tail``, the model
+        runs once and the steps run through the layers after l only: the layers below l are
+        frozen, so their outputs (the cached h^{l-1}) do not change during training.
+        """
+        torch.manual_seed(self.config.seed)
+        params = [p for p in value.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=self.config.lr)
+        cached = self.backbone.tail(batch, self.layer_path) if self.config.cache else None
+        losses = []
+        for _ in range(self.config.steps):
+            if cached is not None:
+                h, tail = cached  # h^{l-1} as layer l saw it; tail: layer output -> logits
+                loss = lm_loss(tail(value(h)), batch["labels"])
+            else:
+                with override(self.backbone, self.layer_path, value):  # f_new
+                    loss = self.backbone(**batch).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return losses
+
+
+class BalancEditor(_Method):
+    """BalancEdit (paper Sec. 4): one codebook entry per edit at layer l.
+
+    ``edit(record)``: key k, positive and negative keys, radius (Eq. 3), the many-edit
+    rules, a trained value (Eq. 2), a new entry. ``attached()``: the edited model (Eq. 1).
+    """
+
+    def __init__(self, backbone: nn.Module, config: BalancEditConfig = BalancEditConfig()):
+        super().__init__(backbone, config)
+        self.codebook = Codebook(config.distance)
+
+    def __len__(self) -> int:
+        return len(self.codebook)
+
+    def attached(self) -> RouteHandle:
+        """``with editor.attached(): backbone(...)``: the model routed through the codebook (Eq. 1)."""
+        return attach(self.backbone, self.layer_path, self.codebook)
+
+    def remove(self, i: int) -> None:
+        self.codebook.remove(i)
+
+    def reset(self) -> None:
+        while len(self.codebook):
+            self.codebook.remove(len(self.codebook) - 1)
+
+    def _positive_question(self, record) -> str:
+        """R(t): a training rephrasing (never one that scores T-Gen), else the backbone's own."""
+        if record.train_rephrases:
+            return record.train_rephrases[0]
+        rephrased = [q for q in self.backbone.rephrase(record.question) if q not in record.rephrases]
+        if not rephrased:
+            raise ValueError(f"record {record.id}: no training rephrasing and the backbone offers none")
+        return rephrased[0]
+
+    def edit(self, record) -> EditReport:
+        start = time.perf_counter()
+        cfg, cb = self.config, self.codebook
+        negative = anchor_image(cfg.negative, record.image.size, seed=cfg.seed)
+        # One forward for the three keys: k = (i, t), Pos = (i, R(t)), Neg = (anchor, t).
+        k, pos, neg = self.keys([record.image, record.image, negative],
+                                [record.question, self._positive_question(record), record.question])
+        d_pos = distance(pos[None], k[None], cfg.distance).item()
+        d_neg = distance(neg[None], k[None], cfg.distance).item()
+        eps = float(radius(d_pos, d_neg, cfg.alpha))  # Eq. 3: eps = alpha*d_pos + (1-alpha)*d_neg
+
+        # Many edits (paper "How to continually edit").
+        action, init = "new", None
+        if len(cb):
+            d = distance(k[None], cb.keys, cfg.distance)[0]  # (N,) d(k, k_j)
+            differ = torch.tensor([t != record.target for t in cb.targets], device=d.device)  # (N,)
+            # A conflict: the two balls hold each other's keys (the same question, asked again)
+            # with a different target: the new edit replaces the old entry.
+            conflict = differ & (d <= cb.radii) & (d <= eps)
+            for j in sorted(conflict.nonzero().flatten().tolist(), reverse=True):
+                cb.remove(j)
+                action = "conflict"
+            if len(cb):
+                d = distance(k[None], cb.keys, cfg.distance)[0]  # (N,)
+                differ = torch.tensor([t != record.target for t in cb.targets], device=d.device)
+                # Same target and k inside the ball: start from that value (no forgetting).
+                same = ~differ & (d <= cb.radii)
+                if same.any() and action == "new":
+                    j = int(torch.where(same, d, math.inf).argmin())
+                    init, action = cb.values[j], "overlap"
+                # Different targets must not swallow each other's keys: where one ball holds the
+                # other's key, both shrink to half the distance (only these entries change).
+                for j in (differ & ((d <= cb.radii) | (d <= eps))).nonzero().flatten().tolist():
+                    half = float(d[j]) / 2
+                    cb.set_radius(j, min(float(cb.radii[j]), half))
+                    eps = min(eps, half)
+
+        value = _strip_hooks(copy.deepcopy(init)) if init is not None else self._new_value()
+        losses = self._train(value, self._batch([record.image], [record.question], [record.target]))
+        index = cb.add(k, value, eps, record.target)
+        return EditReport(index, action, d_pos, d_neg, eps, losses, time.perf_counter() - start)
+
+    def _new_value(self) -> nn.Module:
+        torch.manual_seed(self.config.seed)
+        return make_value(self.layer, self.config.value, self.config.rank)
+
+    # -- save / load: safetensors + json, no pickle -------------------------
+    def save(self, path) -> None:
+        """Write ``path/codebook.safetensors`` (keys, radii, values) and ``path/codebook.json``."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.codebook.state_dict().items()
+                   if isinstance(v, torch.Tensor)}
+        save_file(tensors, str(path / "codebook.safetensors"))
+        meta = {"format": "balancedit-codebook", "version": 1, "config": asdict(self.config),
+                "layer": self.layer_path, "layer_shapes": _shapes(self.layer),
+                "targets": list(self.codebook.targets)}
+        (path / "codebook.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path, backbone: nn.Module) -> "BalancEditor":
+        """Read what ``save`` wrote; refuses a codebook made for another layer or shape."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        meta_file, tensor_file = path / "codebook.json", path / "codebook.safetensors"
+        for f in (meta_file, tensor_file):
+            if not f.is_file():
+                raise FileNotFoundError(f"{f}: no such file (expected a directory written by BalancEditor.save)")
+        meta = json.loads(meta_file.read_text())
+        if meta.get("format") != "balancedit-codebook":
+            raise ValueError(f"{meta_file}: not a BalancEdit codebook")
+        editor = cls(backbone, BalancEditConfig.from_dict(meta["config"]))
+        if editor.layer_path != meta["layer"]:
+            raise ValueError(f"{meta_file}: saved for layer {meta['layer']!r}, not {editor.layer_path!r}")
+        if _shapes(editor.layer) != meta["layer_shapes"]:
+            raise ValueError(f"{meta_file}: layer {meta['layer']!r} has shapes {_shapes(editor.layer)}, "
+                             f"the codebook was saved for {meta['layer_shapes']}")
+        state = load_file(str(tensor_file))
+        keys = state["keys"]
+        for target in meta["targets"]:  # placeholders of the saved structure, then the saved state
+            editor.codebook.add(torch.zeros(keys.shape[1]), editor._new_value(), 0.0, target)
+        state["_extra_state"] = {"targets": meta["targets"], "distance": editor.config.distance}
+        editor.codebook.load_state_dict(state, strict=True)
+        editor.codebook.to(keys.device)
+        return editor
+
+
+def _shapes(module: nn.Module) -> dict:
+    return {name: list(p.shape) for name, p in module.state_dict().items()}
+
+
+class FineTune(_Method):
+    """FT baseline: fine-tune (a copy of) layer l in place, same loss, steps and lr; no routing,
+    so every input sees the edit. ``remove`` cannot undo one edit of several: it undoes all."""
+
+    def __init__(self, backbone: nn.Module, config: BalancEditConfig = BalancEditConfig()):
+        super().__init__(backbone, config)
+        self.tuned: Optional[nn.Module] = None
+        self.n_edits = 0
+
+    def __len__(self) -> int:
+        return self.n_edits
+
+    def edit(self, record) -> EditReport:
+        start = time.perf_counter()
+        if self.tuned is None:
+            self.tuned = full_value(self.layer)
+        losses = self._train(self.tuned, self._batch([record.image], [record.question], [record.target]))
+        self.n_edits += 1
+        nan = math.nan
+        return EditReport(self.n_edits - 1, "tune", nan, nan, nan, losses, time.perf_counter() - start)
+
+    def attached(self):
+        """The fine-tuned layer replaces layer l for every input (the model itself is untouched)."""
+        return override(self.backbone, self.layer_path, self.tuned if self.tuned is not None else self.layer)
+
+    def remove(self, i: int) -> None:
+        if not 0 <= i < self.n_edits:
+            raise IndexError(f"edit index {i} out of range for {self.n_edits} edits")
+        self.reset()
+
+    def reset(self) -> None:
+        self.tuned, self.n_edits = None, 0
+
+
+class _FromKey(nn.Module):
+    """GRACE's replacement during training: v from the last prompt position on, layer l elsewhere."""
+
+    def __init__(self, layer: nn.Module, value: nn.Module, write: torch.Tensor):
+        super().__init__()
+        object.__setattr__(self, "layer", layer)  # not a submodule
+        self.value, self.write = value, write    # write: (B, T) bool
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        w = self.write.reshape(*h.shape[:-1], 1) if h.dim() == 2 else self.write[..., None]
+        return torch.where(w, self.value(h), self.layer(h))
+
+
+class Grace(_Method):
+    """GRACE baseline (Hartvigsen et al. 2023) at the same layer: a codebook with a FIXED initial
+    radius eps0 (``config.grace_eps0``), key = the layer input at the last prompt token, value = a
+    learned vector that replaces the layer output from that position on. GRACE's rules: no key
+    within eps0 + eps_j -> new entry; same target -> expand the radius to cover; different
+    target -> add, and split both radii to half the distance."""
+
+    def __init__(self, backbone: nn.Module, config: BalancEditConfig = BalancEditConfig()):
+        super().__init__(backbone, config)
+        self.codebook = Codebook(config.distance)
+        self.eps0 = config.grace_eps0
+
+    def __len__(self) -> int:
+        return len(self.codebook)
+
+    def attached(self) -> RouteHandle:
+        return attach(self.backbone, self.layer_path, self.codebook, key="last", span="from_key")
+
+    def remove(self, i: int) -> None:
+        self.codebook.remove(i)
+
+    def reset(self) -> None:
+        while len(self.codebook):
+            self.codebook.remove(len(self.codebook) - 1)
+
+    def edit(self, record) -> EditReport:
+        start = time.perf_counter()
+        cb, eps0 = self.codebook, self.eps0
+        batch = self._batch([record.image], [record.question], [record.target])
+        k = self.keys([record.image], [record.question], key="last")[0]  # (D,)
+        action, j = "new", -1
+        if len(cb):
+            d = distance(k[None], cb.keys, self.config.distance)[0]  # (N,)
+            j = int(d.argmin())
+            dj = float(d[j])
+            if dj <= eps0 + float(cb.radii[j]):
+                if cb.targets[j] == record.target:
+                    action = "expand"          # same label: grow the ball to cover k
+                    cb.set_radius(j, max(float(cb.radii[j]), dj))
+                else:
+                    action = "split"           # different label: both radii to half the distance
+                    cb.set_radius(j, dj / 2)
+        if action == "expand":
+            value, eps = cb.values[j], float(cb.radii[j])
+        else:
+            value = VectorValue(self.layer.out_features if hasattr(self.layer, "out_features") else k.shape[0],
+                                init=self._output_at_key(batch))
+            eps = eps0 if action == "new" else float(cb.radii[j])
+        mask = batch["prompt_mask"].bool()                                  # (B, T)
+        pos = torch.arange(mask.shape[1], device=mask.device)
+        last = torch.where(mask, pos, -1).amax(dim=1)                       # (B,)
+        write = pos[None, :] >= last[:, None]                               # (B, T)
+        losses = self._train(_FromKey(self.layer, value, write), batch)
+        index = j if action == "expand" else cb.add(k, value, eps, record.target)
+        return EditReport(index, action, math.nan, math.nan, eps, losses, time.perf_counter() - start)
+
+    @torch.no_grad()
+    def _output_at_key(self, batch: dict) -> torch.Tensor:
+        """Layer l's output at the last prompt position: GRACE's initial value."""
+        _, y = self._layer_io(batch)
+        mask = batch["prompt_mask"].bool()
+        B, T = mask.shape
+        y = y.reshape(B, T, -1)                                             # (B, T, D_out)
+        last = torch.where(mask, torch.arange(T, device=mask.device), -1).amax(dim=1)
+        return y[0, last[0]].float()

@@ -124,6 +124,13 @@ class Backbone(nn.Module):
     def rephrase(self, question: str) -> list[str]:
         raise NotImplementedError(f"{type(self).__name__} cannot rephrase questions")
 
+    def tail(self, batch: dict[str, torch.Tensor], layer_path: str):
+        """Cached-activation training support: ``(h, tail)`` with ``h`` the input layer
+        ``layer_path`` sees on ``batch`` and ``tail(y)`` the logits when the layer outputs
+        ``y``, running only the network after the layer. None: not supported here (the
+        editor then runs the full forward at every step)."""
+        return None
+
     @torch.no_grad()
     def generate(self, images: Sequence[Optional[Image.Image]], questions: Sequence[str],
                  max_new_tokens: Optional[int] = None) -> list[str]:
@@ -152,6 +159,59 @@ class Backbone(nn.Module):
             row = row[:row.index(self.eos_token_id)] if self.eos_token_id in row else row
             answers.append(self.decode_tokens(row))
         return answers
+
+
+def opt_tail(backbone: nn.Module, batch: dict[str, torch.Tensor], layer_path: str, decoder: nn.Module,
+             lm_head: nn.Module):
+    """``Backbone.tail`` for an OPT decoder whose target is one decoder layer's ``fc2``.
+
+    One forward records what the rest of the network needs: the input of ``fc2`` (h),
+    the FFN's residual stream, and the arguments the later decoder layers receive
+    (attention mask, positions). ``tail(y)`` then recomputes exactly what OPT computes
+    after ``fc2``: the residual add, the later layers, the final layer norm, the LM head.
+    Returns None when ``layer_path`` is not a decoder layer's ``fc2``.
+    """
+    layers = list(decoder.layers)
+    target = backbone.get_submodule(layer_path)
+    matches = [i for i, layer in enumerate(layers) if layer.fc2 is target]
+    if not matches:
+        return None
+    L = matches[0]
+    layer = layers[L]
+    seen: dict[str, Any] = {}
+    residual_at = layer.final_layer_norm if layer.do_layer_norm_before else layer.fc1
+
+    def record(name):  # a hook that stores the first input (or kwargs) it sees and changes nothing
+        def hook(module, args, kwargs_or_output):
+            seen.setdefault(name, kwargs_or_output if name == "later" else args[0])
+        return hook
+
+    hooks = [target.register_forward_hook(record("h")), residual_at.register_forward_hook(record("residual"))]
+    if L + 1 < len(layers):
+        hooks.append(layers[L + 1].register_forward_pre_hook(record("later"), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            backbone(**batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    B, T = batch["attention_mask"].shape
+    h, residual = seen["h"].detach(), seen["residual"].detach()         # (B*T, F), (B*T, D)
+    later = {k: v for k, v in seen.get("later", {}).items() if k in ("attention_mask", "position_ids")}
+
+    def tail(y: torch.Tensor) -> torch.Tensor:                           # y: (B*T, D) fc2 output
+        hidden = (residual + y).view(B, T, -1)                           # (B, T, D)
+        if not layer.do_layer_norm_before:
+            hidden = layer.final_layer_norm(hidden)
+        for later_layer in layers[L + 1:]:
+            hidden = later_layer(hidden, **later)
+        if decoder.final_layer_norm is not None:
+            hidden = decoder.final_layer_norm(hidden)
+        if decoder.project_out is not None:
+            hidden = decoder.project_out(hidden)
+        return lm_head(hidden)                                           # (B, T, V)
+
+    return h, tail
 
 
 # ---------------------------------------------------------------------------
@@ -262,6 +322,9 @@ class TinyVLM(Backbone):
     def decode_tokens(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
+    def tail(self, batch: dict[str, torch.Tensor], layer_path: str):
+        return opt_tail(self, batch, layer_path, self.lm.model.decoder, self.lm.lm_head)
+
     def rephrase(self, question: str) -> list[str]:
         """TinyVLM knows its world's paraphrases (the stand-in for asking an LLM to rephrase)."""
         return data.rephrasings(question)
@@ -305,16 +368,116 @@ class TinyVLM(Backbone):
 
 
 # ---------------------------------------------------------------------------
+# BLIP-2 OPT
+# ---------------------------------------------------------------------------
+
+class Blip2OPT(Backbone):
+    """``transformers.Blip2ForConditionalGeneration`` with an OPT decoder (the authors' backbone).
+
+    Layout on the decoder's positions, as Hugging Face's ``Blip2Processor`` builds it: the
+    ``num_query_tokens`` image placeholder tokens, the tokenizer's own special tokens (OPT: BOS
+    ``</s>``), the prompt ``Question: {q} Short answer:``, then `` {answer}</s>``. The model
+    scatters the Q-Former's projected outputs into the placeholder positions. One difference
+    from the processor: a padded batch is padded on the left of the whole row, where the
+    processor pads the text and then prepends the image tokens (pads between image and BOS);
+    OPT's positions come from the attention mask, so each real token sees the same thing.
+    """
+
+    def __init__(self, model, processor):
+        super().__init__()
+        config = model.config
+        if config.text_config.model_type != "opt":
+            raise ValueError(f"Blip2OPT needs a BLIP-2 with an OPT decoder, "
+                             f"got {config.text_config.model_type!r}")
+        if config.image_token_id is None:
+            raise ValueError("Blip2OPT: the BLIP-2 config has no image_token_index (a pre-4.46 checkpoint?)")
+        if processor.num_query_tokens not in (None, config.num_query_tokens):
+            raise ValueError(f"Blip2OPT: processor has {processor.num_query_tokens} query tokens, "
+                             f"model {config.num_query_tokens}")
+        self.model, self.processor = model, processor
+        self.tokenizer = tok = processor.tokenizer
+        self.pad_token_id, self.eos_token_id = tok.pad_token_id, tok.eos_token_id
+        self.image_token_id = config.image_token_id
+        self.num_query_tokens = config.num_query_tokens
+        last = config.text_config.num_hidden_layers - 1
+        self.target_layer = f"model.language_model.model.decoder.layers.{last}.fc2"  # OPT-2.7B: 31
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike = "Salesforce/blip2-opt-2.7b",
+                        dtype: Optional[torch.dtype] = None, device: Optional[str] = None) -> "Blip2OPT":
+        """Load model and processor (a hub id, or a local directory; offline with HF_HUB_OFFLINE=1).
+        Defaults: CUDA if available; fp16 on CUDA, fp32 on CPU."""
+        from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(device)
+        if dtype is None:
+            dtype = torch.float16 if device.type == "cuda" else torch.float32
+        processor = Blip2Processor.from_pretrained(name_or_path)
+        model = Blip2ForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype)
+        return cls(model, processor).to(device).eval()
+
+    # -- interface ---------------------------------------------------------
+    def encode(self, images: Sequence[Optional[Image.Image]], questions: Sequence[str],
+               answers: Optional[Sequence[str]] = None) -> dict[str, torch.Tensor]:
+        if len(images) != len(questions) or (answers is not None and len(answers) != len(questions)):
+            raise ValueError("encode: images, questions and answers must have the same length")
+        with_images = [im is not None for im in images]
+        if any(with_images) and not all(with_images):
+            raise ValueError("encode: a batch is either all images or all text-only (image None)")
+        image_ids = [self.image_token_id] * self.num_query_tokens if all(with_images) else []
+        rows, prompt_lens = [], []
+        for i, q in enumerate(questions):
+            prompt = image_ids + self.tokenizer(PROMPT.format(q))["input_ids"]  # with BOS, as the processor
+            answer = self._ids(" " + answers[i]) + [self.eos_token_id] if answers is not None else []
+            rows.append(prompt + answer)
+            prompt_lens.append(len(prompt))
+        batch = left_pad(rows, prompt_lens, self.pad_token_id)
+        if all(with_images) and images:
+            batch["pixel_values"] = self.processor.image_processor(
+                [im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]  # (B, 3, H, W)
+        return batch
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                pixel_values: Optional[torch.Tensor] = None, prompt_mask: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None, past_key_values: Any = None,
+                use_cache: bool = False) -> LMOutput:
+        if pixel_values is not None:
+            # BLIP-2 proper: ViT -> Q-Former -> projection, scattered into the image positions.
+            out = self.model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
+                             past_key_values=past_key_values, use_cache=use_cache)
+            cache = out.language_model_outputs.past_key_values
+        else:
+            # Text-only batches and decoding steps (the image is already in the KV cache); the
+            # BLIP-2 forward requires pixel_values, so call its OPT directly.
+            if past_key_values is None and (input_ids == self.image_token_id).any():
+                raise ValueError("Blip2OPT.forward: image tokens in input_ids but no pixel_values")
+            out = self.model.language_model(input_ids=input_ids, attention_mask=attention_mask,
+                                            past_key_values=past_key_values, use_cache=use_cache)
+            cache = out.past_key_values
+        loss = lm_loss(out.logits, labels) if labels is not None else None
+        return LMOutput(out.logits, loss, cache if use_cache else None)
+
+    def decode_tokens(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# ---------------------------------------------------------------------------
 # Training TinyVLM on the world (python models.py train-tiny)
 # ---------------------------------------------------------------------------
 
 def train_tiny(out_dir: str | os.PathLike, steps: int = 3000, batch_size: int = 64, lr: float = 2e-3,
-               seed: int = 0, config: TinyConfig = TinyConfig(), progress: bool = True) -> list[float]:
+               seed: int = 0, config: TinyConfig = TinyConfig(), progress: bool = True,
+               device: str = "cpu") -> list[float]:
     """Train TinyVLM on the world's endless training stream (seeded); returns the loss per step."""
     from tqdm import tqdm
 
     torch.manual_seed(seed)
-    model = TinyVLM(config)
+    model = TinyVLM(config).to(device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 20)
@@ -325,8 +488,8 @@ def train_tiny(out_dir: str | os.PathLike, steps: int = 3000, batch_size: int = 
     bar = tqdm(range(steps), desc="train-tiny", disable=not progress)
     for _ in bar:
         samples = [next(stream) for _ in range(batch_size)]
-        batch = model.encode([s.image for s in samples], [s.question for s in samples],
-                             [s.answer for s in samples])
+        batch = model.to_device(model.encode([s.image for s in samples], [s.question for s in samples],
+                                             [s.answer for s in samples]))
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -335,7 +498,7 @@ def train_tiny(out_dir: str | os.PathLike, steps: int = 3000, batch_size: int = 
         sched.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.4f}")
-    model.eval()
+    model.eval().cpu()
     if out_dir is not None:
         model.save_pretrained(out_dir)
     return losses
@@ -351,11 +514,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     t.add_argument("--batch-size", type=int, default=64, help="samples per step (default 64)")
     t.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (default 2e-3)")
     t.add_argument("--seed", type=int, default=0, help="seed for weights and the training stream")
+    t.add_argument("--device", default="cpu", help="torch device (default cpu)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1 or not args.lr > 0:
         parser.error("--steps and --batch-size must be >= 1 and --lr > 0")
     start = time.time()
-    losses = train_tiny(args.out, args.steps, args.batch_size, args.lr, args.seed)
+    losses = train_tiny(args.out, args.steps, args.batch_size, args.lr, args.seed, device=args.device)
     print(f"trained {args.steps} steps in {time.time() - start:.0f} s; final loss "
           f"{np.mean(losses[-50:]):.4f}; saved to {args.out}")
     return 0

@@ -31,6 +31,7 @@ FAST = settings(max_examples=25, deadline=None)
 
 @given(dists, dists, alphas)
 @example(1.9276770919476018, 1.9276770919476018, 0.603185627961383)  # alpha*d + (1-alpha)*d > d in floats
+@example(1e-10, 1.0, 0.99999999)  # float32: d_neg + alpha*(d_pos - d_neg) rounds to 0 < d_pos
 def test_radius_between_the_two_distances(d_pos, d_neg, alpha):
     eps = radius(d_pos, d_neg, alpha)
     assert min(d_pos, d_neg) <= eps <= max(d_pos, d_neg)
