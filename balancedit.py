@@ -714,9 +714,10 @@ class BalancEditor(_Method):
         if len(cb):
             d = distance(k[None], cb.keys, cfg.distance)[0]  # (N,) d(k, k_j)
             differ = torch.tensor([t != record.target for t in cb.targets], device=d.device)  # (N,)
-            # A conflict: the two balls hold each other's keys (the same question, asked again)
-            # with a different target: the new edit replaces the old entry.
-            conflict = differ & (d <= cb.radii) & (d <= eps)
+            # A conflict: k lies in entry j's ball with a different target, and k_j is as close
+            # to k as a rephrasing of the question is (d <= d(Pos, k)): the same question, asked
+            # again with a new answer. The new edit replaces the old entry.
+            conflict = differ & (d <= cb.radii) & (d <= d_pos)
             for j in sorted(conflict.nonzero().flatten().tolist(), reverse=True):
                 cb.remove(j)
                 action = "conflict"

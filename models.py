@@ -462,6 +462,10 @@ class Blip2OPT(Backbone):
     def decode_tokens(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
+    def tail(self, batch: dict[str, torch.Tensor], layer_path: str):
+        lm = self.model.language_model
+        return opt_tail(self, batch, layer_path, lm.model.decoder, lm.lm_head)
+
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 

@@ -1,0 +1,149 @@
+"""The editor (Eq. 2), the many-edit rules, save/load, and the FT / GRACE baselines,
+on a small random TinyVLM (fast) and, end to end, on the shipped one."""
+import copy
+
+import pytest
+import torch
+
+import balancedit as be
+import data
+import models
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return models.TinyVLM(models.TinyConfig(vision_layers=1, layers=2, hidden=32, ffn=64, vision_width=32)).eval()
+
+
+@pytest.fixture(scope="module")
+def records():
+    return data.load_sample(limit=6)
+
+
+def _snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same(model, snap):
+    return all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
+
+
+def _retarget(record, target):
+    r = copy.copy(record)
+    r.target = target
+    return r
+
+
+@pytest.mark.parametrize("method", [be.BalancEditor, be.FineTune, be.Grace])
+def test_editing_never_changes_the_model(tiny, records, method):
+    snap = _snapshot(tiny)
+    m = method(tiny, be.BalancEditConfig(steps=3))
+    report = m.edit(records[0])
+    assert len(report.losses) == 3 and report.seconds > 0
+    with m.attached():
+        edited = tiny(**tiny.encode([records[0].image], [records[0].question], [records[0].target])).loss
+    m.remove(report.index)
+    assert _same(tiny, snap)
+    plain = tiny(**tiny.encode([records[0].image], [records[0].question], [records[0].target])).loss
+    assert edited < plain  # the edit did something, and only while attached
+
+
+def test_report_radius_lies_between_the_two_distances(tiny, records):
+    for alpha in (0.0, 0.3, 1.0):
+        r = be.BalancEditor(tiny, be.BalancEditConfig(steps=1, alpha=alpha)).edit(records[1])
+        assert min(r.d_pos, r.d_neg) <= r.radius <= max(r.d_pos, r.d_neg)
+        assert r.radius == pytest.approx(alpha * r.d_pos + (1 - alpha) * r.d_neg, rel=1e-6)
+
+
+@pytest.mark.parametrize("value", ["full", "lora"])
+def test_cached_training_matches_the_naive_loop(tiny, records, value):
+    weights = {}
+    for cache in (True, False):
+        m = be.BalancEditor(tiny, be.BalancEditConfig(steps=6, lr=1e-2, value=value, cache=cache))
+        m.edit(records[0])
+        weights[cache] = [p.detach().clone() for p in m.codebook.values[0].parameters()]
+    for a, b in zip(weights[True], weights[False]):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert tiny.tail(tiny.encode([records[0].image], [records[0].question], ["x"]), "lm.model.decoder.layers.0.fc1") is None
+
+
+def test_same_target_overlap_starts_from_the_old_value(tiny, records, monkeypatch):
+    m = be.BalancEditor(tiny, be.BalancEditConfig(steps=3, lr=1e-2))
+    m.edit(records[0])
+    monkeypatch.setattr(m, "_train", lambda value, batch: [])  # no training: see the initial value
+    report = m.edit(records[0])
+    assert report.action == "overlap" and len(m) == 2
+    old, new = m.codebook.values[0], m.codebook.values[1]
+    assert old is not new
+    assert all(torch.equal(a, b) for a, b in zip(old.parameters(), new.parameters()))
+    assert not torch.equal(new.weight, m.layer.weight)
+
+
+def test_a_conflicting_target_replaces_the_old_entry(tiny, records):
+    m = be.BalancEditor(tiny, be.BalancEditConfig(steps=2))
+    m.edit(records[2])
+    report = m.edit(_retarget(records[2], "zorbex"))
+    assert report.action == "conflict" and len(m) == 1 and m.codebook.targets == ["zorbex"]
+
+
+def test_different_targets_never_swallow_each_others_keys_and_unrelated_radii_stay(tiny, records):
+    m = be.BalancEditor(tiny, be.BalancEditConfig(steps=1, alpha=0.0))  # widest balls: most overlap
+    shrunk = 0
+    for i, r in enumerate(records):
+        cb = m.codebook
+        before = {t: (cb.keys[j].clone(), float(cb.radii[j])) for j, t in enumerate(cb.targets)}
+        report = m.edit(_retarget(r, f"t{i}"))
+        d = be.distance(cb.keys, cb.keys, "cos")  # (N, N)
+        for a in range(len(cb)):
+            for b in range(len(cb)):
+                if a != b and cb.targets[a] != cb.targets[b]:
+                    assert d[a, b] > cb.radii[a], (a, b)
+        k_new = cb.keys[-1]
+        for j, t in enumerate(cb.targets[:-1]):
+            key, r_before = before[t]
+            d_new = float(be.distance(k_new[None], key[None], "cos"))
+            if d_new > r_before and d_new > report.radius:  # unrelated: neither holds the other's key
+                assert float(cb.radii[j]) == r_before
+            else:
+                shrunk += float(cb.radii[j]) < r_before
+    assert shrunk > 0  # the sample did exercise the shrinking rule
+
+
+def test_save_load_round_trip_and_mismatch(tiny, records, tmp_path):
+    for value in ("full", "lora"):
+        m = be.BalancEditor(tiny, be.BalancEditConfig(steps=2, value=value))
+        m.edit(records[0])
+        m.edit(records[3])
+        m.save(tmp_path / value)
+        loaded = be.BalancEditor.load(tmp_path / value, tiny)
+        batch = tiny.encode([r.image for r in records], [r.question for r in records])
+        with m.attached():
+            a = tiny(**batch).logits
+        with loaded.attached():
+            b = tiny(**batch).logits
+        assert torch.equal(a, b) and loaded.codebook.targets == m.codebook.targets
+    other = models.TinyVLM(models.TinyConfig(vision_layers=1, layers=2, hidden=32, ffn=48, vision_width=32))
+    with pytest.raises(ValueError, match="shapes"):
+        be.BalancEditor.load(tmp_path / "full", other)
+    with pytest.raises(FileNotFoundError):
+        be.BalancEditor.load(tmp_path / "missing", tiny)
+
+
+def test_config_rejects_unknown_values():
+    for bad in ({"alpha": 1.5}, {"distance": "l1"}, {"negative": "grey"}, {"value": "half"}, {"steps": 0},
+                {"lr": -1.0}):
+        with pytest.raises(ValueError):
+            be.BalancEditConfig(**bad)
+    with pytest.raises(ValueError, match="unknown"):
+        be.BalancEditConfig.from_dict({"alpha": 0.1, "beta": 2})
+
+
+def test_grace_rules(tiny, records):
+    g = be.Grace(tiny, be.BalancEditConfig(steps=1, grace_eps0=0.5))
+    assert g.edit(records[0]).action == "new"
+    assert g.edit(records[0]).action == "expand" and len(g) == 1
+    split = g.edit(_retarget(records[0], "zorbex"))
+    assert split.action == "split" and len(g) == 2
+    r0, r1 = g.codebook.radii.tolist()
+    assert r0 == r1 == pytest.approx(0.0, abs=1e-6)  # the same key: half of (almost) distance 0

@@ -1,0 +1,242 @@
+"""Tests for evaluate.py: the metrics (golden HM, hand-made predictions), teacher-forced
+token predictions, the protocols' model-unchanged check, and the command line."""
+
+import contextlib
+import json
+import types
+
+import pytest
+import torch
+
+import data
+import evaluate
+import models
+from evaluate import Observation, exact_match, hm, score, token_accuracy
+
+TINY = models.TinyConfig(vision_layers=1, layers=2, hidden=32, ffn=64, vision_width=32)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return models.TinyVLM(TINY).eval()
+
+
+@pytest.fixture(scope="module")
+def records():
+    return data.load_sample(limit=3)
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_hm_golden_values_from_the_paper():
+    assert round(hm(99.90, 98.91, 71.74), 2) == 88.08  # Table 3
+    assert round(hm(95.88, 96.20, 3.20), 2) == 9.00
+    assert hm(100.0, 100.0, 100.0) == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize("zero_at", range(3))
+def test_hm_is_zero_if_any_is_zero(zero_at):
+    xs = [50.0, 80.0, 90.0]
+    xs[zero_at] = 0.0
+    assert hm(*xs) == 0.0
+
+
+def test_token_accuracy_is_the_mean_over_samples_of_per_sample_fractions():
+    # sample 1: 2 of 3 right; sample 2: 2 of 2 right -> (2/3 + 1) / 2, not 4/5 over tokens
+    assert token_accuracy([[1, 2, 3], [4, 5]], [[1, 2, 0], [4, 5]]) == pytest.approx(100 * (2 / 3 + 1) / 2)
+    assert token_accuracy([[7]], [[8]]) == 0.0
+    assert token_accuracy([], []) is None
+    with pytest.raises(ValueError):
+        token_accuracy([[1, 2]], [[1]])
+
+
+def test_exact_match():
+    assert exact_match(["a b", "c", "d"], ["a b", "x", "d"]) == pytest.approx(200 / 3)
+    assert exact_match([], []) is None
+
+
+def test_score_on_hand_made_observations():
+    pre = Observation(
+        tokens={"acc": [([1], [9])], "t_gen": [], "i_gen": [],
+                "loc": [([4, 5], [4, 6]), ([7], [7])], "m_loc": [([3], [3])]},
+        texts={"acc": ["old"], "t_gen": [], "i_gen": [], "loc": ["p", "q"]})
+    post = Observation(
+        tokens={"acc": [([9, 2], [9, 3])],                     # 1 of 2
+                "t_gen": [([9], [9]), ([1], [9])],              # 1 of 2 samples
+                "i_gen": [([9, 3], [9, 3])],                    # all right
+                "loc": [([4, 6], [4, 6]), ([7], [7])],          # vs pre: 1/2 and 1/1
+                "m_loc": [([2], [3])]},                         # vs pre: 0
+        texts={"acc": ["new"], "t_gen": ["new", "old"], "i_gen": ["other"], "loc": ["p", "z"]})
+    m = score(post, pre, "new")
+    assert m["acc"] == 50.0 and m["t_gen"] == 50.0 and m["i_gen"] == 100.0
+    assert m["loc"] == pytest.approx(75.0)  # Loc compares with the PRE-edit argmax, not the labels
+    assert m["m_loc"] == 0.0
+    assert m["gen_acc"] == 100.0 and m["gen_t_gen"] == 50.0 and m["gen_i_gen"] == 0.0
+    assert m["gen_loc"] == 50.0
+    s = evaluate.summarize([m, {**m, "acc": 100.0}], [1.0, 3.0])
+    assert s["acc"] == 75.0 and s["seconds_per_edit"] == 2.0 and s["n_records"] == 2
+    assert s["hm"] == pytest.approx(hm(50.0, 100.0, 75.0))
+
+
+# ---------------------------------------------------------------- predictions on a backbone
+
+
+class _Oracle(torch.nn.Module):
+    """A fake backbone whose logits at t are one-hot on the input token at t+1: with the
+    right shift (t-1 predicts t) every answer token is predicted correctly."""
+    eos_token_id = 2
+
+    def encode(self, images, questions, answers=None):
+        rows = [[10 + len(q), 11, 12] + [20 + len(w) for w in a.split()] + [self.eos_token_id]
+                for q, a in zip(questions, answers)]
+        return models.left_pad(rows, [3] * len(rows), pad_id=0)
+
+    def to_device(self, batch):
+        return batch
+
+    def forward(self, input_ids, **_):
+        nxt = torch.roll(input_ids, -1, dims=1)  # (B, T)
+        return types.SimpleNamespace(logits=torch.nn.functional.one_hot(nxt, 64).float())
+
+
+def test_token_predictions_shift_and_eos():
+    samples = [data.Sample(None, "q", "a bb ccc"), data.Sample(None, "qq", "dddd")]
+    out = evaluate.token_predictions(_Oracle(), samples)
+    assert [gold for _, gold in out] == [[21, 22, 23], [24]]  # answer tokens, EOS not counted
+    assert all(pred == gold for pred, gold in out)
+
+
+def test_token_predictions_batched_like_one_by_one(tiny, records):
+    r = records[0]
+    samples = [data.Sample(r.image, q, r.target) for q in [r.question] + r.rephrases] + r.m_locality
+    together = evaluate.token_predictions(tiny, samples)
+    alone = [evaluate.token_predictions(tiny, [s])[0] for s in samples]
+    assert [g for _, g in together] == [g for _, g in alone]
+    words = [len(s.answer.split()) for s in samples]
+    assert [len(g) for _, g in together] == words  # word-level tokenizer: one token per word, no EOS
+    agree = sum(p1 == p2 for (p1, _), (p2, _) in zip(together, alone))
+    assert agree >= len(samples) - 1  # padding may flip a float tie, not more
+
+
+def test_base_has_loc_100(tiny, records):
+    out = evaluate.run_base(tiny, records, progress=False)
+    assert out["loc"] == 100.0 and out["m_loc"] == 100.0 and out["gen_loc"] == 100.0
+    assert out["n_records"] == 3 and out["seconds_per_edit"] is None
+
+
+# ---------------------------------------------------------------- protocols leave the model unchanged
+
+
+class HookEditor:
+    """A fake editor with the method surface: each edit registers a forward hook on the
+    target layer that really changes the output; remove/reset take it away (unless told not to)."""
+
+    def __init__(self, backbone, forget_remove=False, in_place=False):
+        self.backbone, self.forget_remove, self.in_place = backbone, forget_remove, in_place
+        self.handles, self.next = {}, 0
+        self.layer = backbone.get_submodule(backbone.target_layer)
+
+    def edit(self, record):
+        shift = torch.randn(self.layer.out_features, generator=torch.Generator().manual_seed(self.next)) * 5
+        if self.in_place:
+            with torch.no_grad():
+                self.layer.bias.add_(shift)
+        else:
+            self.handles[self.next] = self.layer.register_forward_hook(lambda m, a, o: o + shift)
+        self.next += 1
+        return types.SimpleNamespace(index=self.next - 1, action="new", seconds=0.5)
+
+    @contextlib.contextmanager
+    def attached(self):
+        yield self
+
+    def remove(self, i):
+        handle = self.handles.pop(i, None)  # in-place edits have none: the weight stays changed
+        if handle is not None and not self.forget_remove:
+            handle.remove()
+
+    def reset(self):
+        for i in list(self.handles):
+            self.remove(i)
+
+    def __len__(self):
+        return len(self.handles)
+
+
+@pytest.mark.parametrize("run", [evaluate.run_single, evaluate.run_sequential])
+def test_protocol_passes_when_the_edit_is_undone(tiny, records, run):
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    out = run(HookEditor(tiny), tiny, records, progress=False)
+    assert out["n_records"] == 3 and out["seconds_per_edit"] == 0.5
+    assert out["loc"] < 100.0  # the scoring really saw the edit
+    assert all(torch.equal(v, before[k]) for k, v in tiny.state_dict().items())
+
+
+@pytest.mark.parametrize("run", [evaluate.run_single, evaluate.run_sequential])
+@pytest.mark.parametrize("kind", ["forget_remove", "in_place"])
+def test_protocol_raises_when_the_model_is_left_changed(records, run, kind):
+    torch.manual_seed(0)
+    backbone = models.TinyVLM(TINY).eval()  # its own copy: this test damages it
+    with pytest.raises(evaluate.ModelChanged):
+        run(HookEditor(backbone, **{kind: True}), backbone, records[:2], progress=False)
+
+
+def test_check_sees_a_parameter_change_that_leaves_the_outputs_alone(tiny, records):
+    before = evaluate.snapshot(tiny, records[0])
+    pos = tiny.lm.model.decoder.embed_positions.weight  # the last position is never used here
+    with torch.no_grad():
+        pos[-1] += 1.0
+    try:
+        assert torch.equal(evaluate._edit_logits(tiny, records[0]), before.logits)
+        with pytest.raises(evaluate.ModelChanged, match="embed_positions"):
+            evaluate.check_unchanged(tiny, before)
+    finally:
+        with torch.no_grad():
+            pos[-1] -= 1.0
+    evaluate.check_unchanged(tiny, evaluate.snapshot(tiny, records[0]))
+
+
+# ---------------------------------------------------------------- command line
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tiny):
+    path = tmp_path_factory.mktemp("tinyvlm")
+    tiny.save_pretrained(path)
+    return path
+
+
+def test_cli_run_writes_the_json(checkpoint, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert evaluate.main(["--model", str(checkpoint), "--limit", "3", "--steps", "2", "--no-progress",
+                          "--methods", "base,balancedit", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| Method | Acc | T-Gen | I-Gen | Loc | HM | s/edit |" in printed and str(out) in printed
+    result = json.loads(out.read_text())
+    assert {"backbone", "data", "protocol", "config", "methods"} <= result.keys()
+    assert result["backbone"] == "tiny" and result["protocol"] == "single" and result["config"]["steps"] == 2
+    assert list(result["methods"]) == ["base", "balancedit"]
+    for name, m in result["methods"].items():
+        for key in ("acc", "t_gen", "i_gen", "loc", "m_loc", "hm", "seconds_per_edit", "gen_acc",
+                    "gen_t_gen", "gen_i_gen", "gen_loc"):
+            assert key in m, (name, key)
+        assert m["n_records"] == 3
+    assert result["methods"]["balancedit"]["seconds_per_edit"] > 0
+
+
+@pytest.mark.parametrize("argv", [
+    ["--methods", "base,rome"],
+    ["--data", "/no/such/dir"],
+    ["--alpha", "2.0"],
+    ["sweep-alpha", "--alpha", "0.5"],
+    ["--limit", "0"],
+])
+def test_cli_bad_input_is_one_line_and_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(argv + ["--no-progress"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1 and "error" in err, err

@@ -1,0 +1,254 @@
+"""Tests for models.py: the encode layout of both backbones, the key's padding invariance
+(hypothesis), BLIP-2 OPT on a tiny random config built in memory (nothing downloads), and a
+short TinyVLM training run."""
+
+import functools
+import itertools
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings, strategies as st
+from PIL import Image
+
+import data
+import models
+
+FAST = settings(max_examples=8, deadline=None)
+TINY = models.TinyConfig(vision_layers=1, layers=2, hidden=32, ffn=64, vision_width=32)
+POOL = list(itertools.islice(data.training_stream(0), 6))  # questions of 4 to 9 words
+N_QUERY = 4
+
+# -----------------------------------------------------------------------------
+# helpers
+
+
+def blip2_processor():
+    """A Blip2Processor built offline: 32x32 BLIP image processor and a word-level tokenizer
+    that prepends BOS ``</s>`` as OPT's tokenizer does."""
+    from tokenizers import processors
+    from transformers import Blip2Processor, BlipImageProcessor
+
+    tok = models.build_tokenizer(data.vocabulary())
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="</s> $A", special_tokens=[("</s>", tok.convert_tokens_to_ids("</s>"))])
+    tok.bos_token = "</s>"
+    return Blip2Processor(BlipImageProcessor(size={"height": 32, "width": 32}), tok,
+                          num_query_tokens=N_QUERY)
+
+
+def tiny_blip2(seed: int = 0) -> models.Blip2OPT:
+    """A random BLIP-2 OPT: 1-layer ViT and Q-Former, 2-layer OPT (hidden 32, ffn 64)."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+
+    processor = blip2_processor()
+    tok = processor.tokenizer
+    config = Blip2Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=32, patch_size=8),
+        qformer_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                            num_attention_heads=2, encoder_hidden_size=32, vocab_size=64),
+        text_config=dict(model_type="opt", vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                         ffn_dim=64, num_attention_heads=2, word_embed_proj_dim=32,
+                         max_position_embeddings=64, pad_token_id=tok.pad_token_id,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
+        num_query_tokens=N_QUERY, image_token_index=tok.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(seed)
+    model = Blip2ForConditionalGeneration(config)
+    with torch.no_grad():  # HF initialises the query tokens to zeros: make the images matter
+        model.query_tokens.normal_()
+    return models.Blip2OPT(model, processor).eval()
+
+
+@functools.cache
+def backbone(name: str) -> models.Backbone:
+    if name == "blip2":
+        return tiny_blip2()
+    torch.manual_seed(0)
+    return models.TinyVLM(TINY).eval()
+
+
+def encode(model, idx, with_answers=True, images=True):
+    samples = [POOL[i] for i in idx]
+    return model.encode([s.image if images else None for s in samples], [s.question for s in samples],
+                        [s.answer for s in samples] if with_answers else None)
+
+
+def prompt_keys(model, batch) -> torch.Tensor:
+    """Mean of the target layer's input over each sample's prompt positions: (B, D)."""
+    seen = []
+    handle = model.get_submodule(model.target_layer).register_forward_hook(
+        lambda module, args, out: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        handle.remove()
+    B, T = batch["input_ids"].shape
+    h = seen[0].reshape(B, T, -1)                          # OPT flattens (B, T, D) to (B*T, D)
+    m = batch["prompt_mask"][..., None].to(h.dtype)        # (B, T, 1)
+    return (h * m).sum(1) / m.sum(1)                       # (B, D)
+
+
+# -----------------------------------------------------------------------------
+# both backbones
+
+
+@pytest.mark.parametrize("name", ["tiny", "blip2"])
+@FAST
+@given(i=st.integers(0, len(POOL) - 1), others=st.lists(st.integers(0, len(POOL) - 1), max_size=3),
+       at=st.integers(0, 3), with_answers=st.booleans())
+def test_key_is_the_same_alone_and_in_a_padded_batch(name, i, others, at, with_answers):
+    model = backbone(name)
+    at = min(at, len(others))
+    idx = others[:at] + [i] + others[at:]
+    alone = prompt_keys(model, encode(model, [i], with_answers))[0]
+    batched = prompt_keys(model, encode(model, idx, with_answers))[at]
+    assert torch.allclose(alone, batched, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny", "blip2"])
+def test_target_layer_is_the_last_decoder_fc2(name):
+    model = backbone(name)
+    layer = model.get_submodule(model.target_layer)
+    assert isinstance(layer, nn.Linear)
+    assert (layer.in_features, layer.out_features) == (64, 32)  # ffn -> hidden
+    assert ".layers.1.fc2" in model.target_layer
+
+
+def test_train_tiny_lowers_the_loss():
+    losses = models.train_tiny(None, steps=30, batch_size=8, config=TINY, progress=False)
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+
+
+# -----------------------------------------------------------------------------
+# BLIP-2 OPT
+
+
+def test_blip2_target_path():
+    assert backbone("blip2").target_layer == "model.language_model.model.decoder.layers.1.fc2"
+
+
+def test_blip2_encode_golden_row():
+    model = backbone("blip2")
+    image = Image.new("RGB", (64, 64), (200, 30, 30))
+    long_q = "what is the name of this thing?"
+    batch = model.encode([image, image], ["what shape is this?", long_q], ["star", "sefun"])
+    tokens = (["<image>"] * N_QUERY + ["</s>", "Question", ":", "what", "shape", "is", "this", "?",
+                                       "Short", "answer", ":"], ["star", "</s>"])
+    prompt, answer = (model.tokenizer.convert_tokens_to_ids(t) for t in tokens)
+    n_pad = batch["input_ids"].shape[1] - len(prompt) - len(answer)
+    assert n_pad == 3  # "is the name of this thing" vs "shape is this"
+    pad = model.tokenizer.pad_token_id
+    assert batch["input_ids"][0].tolist() == [pad] * n_pad + prompt + answer
+    assert batch["attention_mask"][0].tolist() == [0] * n_pad + [1] * (len(prompt) + len(answer))
+    assert batch["labels"][0].tolist() == [-100] * (n_pad + len(prompt)) + answer
+    assert batch["prompt_mask"][0].tolist() == [False] * n_pad + [True] * len(prompt) + [False] * 2
+    assert batch["pixel_values"].shape == (2, 3, 32, 32)
+    # every row: prompt = real positions without labels; image tokens all inside the prompt
+    real, labelled = batch["attention_mask"].bool(), batch["labels"] != -100
+    assert torch.equal(batch["prompt_mask"], real & ~labelled)
+    assert ((batch["input_ids"] == model.image_token_id).sum(1) == N_QUERY).all()
+
+
+def test_blip2_encode_matches_the_processor():
+    model = backbone("blip2")
+    samples = POOL[:3]
+    images, prompts = [s.image for s in samples], [models.PROMPT.format(s.question) for s in samples]
+    ours = model.encode(images, [s.question for s in samples])
+    theirs = model.processor(images=images, text=prompts, padding=True, return_tensors="pt")
+    assert torch.equal(ours["pixel_values"], theirs["pixel_values"])
+    for b in range(len(samples)):  # same real tokens; the processor pads between image and BOS
+        assert ours["input_ids"][b][ours["attention_mask"][b].bool()].tolist() == \
+            theirs["input_ids"][b][theirs["attention_mask"][b].bool()].tolist()
+
+
+def test_blip2_forward_loss_is_finite_and_images_matter():
+    model = backbone("blip2")
+    batch = encode(model, [0, 1, 2])
+    with torch.no_grad():
+        out = model(**batch)
+        black = model(**{**batch, "pixel_values": torch.zeros_like(batch["pixel_values"])})
+    assert out.logits.shape == (*batch["input_ids"].shape, len(model.tokenizer))
+    assert torch.isfinite(out.loss) and out.loss > 0
+    assert not torch.allclose(out.logits, black.logits)
+
+
+def test_blip2_padded_batch_gives_the_same_logits_as_alone():
+    model = backbone("blip2")
+    idx = [3, 1, 5]
+    batch = encode(model, idx)
+    with torch.no_grad():
+        logits = model(**batch).logits
+        for b, i in enumerate(idx):
+            alone = model(**encode(model, [i])).logits[0]
+            real = batch["attention_mask"][b].bool()
+            assert torch.allclose(logits[b][real], alone, atol=1e-5)
+
+
+def test_blip2_decode_step_matches_a_full_forward():
+    model = backbone("blip2")
+    batch = encode(model, [0, 4], with_answers=False)
+    batch.pop("labels")
+    token = torch.tensor([[7], [9]])
+    longer = {**batch, "input_ids": torch.cat([batch["input_ids"], token], 1),
+              "attention_mask": torch.cat([batch["attention_mask"], torch.ones_like(token)], 1),
+              "prompt_mask": torch.cat([batch["prompt_mask"], torch.zeros_like(token, dtype=torch.bool)], 1)}
+    with torch.no_grad():
+        prefill = model(**batch, use_cache=True)
+        step = model(input_ids=token, attention_mask=longer["attention_mask"],
+                     prompt_mask=torch.zeros_like(token, dtype=torch.bool),
+                     past_key_values=prefill.past_key_values, use_cache=True)
+        full = model(**longer)
+    assert prefill.past_key_values is not None and model(**batch).past_key_values is None
+    assert torch.allclose(step.logits[:, -1], full.logits[:, -1], atol=1e-5)
+
+
+def test_blip2_generate_returns_one_string_per_question():
+    model = backbone("blip2")
+    samples = POOL[:3]
+    answers = model.generate([s.image for s in samples], [s.question for s in samples], max_new_tokens=3)
+    assert isinstance(answers, list) and len(answers) == 3
+    assert all(isinstance(a, str) for a in answers)
+
+
+def test_blip2_text_only_and_misuse():
+    model = backbone("blip2")
+    batch = encode(model, [0, 1], images=False)
+    assert "pixel_values" not in batch and not (batch["input_ids"] == model.image_token_id).any()
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).loss)
+    with pytest.raises(ValueError, match="no pixel_values"):
+        model(**{k: v for k, v in encode(model, [0]).items() if k != "pixel_values"})
+    with pytest.raises(ValueError, match="all images or all text-only"):
+        model.encode([POOL[0].image, None], ["a", "b"])
+    with pytest.raises(NotImplementedError):
+        model.rephrase("what shape is this?")
+
+
+def test_blip2_from_pretrained_reads_a_local_directory(tmp_path):
+    model = backbone("blip2")
+    model.model.save_pretrained(tmp_path)
+    model.processor.save_pretrained(tmp_path)
+    loaded = models.Blip2OPT.from_pretrained(tmp_path, device="cpu")
+    assert loaded.device.type == "cpu" and next(loaded.parameters()).dtype == torch.float32
+    assert not loaded.training
+    batch = encode(model, [2, 3])
+    assert torch.equal(loaded.encode([POOL[2].image], [POOL[2].question])["input_ids"],
+                       encode(model, [2], with_answers=False)["input_ids"])
+    with torch.no_grad():
+        assert torch.allclose(loaded(**batch).logits, model(**batch).logits, atol=1e-6)
+
+
+def test_blip2_tail_recomputes_the_logits_after_the_target_layer():
+    model = backbone("blip2")
+    batch = encode(model, [1, 5])
+    h, tail = model.tail(batch, model.target_layer)
+    layer = model.get_submodule(model.target_layer)
+    with torch.no_grad():
+        full = model(**batch).logits
+        assert torch.allclose(tail(layer(h)), full, atol=1e-5)
+        y = layer(h)
+        assert not torch.allclose(tail(y + torch.randn_like(y)), full, atol=1e-3)  # not a shift: LayerNorm
+    assert model.tail(batch, "model.language_model.model.decoder.layers.0.fc1") is None
