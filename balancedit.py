@@ -75,11 +75,18 @@ def distance(queries: torch.Tensor, keys: torch.Tensor, kind: str) -> torch.Tens
     q = queries.float()  # (B, D)
     k = keys.float()  # (N, D)
     if kind == "cos":
-        q_hat = F.normalize(q, dim=-1, eps=1e-8)  # (B, D)
-        k_hat = F.normalize(k, dim=-1, eps=1e-8)  # (N, D)
-        return (1.0 - q_hat @ k_hat.T).clamp(min=0.0)  # (B, N)
+        return _cosine(q, _unit(k))  # (B, N)
     # The exact (non-matmul) path: d(k, k) is 0, and the golden tests are exact.
     return torch.cdist(q, k, compute_mode="donot_use_mm_for_euclid_dist")  # (B, N)
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x.float(), dim=-1, eps=1e-8)  # (., D) unit rows
+
+
+def _cosine(q: torch.Tensor, k_hat: torch.Tensor) -> torch.Tensor:
+    """``1 - cos``: queries (B, D), unit keys (N, D) -> (B, N)."""
+    return (1.0 - _unit(q) @ k_hat.T).clamp(min=0.0)
 
 
 def radius(d_pos, d_neg, alpha):
@@ -216,11 +223,22 @@ class Codebook(nn.Module):
         if queries.shape[1] != self.dim:
             raise ValueError(f"queries have D={queries.shape[1]} but the keys have D={self.dim}")
         q = queries.to(self.keys.device, torch.float32)  # (B, D)
-        d = distance(q, self.keys, self.distance)  # (B, N)
+        if self.distance == "cos":  # the same numbers as distance(), with the unit keys cached
+            d = _cosine(q, self._unit_keys())  # (B, N)
+        else:
+            d = distance(q, self.keys, self.distance)  # (B, N)
         dist, index = d.min(dim=1)  # (B,), (B,)  j = argmin_k d(q, k)
         hit = dist <= self.radii[index]  # (B,)  Eq. 1: d(q, k_j) <= eps_j
         dev = queries.device
         return index.to(dev), dist.to(dev), hit.to(dev)
+
+    def _unit_keys(self) -> torch.Tensor:
+        """The keys normalised to unit length (N, D), recomputed only when the keys change
+        (a new tensor on add/remove/.to, or an in-place write such as load_state_dict)."""
+        stamp = (self.keys.data_ptr(), self.keys._version, self.keys.shape, self.keys.device)
+        if getattr(self, "_unit_stamp", None) != stamp:
+            self._unit_cache, self._unit_stamp = _unit(self.keys), stamp
+        return self._unit_cache
 
     def get_extra_state(self):
         return {"targets": list(self.targets), "distance": self.distance}
@@ -608,7 +626,6 @@ class _Method:
         self.backbone, self.config = backbone, config
         self.layer_path = config.layer or backbone.target_layer
         self.layer = backbone.get_submodule(self.layer_path)  # layer l (never eval)
-        backbone.requires_grad_(False)  # Eq. 2 trains the value only; the model is frozen
 
     def _batch(self, images, questions, answers=None) -> dict:
         return self.backbone.to_device(self.backbone.encode(list(images), list(questions), answers))
@@ -657,8 +674,9 @@ class _Method:
             else:
                 with override(self.backbone, self.layer_path, value):  # f_new
                     loss = self.backbone(**batch).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            # Gradients for the value only: the model's weights get none (and are never stepped).
+            for p, g in zip(params, torch.autograd.grad(loss, params)):
+                p.grad = g
             opt.step()
             losses.append(loss.item())
         return losses

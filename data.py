@@ -567,6 +567,7 @@ ANCHOR_ANSWERS = {  # defined answers for the plain anchor images
     "white": {"shape": "nothing", "colour": "white", "name": "nothing"},
 }
 SIZE = 64
+JITTER = 5  # the object's centre lies within +-JITTER pixels of the image centre
 
 
 def answer_of(kind: tuple[str, str], family: str) -> str:
@@ -606,20 +607,20 @@ def _centre(rng: random.Random, r: int, split: str) -> tuple[int, int]:
     """The object's centre: cx + cy is even in "train" renderings and odd in "eval" ones."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    cx = rng.randint(r + 2, SIZE - r - 3)
-    cy = rng.randint(r + 2, SIZE - r - 3)
+    lo, hi = SIZE // 2 - JITTER, SIZE // 2 + JITTER
+    cx, cy = rng.randint(lo, hi), rng.randint(lo, hi)
     if (cx + cy) % 2 != (0 if split == "train" else 1):  # the train/eval partition
-        cy += 1 if cy < SIZE - r - 3 else -1
+        cy += 1 if cy < hi else -1
     return cx, cy
 
 
 def render(kind: tuple[str, str], rng: random.Random, split: str) -> Image.Image:
     """One 64x64 rendering of `kind`; split "train" puts the centre on cx+cy even, "eval" on odd."""
     shape, colour = kind
-    r = rng.randint(11, 19)                              # object half-size
+    r = rng.randint(14, 21)                              # object half-size
     cx, cy = _centre(rng, r, split)
-    grey = rng.randint(75, 185)
-    background = tuple(grey + rng.randint(-12, 12) for _ in range(3))
+    grey = rng.randint(190, 235)  # light backgrounds: every colour is darker than its background
+    background = tuple(min(255, grey + rng.randint(-12, 12)) for _ in range(3))
     fill = tuple(min(255, max(0, v + rng.randint(-14, 14))) for v in COLOURS[colour])
     image = Image.new("RGB", (SIZE, SIZE), background)
     draw = ImageDraw.Draw(image)
@@ -666,8 +667,10 @@ def make_records(seed: int, n: int = 40, n_rephrases: int = 5, n_train_rephrases
     if n < 2 or n % 2:
         raise ValueError(f"n must be an even number >= 2, got {n}")
     rng = random.Random(seed)
-    targets = rng.sample(NEW_WORDS, n // 2 + len(SHAPES))
-    shape_target = dict(zip(SHAPES, targets[n // 2:]))
+    words = rng.sample(NEW_WORDS, len(NEW_WORDS))       # a seeded order of the new words
+    shape_target = dict(zip(SHAPES, words))
+    kind_words = words[len(SHAPES):]                     # distinct while n/2 <= 58, then reused
+    targets = [kind_words[i % len(kind_words)] for i in range(n // 2)]
     edited_kinds = [KINDS[i] for i in rng.sample(range(len(KINDS)), n // 2)] if n // 2 <= len(KINDS) \
         else [rng.choice(KINDS) for _ in range(n // 2)]
     records = []

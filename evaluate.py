@@ -38,6 +38,7 @@ Command line::
     python evaluate.py sweep-alpha           # Fig. 5: Acc/T-Gen/I-Gen/Loc/HM against alpha (+ PNG)
     python evaluate.py ablate-distance       # Table 6: cos vs euc
     python evaluate.py ablate-negative       # Table 7: black, white, noise negative anchors
+    python evaluate.py bench [--json PATH] [--quick]   # speed and memory (issue 6)
 
 Each prints a markdown table and writes a JSON file (path printed).
 """
@@ -47,7 +48,9 @@ import argparse
 import dataclasses
 import json
 import math
+import statistics
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -436,6 +439,7 @@ class Setup:
     records: list
     data_name: str
     cfg: object
+    backbone_name: str = ""  # bench: which TinyVLM (trained checkpoint or random weights)
 
 
 def setup(args) -> Setup:
@@ -494,12 +498,310 @@ def cmd_ablate_negative(args, s: Setup) -> dict:
     return ablate(args, s, "negative", list(data.ANCHOR_KINDS))[1]
 
 
+# ----------------------------------------------------------------------------
+# Benchmarks (`python evaluate.py bench`): speed and memory of the method, each figure
+# measured side by side in one run. Timings: time.perf_counter, warm-up turns, medians;
+# the variants being compared are timed in turns in the same loop, so machine noise hits all.
+
+BENCH_TARGETS = {  # json key -> (comparison, bound): printed as PASS/MISS, never asserted
+    "edit_speedup_blip2_depth": (">=", 10.0),   # cached Eq. 2 training >= 10x the naive loop
+    "edit_weights_max_rel_diff": ("<", 1e-5),   # ... and it trains the same value
+    "hook_overhead_1000": ("<=", 1.10),         # routing hook, 1,000 entries, all rows out of scope
+    "lora8_bytes_ratio": ("<=", 1 / 50),        # a rank-8 LoRA entry vs a full-copy entry
+    "lora8_hm_delta": ("<=", 2.0),              # HM(full) - HM(rank 8), points
+    "seq_last_first_ratio": ("<=", 1.5),        # s/edit, last window vs first window of sequential edits
+}
+OPT_2_7B_FC2 = (10240, 2560)  # BLIP-2 OPT-2.7B's target layer fc2: in_features, out_features
+BLIP2_DEPTH = dict(layers=32, hidden=64, ffn=256)  # OPT-2.7B's 32 decoder layers, at a small width
+HOOK_SIZES = (1, 100, 1_000, 10_000)
+
+
+def verdict(key: str, x: Optional[float]) -> str:
+    """``PASS``/``MISS`` against BENCH_TARGETS[key], with the bound (``-`` if not measured)."""
+    op, bound = BENCH_TARGETS[key]
+    if x is None or math.isnan(x):
+        return f"- (target {op} {bound:.3g})"
+    ok = {">=": x >= bound, "<=": x <= bound, "<": x < bound}[op]
+    return f"{'PASS' if ok else 'MISS'} (target {op} {bound:.3g})"
+
+
+def alternate(fns: dict[str, Callable[[], float]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each variant. Each ``fn()`` runs one measurement and returns the seconds
+    it timed (``time.perf_counter`` around the work only). The variants take turns in one loop,
+    in alternating order (A B, B A, ...); the first ``warmup`` turns are not counted."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for turn in range(warmup + repeats):
+        for name in (names if turn % 2 == 0 else names[::-1]):
+            seconds = fns[name]()
+            if turn >= warmup:
+                times[name].append(seconds)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def value_bytes(value) -> int:
+    """Bytes of what a value stores: its state dict (LoRA: A and B only; the base layer is shared)."""
+    return sum(t.numel() * t.element_size() for t in value.state_dict().values())
+
+
+def entry_bytes(value, key_dim: int) -> int:
+    """Bytes of one codebook entry: the value, the key (D float32) and the radius (one float32)."""
+    return value_bytes(value) + key_dim * 4 + 4
+
+
+def bytes_per_entry(in_features: int = OPT_2_7B_FC2[0], out_features: int = OPT_2_7B_FC2[1],
+                    ranks: Sequence[int] = (4, 8, 16), dtype=None) -> dict[str, dict]:
+    """Value and entry bytes of a full value (weight + bias) and LoRA values of each rank, for an
+    ``nn.Linear(in_features, out_features)`` built on the meta device (nothing is allocated).
+    Default: OPT-2.7B's fc2 in fp16."""
+    import torch
+
+    import balancedit
+
+    layer = torch.nn.Linear(in_features, out_features, device="meta", dtype=dtype or torch.float16)
+    values = {"full": balancedit.full_value(layer)}
+    values.update({f"lora{r}": balancedit.LoRAValue(layer, rank=r) for r in ranks})
+    full = entry_bytes(values["full"], in_features)
+    return {name: {"value_bytes": value_bytes(v), "entry_bytes": entry_bytes(v, in_features),
+                   "ratio_to_full": entry_bytes(v, in_features) / full} for name, v in values.items()}
+
+
+def bench_edit_speed(backbone, record: data.EditRecord, cfg, repeats: int, warmup: int = 1) -> dict:
+    """Seconds of one BalancEdit edit (a fresh editor each time) with Eq. 2 trained by the naive
+    loop (``cache=False``: the whole model at every step) and on cached activations
+    (``cache=True``: the layers after l only), same steps/lr/seed; and the largest difference
+    between the two trained values, ``max|a - b| / max|b|`` over all value parameters.
+
+    Both run with torch's fused ``nn.MultiheadAttention`` inference path off: open_clip's vision
+    tower (TinyVLM) takes that path under ``no_grad`` only (where the cache records h^{l-1}),
+    not in the naive loop's grad-mode forwards, and its last-bit differences in h^{l-1}
+    (~5e-7), grown by the Adam steps, would show as a ~1e-5 weight difference that is no part
+    of the cache. (BLIP-2's HF vision tower has no such path.)"""
+    import torch
+
+    import balancedit
+
+    trained = {}
+
+    def one_edit(cache: bool) -> Callable[[], float]:
+        def run() -> float:
+            editor = balancedit.BalancEditor(backbone, dataclasses.replace(cfg, cache=cache))
+            start = time.perf_counter()
+            editor.edit(record)
+            seconds = time.perf_counter() - start
+            trained[cache] = [p.detach().clone() for p in editor.codebook.values[0].parameters()]
+            return seconds
+        return run
+
+    s = alternate({"naive": one_edit(False), "cached": one_edit(True)}, repeats, warmup)
+    diff = max(float((a - b).abs().max()) for a, b in zip(trained[True], trained[False]))
+    scale = max(float(b.abs().max()) for b in trained[False])
+    return {"naive_s": s["naive"], "cached_s": s["cached"], "speedup": s["naive"] / s["cached"],
+            "weights_max_rel_diff": diff / scale, "steps": cfg.steps}
+
+
+def far_keys(queries, n: int, seed: int = 0):
+    """``n`` keys far from every query: negated, shuffled, rescaled copies of the real queries
+    (B, D), plus a little positive noise -> (n, D) float32. The fc2 input of OPT is a ReLU output
+    (>= 0), so these keys are at cosine distance >= 1 from every real query."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    q = queries.detach().float().cpu()                                   # (B, D)
+    pick = torch.randint(0, q.shape[0], (n,), generator=g)               # (n,)
+    scale = 0.5 + torch.rand(n, 1, generator=g)                          # (n, 1)
+    noise = 0.1 * q.abs().mean() * torch.rand(n, q.shape[1], generator=g)  # (n, D)
+    return -(q[pick] * scale + noise)                                    # (n, D)
+
+
+def bench_hook_overhead(backbone, records: Sequence[data.EditRecord], cfg, sizes: Sequence[int] = HOOK_SIZES,
+                        repeats: int = 21, warmup: int = 1, batch_size: int = 32,
+                        progress: bool = True) -> dict[int, dict]:
+    """Forward time of ``backbone`` on a batch of ``batch_size`` sample inputs with the routing hook
+    attached (codebook of N entries whose keys are far from every input, radius 0) against no
+    hook. Checks at every turn that every row misses and the logits are ``torch.equal``.
+    All entries share one LoRA value (rank 1): missing rows never call a value, and 10,000
+    entries fit in memory. Returns {N: {plain_s, hooked_s, ratio, build_s}}."""
+    import torch
+
+    import balancedit
+
+    chunk = [records[i % len(records)] for i in range(batch_size)]
+    images, questions = [r.image for r in chunk], [r.question for r in chunk]
+    batch = backbone.to_device(backbone.encode(images, questions, [r.target for r in chunk]))
+    layer_path = backbone.target_layer
+    real = balancedit.BalancEditor(backbone, cfg).keys(images, questions)   # (B, D) the real queries
+    keys = far_keys(real, max(sizes), seed=cfg.seed)                         # (N_max, D)
+    value = balancedit.LoRAValue(backbone.get_submodule(layer_path), rank=1)
+    codebook = balancedit.Codebook(cfg.distance)
+    with torch.no_grad():
+        plain_logits = backbone(**batch).logits
+    out = {}
+    for n in _progress(sorted(sizes), progress, "hook overhead"):
+        start = time.perf_counter()
+        for key in keys[len(codebook):n]:  # grow the same codebook to n entries
+            codebook.add(key, value, 0.0, "far")
+        build = time.perf_counter() - start
+
+        def plain() -> float:
+            with torch.no_grad():
+                start = time.perf_counter()
+                backbone(**batch)
+                return time.perf_counter() - start
+
+        def hooked() -> float:
+            with torch.no_grad(), balancedit.attach(backbone, layer_path, codebook) as handle:
+                start = time.perf_counter()
+                logits = backbone(**batch).logits
+                seconds = time.perf_counter() - start
+            if not bool((handle.last_index == -1).all()):
+                raise AssertionError(f"hook overhead: a row hit one of the {n} far keys")
+            if not torch.equal(logits, plain_logits):
+                raise AssertionError(f"hook overhead: out-of-scope logits changed with {n} entries")
+            return seconds
+
+        s = alternate({"plain": plain, "hooked": hooked}, repeats, warmup)
+        out[n] = {"plain_s": s["plain"], "hooked_s": s["hooked"], "ratio": s["hooked"] / s["plain"],
+                  "build_s": build}
+    return out
+
+
+def bench_sequential(backbone, records: Sequence[data.EditRecord], cfg, window: int,
+                     progress: bool = True) -> dict:
+    """BalancEdit edits ``records`` in order on one codebook; seconds per edit (mean) over the
+    first and the last ``window`` edits, and their ratio."""
+    import balancedit
+
+    editor = balancedit.BalancEditor(backbone, cfg)
+    seconds, actions = [], {}
+    for r in _progress(records, progress, "sequential edits"):
+        start = time.perf_counter()
+        report = editor.edit(r)
+        seconds.append(time.perf_counter() - start)
+        actions[report.action] = actions.get(report.action, 0) + 1
+    first, last = statistics.mean(seconds[:window]), statistics.mean(seconds[-window:])
+    return {"n_edits": len(records), "window": window, "steps": cfg.steps, "first_s": first, "last_s": last,
+            "ratio": last / first, "entries_at_end": len(editor), "actions": actions}
+
+
+def bench_setup(args) -> Setup:
+    """bench: TinyVLM (--model, else assets/tinyvlm if trained, else a random TinyVLM) and the
+    whole shipped sample; the random BLIP-2 is built by the benchmark itself."""
+    import torch
+
+    import models
+
+    for option in ("data", "image_root"):
+        if getattr(args, option) is not None:
+            raise UsageError(f"bench runs on the shipped sample; --{option.replace('_', '-')} is not used")
+    if args.backbone != "tiny":
+        raise UsageError("bench measures TinyVLM and a random BLIP-2 built in memory; --backbone is not used")
+    cfg = make_config(args)
+    records = data.load_sample()
+    path = Path(args.model) if args.model else models.TINY_DIR
+    torch.manual_seed(cfg.seed)
+    if args.model or (path / "model.safetensors").is_file():
+        backbone, name = models.TinyVLM.from_pretrained(path, device=args.device or "cpu"), f"TinyVLM ({path})"
+    else:
+        backbone, name = models.TinyVLM().to(args.device or "cpu").eval(), \
+            f"TinyVLM (random weights: no checkpoint in {path})"
+    return Setup(backbone, records, f"sample ({data.SAMPLE_DIR.name})", cfg, backbone_name=name)
+
+
+def cmd_bench(args, s: Setup) -> dict:
+    """Issue 6: edit speed (naive vs cached Eq. 2), the routing hook's overhead, bytes per entry
+    (full vs LoRA, and HM), and time per edit over 1,000 sequential edits. Targets: BENCH_TARGETS."""
+    import torch
+
+    import models
+
+    quick = args.quick
+    edit_reps, hook_reps = (3, 7) if quick else (5, 21)
+    n_seq, window = (200, 20) if quick else (1000, 100)
+    hm_records = s.records[:args.limit or (4 if quick else len(s.records))]
+    fig: dict[str, Optional[float]] = {}
+    details: dict = {"tinyvlm": s.backbone_name, "quick": quick, "threads": torch.get_num_threads(),
+                     "config": dataclasses.asdict(s.cfg)}
+    print(f"# bench{' --quick' if quick else ''}: {s.backbone_name}; "
+          f"{torch.get_num_threads()} threads; {s.cfg.steps} steps/edit, lr {s.cfg.lr}\n")
+
+    # 1. Edit seconds, naive vs cached.
+    blip2_name = "random BLIP-2 OPT, {layers} decoder layers (hidden {hidden}, ffn {ffn})".format(**BLIP2_DEPTH)
+    rows = {s.backbone_name: bench_edit_speed(s.backbone, s.records[0], s.cfg, edit_reps),
+            blip2_name: bench_edit_speed(models.random_blip2(**BLIP2_DEPTH, seed=s.cfg.seed), s.records[0],
+                                         s.cfg, edit_reps)}
+    fig["edit_speedup_blip2_depth"] = rows[blip2_name]["speedup"]
+    fig["edit_weights_max_rel_diff"] = max(r["weights_max_rel_diff"] for r in rows.values())
+    print(f"## Edit seconds, naive vs cached (1 record, {s.cfg.steps} steps, median of {edit_reps})\n")
+    print("| backbone | naive s/edit | cached s/edit | speedup | max rel. weight diff |")
+    print("|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['naive_s']:.3f} | {r['cached_s']:.3f} | {r['speedup']:.1f}x | "
+              f"{r['weights_max_rel_diff']:.2e} |")
+    print(f"\nspeedup at BLIP-2 depth {fig['edit_speedup_blip2_depth']:.1f}x: "
+          f"{verdict('edit_speedup_blip2_depth', fig['edit_speedup_blip2_depth'])}; weights "
+          f"{fig['edit_weights_max_rel_diff']:.2e}: {verdict('edit_weights_max_rel_diff', fig['edit_weights_max_rel_diff'])}\n")
+    details["edit_speed"] = rows
+
+    # 2. Hook overhead.
+    hook = bench_hook_overhead(s.backbone, s.records, s.cfg, HOOK_SIZES, hook_reps, progress=args.progress)
+    fig["hook_overhead_1000"] = hook[1000]["ratio"]
+    print(f"## Hook overhead: TinyVLM forward, batch of 32, every row out of scope (median of {hook_reps})\n")
+    print("| entries | no hook ms | hooked ms | ratio | codebook build s |")
+    print("|---|---|---|---|---|")
+    for n, r in hook.items():
+        print(f"| {n:,} | {1e3 * r['plain_s']:.2f} | {1e3 * r['hooked_s']:.2f} | {r['ratio']:.3f} | {r['build_s']:.2f} |")
+    print(f"\nratio at 1,000 entries {fig['hook_overhead_1000']:.3f}: {verdict('hook_overhead_1000', fig['hook_overhead_1000'])}\n")
+    details["hook_overhead"] = {str(n): r for n, r in hook.items()}
+
+    # 3. Bytes per entry, and HM of full vs rank-8 values.
+    sizes = bytes_per_entry()
+    fig["lora8_bytes_ratio"] = sizes["lora8"]["ratio_to_full"]
+    print("## Bytes per entry: nn.Linear(10240, 2560) fp16 (OPT-2.7B fc2); each entry also stores "
+          "its key (10240 float32) and radius\n")
+    print("| value | value bytes | entry bytes | ratio to full |")
+    print("|---|---|---|---|")
+    for name, r in sizes.items():
+        label = "full (weight + bias)" if name == "full" else f"LoRA rank {name[4:]} (A + B)"
+        print(f"| {label} | {r['value_bytes']:,} | {r['entry_bytes']:,} | 1/{1 / r['ratio_to_full']:.0f} |")
+    refs = references(s.backbone, hm_records, args.progress)
+    hm_results = {"full": evaluate("balancedit", s.backbone, hm_records, dataclasses.replace(s.cfg, value="full"),
+                                    args.protocol, refs, args.progress),
+                  "lora rank 8": evaluate("balancedit", s.backbone, hm_records,
+                                          dataclasses.replace(s.cfg, value="lora", rank=8),
+                                          args.protocol, refs, args.progress)}
+    fig["lora8_hm_delta"] = hm_results["full"]["hm"] - hm_results["lora rank 8"]["hm"]
+    print(f"\nrank-8 entry / full entry = 1/{1 / fig['lora8_bytes_ratio']:.0f}: "
+          f"{verdict('lora8_bytes_ratio', fig['lora8_bytes_ratio'])}\n")
+    print(f"BalancEdit, {args.protocol} protocol, {len(hm_records)} records of the sample:\n")
+    print(table(hm_results, first="value"))
+    print(f"\nHM(full) - HM(rank 8) = {fig['lora8_hm_delta']:.2f} points: "
+          f"{verdict('lora8_hm_delta', fig['lora8_hm_delta'])}\n")
+    details["bytes_per_entry"], details["hm_full_vs_lora8"] = sizes, hm_results
+
+    # 4. Sequential edits.
+    seq_cfg = dataclasses.replace(s.cfg, steps=args.seq_steps or s.cfg.steps)
+    seq = bench_sequential(s.backbone, data.make_records(s.cfg.seed, n_seq), seq_cfg, window, args.progress)
+    fig["seq_last_first_ratio"] = seq["ratio"]
+    print(f"## {n_seq:,} sequential edits on TinyVLM ({seq_cfg.steps} steps/edit; "
+          f"{seq['entries_at_end']} entries at the end; actions {seq['actions']})\n")
+    print("| edits | s/edit |")
+    print("|---|---|")
+    print(f"| first {window} | {seq['first_s']:.4f} |")
+    print(f"| last {window} | {seq['last_s']:.4f} |")
+    print(f"\nlast / first = {seq['ratio']:.2f}: {verdict('seq_last_first_ratio', seq['ratio'])}\n")
+    details["sequential"] = seq
+
+    return {**fig, "details": details}
+
+
 COMMANDS: dict[str, tuple[Callable, str]] = {
     "run": (cmd_run, "evaluate methods (the default command)"),
     "sweep-alpha": (cmd_sweep_alpha, "BalancEdit for each alpha: table + PNG plot (paper Fig. 5)"),
     "ablate-distance": (cmd_ablate_distance, "BalancEdit with cos vs euc distance (paper Table 6)"),
     "ablate-negative": (cmd_ablate_negative, "BalancEdit with black/white/noise negatives (paper Table 7)"),
-    # "bench": (cmd_bench, "..."),  <- the benchmark subcommand goes here, with its options below
+    "bench": (cmd_bench, "speed and memory: naive vs cached edits, hook overhead, bytes per entry, "
+                         "1,000 sequential edits (issue 6)"),
 }
 
 
@@ -583,6 +885,14 @@ def build_parser() -> argparse.ArgumentParser:
         subs[name].set_defaults(ablated=parameter)  # main() refuses --{parameter} for these
     subs["sweep-alpha"].add_argument("--alphas", type=_units, default=[i / 10 for i in range(11)],
                                      help="comma list of alphas in [0, 1] (default 0,0.1,...,1)")
+    b = subs["bench"]
+    b.set_defaults(setup=bench_setup)
+    b.add_argument("--json", dest="out", metavar="PATH", help="write the figures here (same as --out; "
+                   "default results/bench.json)")
+    b.add_argument("--quick", action="store_true", help="fewer repetitions, 4 records for the HM "
+                   "comparison, 200 sequential edits (windows of 20)")
+    b.add_argument("--seq-steps", type=_positive_int, help="steps per edit in the sequential part "
+                   "(default: the config's steps)")
     return parser
 
 
@@ -596,7 +906,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if ablated is not None and getattr(args, ablated) is not None:
             raise UsageError(f"{args.command} sets --{ablated} itself; do not pass it")
-        s = setup(args)
+        s = getattr(args, "setup", setup)(args)
     except (UsageError, data.DataError, OSError, ValueError) as e:
         parser.exit(2, f"evaluate.py {args.command}: error: {e}\n")
     result = COMMANDS[args.command][0](args, s)

@@ -118,6 +118,29 @@ class Backbone(nn.Module):
         return {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device))
                 for k, v in batch.items()}
 
+    # A backbone supplies: n_image_tokens, image_token_id, pad_token_id, prompt_ids(question)
+    # (the tokens of PROMPT), answer_ids(answer) (answer tokens + EOS), pixel_values(images).
+    def encode(self, images: Sequence[Optional[Image.Image]], questions: Sequence[str],
+               answers: Optional[Sequence[str]] = None) -> dict[str, torch.Tensor]:
+        """Rows ``[image placeholders][prompt tokens][answer tokens, EOS]``, left-padded, on the
+        decoder's positions (B, T); see the module docstring. Image None = text-only row."""
+        if len(images) != len(questions) or (answers is not None and len(answers) != len(questions)):
+            raise ValueError("encode: images, questions and answers must have the same length")
+        with_images = [im is not None for im in images]
+        if any(with_images) and not all(with_images):
+            raise ValueError("encode: a batch is either all images or all text-only (image None)")
+        image_ids = [self.image_token_id] * self.n_image_tokens if all(with_images) else []
+        rows, prompt_lens = [], []
+        for i, q in enumerate(questions):
+            prompt = image_ids + self.prompt_ids(q)
+            answer = self.answer_ids(answers[i]) if answers is not None else []
+            rows.append(prompt + answer)
+            prompt_lens.append(len(prompt))
+        batch = left_pad(rows, prompt_lens, self.pad_token_id)
+        if all(with_images) and images:
+            batch["pixel_values"] = self.pixel_values(images)  # (B, 3, H, W)
+        return batch
+
     def decode_tokens(self, ids: list[int]) -> str:
         raise NotImplementedError
 
@@ -190,13 +213,17 @@ def opt_tail(backbone: nn.Module, batch: dict[str, torch.Tensor], layer_path: st
     if L + 1 < len(layers):
         hooks.append(layers[L + 1].register_forward_pre_hook(record("later"), with_kwargs=True))
     try:
-        with torch.no_grad():
+        # Grad mode on, as in the naive loop's forward: some kernels (torch's fused attention
+        # fast path, used by open_clip's ViT) take another route under no_grad, and the
+        # cached activations must be exactly those the naive loop sees.
+        with torch.enable_grad():
             backbone(**batch)
     finally:
         for hook in hooks:
             hook.remove()
     B, T = batch["attention_mask"].shape
     h, residual = seen["h"].detach(), seen["residual"].detach()         # (B*T, F), (B*T, D)
+    seen.clear()                                                         # drop the recorded graph
     later = {k: v for k, v in seen.get("later", {}).items() if k in ("attention_mask", "position_ids")}
 
     def tail(y: torch.Tensor) -> torch.Tensor:                           # y: (B*T, D) fc2 output
@@ -285,24 +312,14 @@ class TinyVLM(Backbone):
         self.target_layer = f"lm.model.decoder.layers.{config.layers - 1}.fc2"
 
     # -- interface ---------------------------------------------------------
-    def encode(self, images: Sequence[Optional[Image.Image]], questions: Sequence[str],
-               answers: Optional[Sequence[str]] = None) -> dict[str, torch.Tensor]:
-        if len(images) != len(questions) or (answers is not None and len(answers) != len(questions)):
-            raise ValueError("encode: images, questions and answers must have the same length")
-        with_images = [im is not None for im in images]
-        if any(with_images) and not all(with_images):
-            raise ValueError("encode: a batch is either all images or all text-only (image None)")
-        image_ids = [self.image_token_id] * self.n_image_tokens if all(with_images) else []
-        rows, prompt_lens = [], []
-        for i, q in enumerate(questions):
-            prompt = image_ids + self._ids(PROMPT.format(q))
-            answer = self._ids(answers[i]) + [self.eos_token_id] if answers is not None else []
-            rows.append(prompt + answer)
-            prompt_lens.append(len(prompt))
-        batch = left_pad(rows, prompt_lens, self.pad_token_id)
-        if all(with_images) and images:
-            batch["pixel_values"] = pixels(images, self.config.image_size)
-        return batch
+    def prompt_ids(self, question: str) -> list[int]:
+        return self._ids(PROMPT.format(question))
+
+    def answer_ids(self, answer: str) -> list[int]:
+        return self._ids(answer) + [self.eos_token_id]
+
+    def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return pixels(images, self.config.image_size)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 pixel_values: Optional[torch.Tensor] = None, prompt_mask: Optional[torch.Tensor] = None,
@@ -398,7 +415,7 @@ class Blip2OPT(Backbone):
         self.tokenizer = tok = processor.tokenizer
         self.pad_token_id, self.eos_token_id = tok.pad_token_id, tok.eos_token_id
         self.image_token_id = config.image_token_id
-        self.num_query_tokens = config.num_query_tokens
+        self.n_image_tokens = config.num_query_tokens  # the Q-Former's query tokens
         last = config.text_config.num_hidden_layers - 1
         self.target_layer = f"model.language_model.model.decoder.layers.{last}.fc2"  # OPT-2.7B: 31
 
@@ -419,25 +436,15 @@ class Blip2OPT(Backbone):
         return cls(model, processor).to(device).eval()
 
     # -- interface ---------------------------------------------------------
-    def encode(self, images: Sequence[Optional[Image.Image]], questions: Sequence[str],
-               answers: Optional[Sequence[str]] = None) -> dict[str, torch.Tensor]:
-        if len(images) != len(questions) or (answers is not None and len(answers) != len(questions)):
-            raise ValueError("encode: images, questions and answers must have the same length")
-        with_images = [im is not None for im in images]
-        if any(with_images) and not all(with_images):
-            raise ValueError("encode: a batch is either all images or all text-only (image None)")
-        image_ids = [self.image_token_id] * self.num_query_tokens if all(with_images) else []
-        rows, prompt_lens = [], []
-        for i, q in enumerate(questions):
-            prompt = image_ids + self.tokenizer(PROMPT.format(q))["input_ids"]  # with BOS, as the processor
-            answer = self._ids(" " + answers[i]) + [self.eos_token_id] if answers is not None else []
-            rows.append(prompt + answer)
-            prompt_lens.append(len(prompt))
-        batch = left_pad(rows, prompt_lens, self.pad_token_id)
-        if all(with_images) and images:
-            batch["pixel_values"] = self.processor.image_processor(
-                [im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]  # (B, 3, H, W)
-        return batch
+    def prompt_ids(self, question: str) -> list[int]:
+        return self.tokenizer(PROMPT.format(question))["input_ids"]  # with BOS, as the processor
+
+    def answer_ids(self, answer: str) -> list[int]:
+        return self._ids(" " + answer) + [self.eos_token_id]
+
+    def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return self.processor.image_processor([im.convert("RGB") for im in images],
+                                              return_tensors="pt")["pixel_values"]  # (B, 3, H, W)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 pixel_values: Optional[torch.Tensor] = None, prompt_mask: Optional[torch.Tensor] = None,
@@ -470,11 +477,52 @@ class Blip2OPT(Backbone):
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def offline_blip2_processor(n_query: int = 4, image_size: int = 32):
+    """A ``Blip2Processor`` built in memory (nothing downloads): a BLIP image processor at
+    ``image_size`` and a word-level tokenizer over the world's vocabulary that prepends BOS
+    ``</s>`` as OPT's tokenizer does."""
+    from tokenizers import processors
+    from transformers import Blip2Processor, BlipImageProcessor
+
+    tok = build_tokenizer(data.vocabulary())
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="</s> $A", special_tokens=[("</s>", tok.convert_tokens_to_ids("</s>"))])
+    tok.bos_token = "</s>"
+    return Blip2Processor(BlipImageProcessor(size={"height": image_size, "width": image_size}), tok,
+                          num_query_tokens=n_query)
+
+
+def random_blip2(layers: int = 2, hidden: int = 32, ffn: int = 64, n_query: int = 4, seed: int = 0) -> Blip2OPT:
+    """A randomly initialised BLIP-2 OPT built in memory from a ``Blip2Config`` (nothing downloads):
+    a 1-layer ViT (32x32 images, 8x8 patches) and a 1-layer Q-Former of width 32, ``n_query``
+    query tokens, and an OPT decoder of ``layers`` layers, width ``hidden``, FFN width ``ffn``.
+    ``random_blip2(layers=32)`` has BLIP-2 OPT-2.7B's depth (32 decoder layers) at a small width."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+
+    processor = offline_blip2_processor(n_query)
+    tok = processor.tokenizer
+    config = Blip2Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=32, patch_size=8),
+        qformer_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                            num_attention_heads=2, encoder_hidden_size=32, vocab_size=64),
+        text_config=dict(model_type="opt", vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
+                         ffn_dim=ffn, num_attention_heads=2, word_embed_proj_dim=hidden,
+                         max_position_embeddings=64, pad_token_id=tok.pad_token_id,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
+        num_query_tokens=n_query, image_token_index=tok.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(seed)
+    model = Blip2ForConditionalGeneration(config)
+    with torch.no_grad():  # HF initialises the query tokens to zeros: make the images matter
+        model.query_tokens.normal_()
+    return Blip2OPT(model, processor).eval()
+
+
 # ---------------------------------------------------------------------------
 # Training TinyVLM on the world (python models.py train-tiny)
 # ---------------------------------------------------------------------------
 
-def train_tiny(out_dir: str | os.PathLike, steps: int = 3000, batch_size: int = 64, lr: float = 2e-3,
+def train_tiny(out_dir: str | os.PathLike, steps: int = 3000, batch_size: int = 64, lr: float = 5e-4,
                seed: int = 0, config: TinyConfig = TinyConfig(), progress: bool = True,
                device: str = "cpu") -> list[float]:
     """Train TinyVLM on the world's endless training stream (seeded); returns the loss per step."""
@@ -508,6 +556,29 @@ def train_tiny(out_dir: str | os.PathLike, steps: int = 3000, batch_size: int = 
     return losses
 
 
+def knowledge(backbone: Backbone, records: Sequence[data.EditRecord], batch_size: int = 64) -> dict[str, float]:
+    """What the unedited model knows: exact match (%) of generated answers against the true
+    (old) answers, on every part of the records, and on the black / white anchor questions."""
+    parts = {
+        "edit": [(r.image, r.question, r.answer) for r in records],
+        "rephrases": [(r.image, q, r.answer) for r in records for q in r.rephrases],
+        "rephrase_images": [(im, r.question, r.answer) for r in records for im in r.rephrase_images],
+        "locality": [(s.image, s.question, s.answer) for r in records for s in r.locality],
+        "unrelated": [(s.image, s.question, s.answer) for r in records for s in r.m_locality],
+        "black_white": [(data.anchor_image(a, data.SIZE), q, answers[data.FAMILY_OF[q]])
+                        for a, answers in data.ANCHOR_ANSWERS.items() for q in data.FAMILY_OF],
+    }
+    result = {}
+    for name, triples in parts.items():
+        right = 0
+        for i in range(0, len(triples), batch_size):
+            chunk = triples[i:i + batch_size]
+            answers = backbone.generate([t[0] for t in chunk], [t[1] for t in chunk])
+            right += sum(a == t[2] for a, t in zip(answers, chunk))
+        result[name] = 100.0 * right / len(triples)
+    return result
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Backbones for BalancEdit. Subcommand train-tiny "
                                      "trains TinyVLM on the world of data.py and saves a checkpoint.")
@@ -516,10 +587,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     t.add_argument("--out", default=str(TINY_DIR), help="checkpoint directory (default: assets/tinyvlm)")
     t.add_argument("--steps", type=int, default=3000, help="optimizer steps (default 3000)")
     t.add_argument("--batch-size", type=int, default=64, help="samples per step (default 64)")
-    t.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (default 2e-3)")
+    t.add_argument("--lr", type=float, default=5e-4, help="peak AdamW learning rate (default 5e-4)")
     t.add_argument("--seed", type=int, default=0, help="seed for weights and the training stream")
     t.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    k = sub.add_parser("check-tiny", help="exact match of a TinyVLM checkpoint on the shipped sample")
+    k.add_argument("--model", default=str(TINY_DIR), help="checkpoint directory (default: assets/tinyvlm)")
     args = parser.parse_args(argv)
+    if args.command == "check-tiny":
+        try:
+            model = TinyVLM.from_pretrained(args.model)
+        except (FileNotFoundError, ValueError) as e:
+            parser.exit(2, f"models.py check-tiny: error: {e}\n")
+        print(json.dumps({k: round(v, 2) for k, v in knowledge(model, data.load_sample()).items()}))
+        return 0
     if args.steps < 1 or args.batch_size < 1 or not args.lr > 0:
         parser.error("--steps and --batch-size must be >= 1 and --lr > 0")
     start = time.time()

@@ -147,3 +147,45 @@ def test_grace_rules(tiny, records):
     assert split.action == "split" and len(g) == 2
     r0, r1 = g.codebook.radii.tolist()
     assert r0 == r1 == pytest.approx(0.0, abs=1e-6)  # the same key: half of (almost) distance 0
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return models.TinyVLM.from_pretrained()
+
+
+@pytest.mark.parametrize("index", [0, 1])  # a kind-scope and a shape-scope record
+def test_end_to_end_on_the_shipped_tinyvlm(shipped, index):
+    record = data.load_sample()[index]
+    black = data.anchor_image("black", data.SIZE)
+    loc = record.locality[0]
+    images = [record.image, record.image, record.rephrase_images[0], loc.image, black]
+    questions = [record.question, record.rephrases[0], record.question, loc.question, record.question]
+    before = shipped.generate(images, questions)
+    assert before[0] == before[1] == record.answer and before[3] == loc.answer
+
+    editor = be.BalancEditor(shipped, be.BalancEditConfig())
+    report = editor.edit(record)
+    assert report.d_pos < report.radius < report.d_neg
+    with editor.attached():
+        after = shipped.generate(images, questions)
+    assert after[0] == after[1] == record.target            # the edit and a rephrasing
+    assert after[3] == before[3] and after[4] == before[4]  # a near miss and the black image
+    editor.remove(report.index)
+    assert shipped.generate(images, questions) == before
+
+
+def test_end_to_end_on_a_random_blip2():
+    blip2 = models.random_blip2()
+    record = data.load_sample(limit=1)[0]
+    black = data.anchor_image("black", data.SIZE)
+    batch = blip2.encode([record.image, black], [record.question] * 2, [record.target] * 2)
+    plain = blip2(**batch).logits
+    editor = be.BalancEditor(blip2, be.BalancEditConfig(steps=20, lr=1e-2, alpha=1.0))
+    report = editor.edit(record)
+    with editor.attached() as handle:
+        edited = blip2(**batch).logits
+        assert handle.last_index.tolist() == [report.index, -1]
+    assert torch.equal(edited[1], plain[1])  # the black image is out of scope: bit for bit
+    assert not torch.equal(edited[0], plain[0])
+    assert blip2.generate([record.image], [record.question])  # still generates without the edit

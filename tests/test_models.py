@@ -23,47 +23,10 @@ N_QUERY = 4
 # helpers
 
 
-def blip2_processor():
-    """A Blip2Processor built offline: 32x32 BLIP image processor and a word-level tokenizer
-    that prepends BOS ``</s>`` as OPT's tokenizer does."""
-    from tokenizers import processors
-    from transformers import Blip2Processor, BlipImageProcessor
-
-    tok = models.build_tokenizer(data.vocabulary())
-    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="</s> $A", special_tokens=[("</s>", tok.convert_tokens_to_ids("</s>"))])
-    tok.bos_token = "</s>"
-    return Blip2Processor(BlipImageProcessor(size={"height": 32, "width": 32}), tok,
-                          num_query_tokens=N_QUERY)
-
-
-def tiny_blip2(seed: int = 0) -> models.Blip2OPT:
-    """A random BLIP-2 OPT: 1-layer ViT and Q-Former, 2-layer OPT (hidden 32, ffn 64)."""
-    from transformers import Blip2Config, Blip2ForConditionalGeneration
-
-    processor = blip2_processor()
-    tok = processor.tokenizer
-    config = Blip2Config(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=2, image_size=32, patch_size=8),
-        qformer_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                            num_attention_heads=2, encoder_hidden_size=32, vocab_size=64),
-        text_config=dict(model_type="opt", vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
-                         ffn_dim=64, num_attention_heads=2, word_embed_proj_dim=32,
-                         max_position_embeddings=64, pad_token_id=tok.pad_token_id,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
-        num_query_tokens=N_QUERY, image_token_index=tok.convert_tokens_to_ids("<image>"))
-    torch.manual_seed(seed)
-    model = Blip2ForConditionalGeneration(config)
-    with torch.no_grad():  # HF initialises the query tokens to zeros: make the images matter
-        model.query_tokens.normal_()
-    return models.Blip2OPT(model, processor).eval()
-
-
 @functools.cache
 def backbone(name: str) -> models.Backbone:
     if name == "blip2":
-        return tiny_blip2()
+        return models.random_blip2(n_query=N_QUERY)  # 2-layer OPT, hidden 32, ffn 64
     torch.manual_seed(0)
     return models.TinyVLM(TINY).eval()
 
