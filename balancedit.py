@@ -54,7 +54,7 @@ from models import lm_loss
 
 DISTANCES = ("cos", "euc")
 KEYS = ("mean", "last")
-SPANS = ("row", "from_key")
+SPANS = ("row", "key")
 VALUE_KINDS = ("full", "lora")
 
 
@@ -235,9 +235,12 @@ class Codebook(nn.Module):
     def _unit_keys(self) -> torch.Tensor:
         """The keys normalised to unit length (N, D), recomputed only when the keys change
         (a new tensor on add/remove/.to, or an in-place write such as load_state_dict)."""
-        stamp = (self.keys.data_ptr(), self.keys._version, self.keys.shape, self.keys.device)
-        if getattr(self, "_unit_stamp", None) != stamp:
-            self._unit_cache, self._unit_stamp = _unit(self.keys), stamp
+        # Holding the source tensor keeps its identity unique (a freed tensor's address can be
+        # reused); _version counts its in-place writes.
+        src, version = getattr(self, "_unit_source", (None, None))
+        if src is not self.keys or version != self.keys._version:
+            self._unit_cache = _unit(self.keys)
+            self._unit_source = (self.keys, self.keys._version)
         return self._unit_cache
 
     def get_extra_state(self):
@@ -460,7 +463,6 @@ class RouteHandle:
             dist[has_prompt] = d
 
         # KV-cache decoding: a row with no prompt position keeps its prefill route.
-        held_rows = torch.zeros(B, dtype=torch.bool, device=h.device)  # (B,)
         if mask is None:
             self._held = None
         else:
@@ -468,7 +470,6 @@ class RouteHandle:
                 self._held = torch.full((B,), -1, dtype=torch.long, device=h.device)
             held = self._held.to(h.device)
             held = torch.where(held < len(cb), held, -1)  # entries removed since: miss
-            held_rows = ~has_prompt & (held >= 0)
             index = torch.where(has_prompt, index, held)
             self._held = torch.where(has_prompt, index, held)
         self.last_index, self.last_dist, self.last_query = index, dist, q
@@ -481,8 +482,8 @@ class RouteHandle:
         new3 = new.view(B, T, out.shape[-1])  # (B, T, D_out), a view of new
         if self.span == "row":
             write = torch.ones(B, T, dtype=torch.bool, device=h.device)  # (B, T)
-        else:  # "from_key" (GRACE): positions >= the last prompt position
-            write = (pos[None, :] >= last[:, None]) | held_rows[:, None]  # (B, T)
+        else:  # "key" (GRACE): the key position (the last prompt position) only
+            write = pos[None, :] == last[:, None]  # (B, T); all False on decoding steps
         for j in index[index >= 0].unique().tolist():
             rows = (index == j).nonzero(as_tuple=True)[0]  # (n,)
             v_out = cb.values[j](h3[rows])  # (n, T, D_out)
@@ -522,8 +523,11 @@ def attach(
     (B, T, D) counts every position and a 2-D input (B, D) is B samples of one
     position each.
 
-    ``span="row"`` replaces every position of a hit sample; ``span="from_key"``
-    (GRACE) only positions from the last prompt position on.
+    ``span="row"`` replaces every position of a hit sample; ``span="key"``
+    (GRACE) only the key position, the last prompt position: the first answer
+    token is predicted from the value, and the following tokens (teacher-forced
+    or generated) from the unedited layer, as GRACE does for autoregressive
+    models (each generated token is its own query, and far from the key).
 
     KV-cache decoding: a row whose mask has no prompt position (the decoding
     steps after prefill) keeps the route decided at the last call where it had
@@ -569,14 +573,15 @@ class BalancEditConfig:
     """Every knob of BalancEdit, with the defaults used on TinyVLM. Unknown values raise."""
 
     layer: Optional[str] = None  # dotted path of layer l; None: the backbone's target_layer (last decoder fc2)
-    alpha: float = 0.2          # Eq. 3: weight of d(Pos, k); 0 -> eps = d(Neg, k), 1 -> eps = d(Pos, k)
+    alpha: float = 0.7          # Eq. 3: weight of d(Pos, k); 0 -> eps = d(Neg, k), 1 -> eps = d(Pos, k)
     distance: str = "cos"       # d(q, k): "cos" (1 - cos, the authors' default) or "euc" (paper Table 6)
-    steps: int = 40             # Eq. 2: Adam steps on the value (authors: 50 on BLIP-2 OPT)
-    lr: float = 1e-3            # Eq. 2: Adam learning rate (authors: 1e-4 on BLIP-2 OPT; TinyVLM needs more)
+    steps: int = 50             # Eq. 2: Adam steps on the value (authors: 50 on BLIP-2 OPT)
+    lr: float = 1e-2            # Eq. 2: Adam learning rate (authors: 1e-4 on BLIP-2 OPT; TinyVLM needs more)
     negative: str = "black"     # the negative's anchor image (paper Table 7): "black", "white" or "noise"
     value: str = "full"         # v_k: "full" trainable copy of layer l (paper default) or "lora" (W + B A)
     rank: int = 8               # rank of B A when value == "lora"
-    grace_eps0: float = 0.05    # GRACE baseline only: its fixed initial radius (same distance as above)
+    grace_eps0: float = 1.0     # GRACE baseline only: its fixed initial radius, Euclidean (GRACE's code: 1.0)
+    grace_lr: float = 1.0       # GRACE baseline only: Adam lr of its value vectors (GRACE's code: 1.0)
     cache: bool = True          # Eq. 2 on cached activations (same result; the backbone must supply a tail)
     seed: int = 0               # seeds value initialisation (LoRA's A) and the noise anchor
 
@@ -593,7 +598,7 @@ class BalancEditConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        for name in ("lr", "grace_eps0"):
+        for name in ("lr", "grace_eps0", "grace_lr"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be a positive number, got {v!r}")
@@ -654,7 +659,7 @@ class _Method:
             handle.remove()
         return seen[0]
 
-    def _train(self, value: nn.Module, batch: dict) -> list[float]:
+    def _train(self, value: nn.Module, batch: dict, lr: Optional[float] = None) -> list[float]:
         """Eq. 2: v* = argmin_v L(f_new(i, t), y^n), Adam on the value's parameters only.
 
         The loss is the language-model cross-entropy on the target tokens (labels are -100
@@ -664,7 +669,7 @@ class _Method:
         """
         torch.manual_seed(self.config.seed)
         params = [p for p in value.parameters() if p.requires_grad]
-        opt = torch.optim.Adam(params, lr=self.config.lr)
+        opt = torch.optim.Adam(params, lr=lr or self.config.lr)
         cached = self.backbone.tail(batch, self.layer_path) if self.config.cache else None
         losses = []
         for _ in range(self.config.steps):
@@ -845,8 +850,8 @@ class FineTune(_Method):
         self.tuned, self.n_edits = None, 0
 
 
-class _FromKey(nn.Module):
-    """GRACE's replacement during training: v from the last prompt position on, layer l elsewhere."""
+class _AtKey(nn.Module):
+    """GRACE's replacement during training: v at the key position (``write``), layer l elsewhere."""
 
     def __init__(self, layer: nn.Module, value: nn.Module, write: torch.Tensor):
         super().__init__()
@@ -861,20 +866,22 @@ class _FromKey(nn.Module):
 class Grace(_Method):
     """GRACE baseline (Hartvigsen et al. 2023) at the same layer: a codebook with a FIXED initial
     radius eps0 (``config.grace_eps0``), key = the layer input at the last prompt token, value = a
-    learned vector that replaces the layer output from that position on. GRACE's rules: no key
+    learned vector that replaces the layer output at that position (see ``attach``'s span="key":
+    one vector cannot also produce every later token, so later positions keep the layer, as in
+    GRACE's autoregressive setting where each new token is its own query). GRACE's rules: no key
     within eps0 + eps_j -> new entry; same target -> expand the radius to cover; different
     target -> add, and split both radii to half the distance."""
 
     def __init__(self, backbone: nn.Module, config: BalancEditConfig = BalancEditConfig()):
         super().__init__(backbone, config)
-        self.codebook = Codebook(config.distance)
+        self.codebook = Codebook("euc")  # GRACE's distance: Euclidean
         self.eps0 = config.grace_eps0
 
     def __len__(self) -> int:
         return len(self.codebook)
 
     def attached(self) -> RouteHandle:
-        return attach(self.backbone, self.layer_path, self.codebook, key="last", span="from_key")
+        return attach(self.backbone, self.layer_path, self.codebook, key="last", span="key")
 
     def remove(self, i: int) -> None:
         self.codebook.remove(i)
@@ -890,7 +897,7 @@ class Grace(_Method):
         k = self.keys([record.image], [record.question], key="last")[0]  # (D,)
         action, j = "new", -1
         if len(cb):
-            d = distance(k[None], cb.keys, self.config.distance)[0]  # (N,)
+            d = distance(k[None], cb.keys, "euc")[0]  # (N,)
             j = int(d.argmin())
             dj = float(d[j])
             if dj <= eps0 + float(cb.radii[j]):
@@ -909,8 +916,8 @@ class Grace(_Method):
         mask = batch["prompt_mask"].bool()                                  # (B, T)
         pos = torch.arange(mask.shape[1], device=mask.device)
         last = torch.where(mask, pos, -1).amax(dim=1)                       # (B,)
-        write = pos[None, :] >= last[:, None]                               # (B, T)
-        losses = self._train(_FromKey(self.layer, value, write), batch)
+        write = pos[None, :] == last[:, None]                               # (B, T) the key position
+        losses = self._train(_AtKey(self.layer, value, write), batch, lr=self.config.grace_lr)
         index = j if action == "expand" else cb.add(k, value, eps, record.target)
         return EditReport(index, action, math.nan, math.nan, eps, losses, time.perf_counter() - start)
 

@@ -389,7 +389,7 @@ def test_layout_mismatch_raises():
             model(torch.randn(2, 3, 4), prompt_mask=torch.ones(2, 4, dtype=torch.bool))
 
 
-def test_from_key_span_and_last_key():
+def test_key_span_and_last_key():
     torch.manual_seed(0)
     model = FlatToy()
     x = torch.randn(1, 4, 4)
@@ -398,11 +398,11 @@ def test_from_key_span_and_last_key():
     h = _fc2_input(model, x)  # (1, 4, 6)
     cb = Codebook("euc")
     cb.add(h[0, 1], VectorValue(4, init=torch.ones(4)), 1e-5, "a")  # GRACE key: last prompt position
-    with attach(model, "fc2", cb, key="last", span="from_key") as handle:
+    with attach(model, "fc2", cb, key="last", span="key") as handle:
         out = model(x, prompt_mask=mask)
     assert handle.last_index.tolist() == [0]
-    assert torch.equal(out[0, 0], plain[0, 0])  # before the key: untouched
-    torch.testing.assert_close(out[0, 1:], torch.ones(3, 4) + x[0, 1:])  # from the key on: v
+    assert torch.equal(out[0, 0], plain[0, 0]) and torch.equal(out[0, 2:], plain[0, 2:])  # untouched
+    torch.testing.assert_close(out[0, 1], torch.ones(4) + x[0, 1])  # the key position: v
 
 
 def test_override_replaces_every_row_and_passes_gradients():
@@ -419,3 +419,21 @@ def test_override_replaces_every_row_and_passes_gradients():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in v.parameters())
     handle.remove()  # idempotent
     assert torch.equal(model(x), plain)
+
+
+def test_lookup_never_uses_stale_keys_after_remove_and_add():
+    """Regression: the cached unit keys must follow every add/remove/in-place load, even when
+    a new keys tensor reuses a freed one's memory."""
+    torch.manual_seed(0)
+    cb = Codebook("cos")
+    q = torch.randn(4, 8)
+    for _ in range(30):
+        k = torch.randn(8)
+        cb.add(k, nn.Identity(), 0.5, "t")
+        _, dist, _ = cb.lookup(q)
+        assert torch.equal(dist, distance(q, k[None], "cos")[:, 0])
+        cb.remove(0)
+    cb.add(torch.randn(8), nn.Identity(), 0.5, "t")
+    k = torch.randn(8)
+    cb.load_state_dict({**cb.state_dict(), "keys": k[None].clone()})  # an in-place copy
+    assert torch.equal(cb.lookup(q)[1], distance(q, k[None], "cos")[:, 0])
