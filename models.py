@@ -513,8 +513,11 @@ def random_blip2(layers: int = 2, hidden: int = 32, ffn: int = 64, n_query: int 
         num_query_tokens=n_query, image_token_index=tok.convert_tokens_to_ids("<image>"))
     torch.manual_seed(seed)
     model = Blip2ForConditionalGeneration(config)
-    with torch.no_grad():  # HF initialises the query tokens to zeros: make the images matter
-        model.query_tokens.normal_()
+    with torch.no_grad():  # make the images matter in a random model:
+        model.query_tokens.normal_()  # HF initialises the query tokens to zeros, and its
+        for name, p in model.named_parameters():  # std 0.02 leaves the image path near-constant
+            if name.startswith(("vision_model", "qformer", "language_projection")) and p.dim() >= 2:
+                p.normal_(std=p.shape[-1] ** -0.5)
     return Blip2OPT(model, processor).eval()
 
 
