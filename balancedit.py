@@ -575,7 +575,7 @@ class BalancEditConfig:
     layer: Optional[str] = None  # dotted path of layer l; None: the backbone's target_layer (last decoder fc2)
     alpha: float = 0.7          # Eq. 3: weight of d(Pos, k); 0 -> eps = d(Neg, k), 1 -> eps = d(Pos, k)
     distance: str = "cos"       # d(q, k): "cos" (1 - cos, the authors' default) or "euc" (paper Table 6)
-    steps: int = 50             # Eq. 2: Adam steps on the value (authors: 50 on BLIP-2 OPT)
+    steps: int = 100            # Eq. 2: Adam steps on the value (authors: 50 on BLIP-2 OPT)
     lr: float = 1e-2            # Eq. 2: Adam learning rate (authors: 1e-4 on BLIP-2 OPT; TinyVLM needs more)
     negative: str = "black"     # the negative's anchor image (paper Table 7): "black", "white" or "noise"
     value: str = "full"         # v_k: "full" trainable copy of layer l (paper default) or "lora" (W + B A)
@@ -752,12 +752,13 @@ class BalancEditor(_Method):
                 if same.any() and action == "new":
                     j = int(torch.where(same, d, math.inf).argmin())
                     init, action = cb.values[j], "overlap"
-                # Different targets must not swallow each other's keys: where one ball holds the
-                # other's key, both shrink to half the distance (only these entries change).
+                # Different targets must not swallow each other's keys: where a ball holds the
+                # other's key, it shrinks to just inside that key (only these entries change).
+                # No more is needed: Eq. 1 routes a query to its nearest key first.
                 for j in (differ & ((d <= cb.radii) | (d <= eps))).nonzero().flatten().tolist():
-                    half = float(d[j]) / 2
-                    cb.set_radius(j, min(float(cb.radii[j]), half))
-                    eps = min(eps, half)
+                    inside = _just_below(float(d[j]))
+                    cb.set_radius(j, min(float(cb.radii[j]), inside))
+                    eps = min(eps, inside)
 
         value = _strip_hooks(copy.deepcopy(init)) if init is not None else self._new_value()
         losses = self._train(value, self._batch([record.image], [record.question], [record.target]))
@@ -810,6 +811,12 @@ class BalancEditor(_Method):
         editor.codebook.load_state_dict(state, strict=True)
         editor.codebook.to(keys.device)
         return editor
+
+
+def _just_below(d: float) -> float:
+    """A radius just inside distance d: 0.1% below it, a margin far above float round-off
+    (distances recomputed in other batch shapes differ by ~1e-7), far below key spacing."""
+    return d * (1.0 - 1e-3)
 
 
 def _shapes(module: nn.Module) -> dict:

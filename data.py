@@ -657,47 +657,55 @@ def training_stream(seed: int) -> Iterator[Sample]:
             yield Sample(render(kind, rng, "train"), question, answer_of(kind, family))
 
 
+def _near_misses(kind: tuple[str, str]) -> list[tuple[str, str]]:
+    """Kinds that differ from `kind` in exactly one attribute (shape or colour)."""
+    return [k for k in KINDS if (k[0] == kind[0]) != (k[1] == kind[1])]
+
+
+def _edited_kinds(rng: random.Random, n_locality: int, limit: int) -> list[tuple[str, str]]:
+    """Up to `limit` kinds to edit, each keeping at least `n_locality` near misses unedited."""
+    chosen: list[tuple[str, str]] = []
+    for kind in rng.sample(KINDS, len(KINDS)):
+        trial = chosen + [kind]
+        if len(chosen) < limit and all(len(set(_near_misses(k)) - set(trial)) >= n_locality for k in trial):
+            chosen = trial
+    return chosen
+
+
 def make_records(seed: int, n: int = 40, n_rephrases: int = 5, n_train_rephrases: int = 2,
                  n_images: int = 5, n_locality: int = 3, n_unrelated: int = 2) -> list[EditRecord]:
-    """`n` edit records, half of scope "kind" (a kind's name) and half of scope "shape".
+    """`n` edit records, alternately of scope "kind" (a kind's name) and "shape" (a shape's word).
 
-    Every rendering is from the "eval" split. Shape-scope edits of the same shape share
-    one target word, so the records are consistent with each other under sequential editing.
+    Every rendering is from the "eval" split. The records are consistent with each other, so
+    that all of them can be applied at once (the sequential protocol): one kind or one shape
+    always gets the same target, shape-scope edits touch half of the shapes, and no record's
+    locality sample lies in any record's edit scope (edited kinds keep unedited near misses).
+    Unrelated samples ask the colour, which no edit changes. Beyond what the world can hold
+    (about 40 records) kinds repeat; targets stay consistent.
     """
     if n < 2 or n % 2:
         raise ValueError(f"n must be an even number >= 2, got {n}")
+    if n_locality > len(SHAPES) // 2:
+        raise ValueError(f"n_locality must be at most {len(SHAPES) // 2}, got {n_locality}")
     rng = random.Random(seed)
-    words = rng.sample(NEW_WORDS, len(NEW_WORDS))       # a seeded order of the new words
-    shape_target = dict(zip(SHAPES, words))
-    kind_words = words[len(SHAPES):]                     # distinct while n/2 <= 58, then reused
-    targets = [kind_words[i % len(kind_words)] for i in range(n // 2)]
-    edited_kinds = [KINDS[i] for i in rng.sample(range(len(KINDS)), n // 2)] if n // 2 <= len(KINDS) \
-        else [rng.choice(KINDS) for _ in range(n // 2)]
+    words = rng.sample(NEW_WORDS, len(NEW_WORDS))        # a seeded order of the new words
+    edited_shapes = rng.sample(SHAPES, len(SHAPES) // 2)  # shape scope: half of the shapes
+    kinds = _edited_kinds(rng, n_locality, n // 2)        # kind scope
+    target_of = dict(zip([*edited_shapes, *kinds], words))  # one target per shape / kind
     records = []
     for i in range(n):
-        scope = "kind" if i % 2 == 0 else "shape"
-        if scope == "kind":
-            kind = edited_kinds[i // 2]
-            family, target = "name", targets[i // 2]
-            in_scope = lambda k, kind=kind: k == kind                       # noqa: E731
-            same_scope_kinds = [kind]
-            near = [k for k in KINDS if (k[0] == kind[0]) != (k[1] == kind[1])]  # one attribute differs
-        else:
-            kind = rng.choice(KINDS)
-            family, target = "shape", shape_target[kind[0]]
-            in_scope = lambda k, kind=kind: k[0] == kind[0]                 # noqa: E731
-            same_scope_kinds = [k for k in KINDS if in_scope(k)]
-            near = [k for k in KINDS if k[1] == kind[1] and not in_scope(k)]    # same colour, other shape
+        if i % 2 == 0:   # scope "kind": the name of one kind
+            kind = kinds[(i // 2) % len(kinds)]
+            family, target, scope = "name", target_of[kind], [kind]
+            near = [k for k in _near_misses(kind) if k not in kinds]
+        else:            # scope "shape": the shape word of every colour of one shape
+            kind = (rng.choice(edited_shapes), rng.choice(sorted(COLOURS)))
+            family, target = "shape", target_of[kind[0]]
+            scope = [k for k in KINDS if k[0] == kind[0]]
+            near = [k for k in KINDS if k[1] == kind[1] and k[0] not in edited_shapes]
         questions = rng.sample(QUESTIONS[family], 1 + n_rephrases + n_train_rephrases)
         question = questions[0]
-        loc_kinds = rng.sample(near, n_locality)
-        assert not any(in_scope(k) for k in loc_kinds)
-        unrelated = []
-        for _ in range(n_unrelated):
-            other_family = rng.choice([f for f in sorted(QUESTIONS) if f != family])
-            k = rng.choice(KINDS)
-            unrelated.append(Sample(render(k, rng, "eval"), rng.choice(QUESTIONS[other_family]),
-                                    answer_of(k, other_family)))
+        unrelated = [rng.choice(KINDS) for _ in range(n_unrelated)]
         records.append(EditRecord(
             id=str(i + 1),
             image=render(kind, rng, "eval"),
@@ -706,10 +714,12 @@ def make_records(seed: int, n: int = 40, n_rephrases: int = 5, n_train_rephrases
             target=target,
             rephrases=questions[1:1 + n_rephrases],
             train_rephrases=questions[1 + n_rephrases:],
-            rephrase_images=[render(rng.choice(same_scope_kinds), rng, "eval") for _ in range(n_images)],
-            locality=[Sample(render(k, rng, "eval"), question, answer_of(k, family)) for k in loc_kinds],
-            m_locality=unrelated,
-            category=scope,
+            rephrase_images=[render(rng.choice(scope), rng, "eval") for _ in range(n_images)],
+            locality=[Sample(render(k, rng, "eval"), question, answer_of(k, family))
+                      for k in rng.sample(near, n_locality)],
+            m_locality=[Sample(render(k, rng, "eval"), rng.choice(QUESTIONS["colour"]), answer_of(k, "colour"))
+                        for k in unrelated],
+            category="kind" if i % 2 == 0 else "shape",
         ))
     return records
 

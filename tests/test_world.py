@@ -65,12 +65,19 @@ def test_records_are_well_formed(seed):
         assert all(data.FAMILY_OF[s.question] != family for s in r.m_locality)
 
 
-def test_shape_scope_edits_of_one_shape_share_their_target():
-    by_shape = {}
-    for r in data.make_records(0):
-        if r.category == "shape":
-            by_shape.setdefault(r.answer, set()).add(r.target)
-    assert by_shape and all(len(targets) == 1 for targets in by_shape.values())
+@settings(max_examples=5, deadline=None)
+@given(seeds)
+def test_records_can_all_be_applied_at_once(seed):
+    """Sequential consistency: one answer -> one target, and no locality sample is edited."""
+    records = data.make_records(seed, n=40)
+    target_of, edited = {}, set()
+    for r in records:
+        key = (data.FAMILY_OF[r.question], r.answer)
+        assert target_of.setdefault(key, r.target) == r.target
+        edited.add(key)
+    for r in records:
+        for s in r.locality + r.m_locality:
+            assert (data.FAMILY_OF[s.question], s.answer) not in edited
 
 
 def test_every_family_has_enough_paraphrases_and_anchors_have_answers():
