@@ -159,19 +159,24 @@ def shipped():
 def test_end_to_end_on_the_shipped_tinyvlm(shipped, index):
     record = data.load_sample()[index]
     black = data.anchor_image("black", data.SIZE)
-    loc = record.locality[0]
-    images = [record.image, record.image, record.rephrase_images[0], loc.image, black]
-    questions = [record.question, record.rephrases[0], record.question, loc.question, record.question]
+    n_loc = len(record.locality)
+    images = [record.image, record.image, record.rephrase_images[0], black] + [s.image for s in record.locality]
+    questions = [record.question, record.rephrases[0], record.question, record.question] + \
+        [s.question for s in record.locality]
     before = shipped.generate(images, questions)
-    assert before[0] == before[1] == record.answer and before[3] == loc.answer
+    assert before[:2] == [record.answer] * 2 and before[4:] == [s.answer for s in record.locality]
 
     editor = be.BalancEditor(shipped, be.BalancEditConfig())
     report = editor.edit(record)
     assert report.d_pos < report.radius < report.d_neg
     with editor.attached():
         after = shipped.generate(images, questions)
-    assert after[0] == after[1] == record.target            # the edit and a rephrasing
-    assert after[3] == before[3] and after[4] == before[4]  # a near miss and the black image
+    assert after[:3] == [record.target] * 3          # the edit, a rephrasing, a rephrase image
+    assert after[3] == before[3]                     # the black image (the negative) keeps its answer
+    kept = sum(a == b for a, b in zip(after[4:], before[4:]))
+    # Near misses: all kept for this shape-scope record; a kind-scope ball reaches some of the
+    # nearest other kinds at the default alpha (Loc is 67.5 over the sample, see the README).
+    assert kept == n_loc if record.category == "shape" else kept >= 1
     editor.remove(report.index)
     assert shipped.generate(images, questions) == before
 
