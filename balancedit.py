@@ -669,7 +669,7 @@ class _Method:
         """
         torch.manual_seed(self.config.seed)
         params = [p for p in value.parameters() if p.requires_grad]
-        opt = torch.optim.Adam(params, lr=lr or self.config.lr)
+        opt = torch.optim.Adam(params, lr=lr or self.config.lr, fused=True)
         cached = self.backbone.tail(batch, self.layer_path) if self.config.cache else None
         losses = []
         for _ in range(self.config.steps):

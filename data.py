@@ -744,7 +744,7 @@ def make_sample(seed: int, out_dir: Union[str, os.PathLike], n: int = 40) -> lis
     return records
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Data for BalancEdit: make-sample writes the world's "
                                      "edit records in the OKEDIT layout (the shipped sample is "
                                      f"`make-sample --seed {SAMPLE_SEED} --out assets/okedit_tiny`).")
@@ -753,6 +753,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     m.add_argument("--seed", type=int, default=SAMPLE_SEED, help=f"world seed (default {SAMPLE_SEED})")
     m.add_argument("--out", required=True, help="output directory")
     m.add_argument("-n", type=int, default=40, help="number of edit records, even (default 40)")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         records = make_sample(args.seed, args.out, args.n)

@@ -422,7 +422,7 @@ def load_records(args) -> tuple[list[data.EditRecord], str]:
     return records, str(path)
 
 
-CONFIG_OPTIONS = ("alpha", "distance", "negative", "steps", "lr", "seed")  # CLI option -> config field
+CONFIG_OPTIONS = ("alpha", "distance", "negative", "steps", "lr", "value", "rank", "grace_eps0", "seed")  # -> config
 
 
 def make_config(args, **overrides):
@@ -870,6 +870,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--negative", choices=data.ANCHOR_KINDS, help="negative anchor image (paper Table 7)")
     c.add_argument("--steps", type=int, help="optimizer steps per edit (Eq. 2)")
     c.add_argument("--lr", type=float, help="learning rate per edit (Eq. 2)")
+    c.add_argument("--value", choices=("full", "lora"), help="value v_k: full copy of the layer or low-rank")
+    c.add_argument("--rank", type=int, help="rank of a lora value")
+    c.add_argument("--grace-eps0", type=float, help="GRACE baseline's fixed initial radius (Euclidean)")
     c.add_argument("--seed", type=int, help="seed")
 
     parser = _Parser(
@@ -896,12 +899,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse the command line; with no command, the main job (``run``)."""
+    argv = list(argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["run"] + argv  # the main job is the default command
+    return build_parser().parse_args(argv)  # bad options: one error line, exit 2
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)  # bad options: one error line, exit 2
     ablated = getattr(args, "ablated", None)
     try:
         if ablated is not None and getattr(args, ablated) is not None:

@@ -582,7 +582,7 @@ def knowledge(backbone: Backbone, records: Sequence[data.EditRecord], batch_size
     return result
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Backbones for BalancEdit. Subcommand train-tiny "
                                      "trains TinyVLM on the world of data.py and saves a checkpoint.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -595,6 +595,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     t.add_argument("--device", default="cpu", help="torch device (default cpu)")
     k = sub.add_parser("check-tiny", help="exact match of a TinyVLM checkpoint on the shipped sample")
     k.add_argument("--model", default=str(TINY_DIR), help="checkpoint directory (default: assets/tinyvlm)")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "check-tiny":
         try:

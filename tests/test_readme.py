@@ -1,0 +1,64 @@
+"""The README is the front door: its commands must parse, its set-up/test commands must be what
+CI runs, and its results table must be what the main job measures (and tell the paper's story)."""
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+import data
+import evaluate
+import models
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+PARSERS = {"evaluate.py": evaluate.parse_args, "data.py": lambda argv: data.build_parser().parse_args(argv),
+           "models.py": lambda argv: models.build_parser().parse_args(argv)}
+
+
+def _commands():
+    """Every `python X.py ...` line of the README's bash blocks (continuations joined)."""
+    for block in re.findall(r"```bash\n(.*?)```", README, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("#")[0].strip()
+            if line.startswith("python ") and line.split()[1] in PARSERS:
+                yield line
+
+
+def test_readme_commands_parse():
+    commands = list(_commands())
+    assert len(commands) >= 8
+    for line in commands:
+        argv = shlex.split(line)[2:]
+        PARSERS[shlex.split(line)[1]](argv)  # exits (fails) on a bad option
+
+
+def test_readme_setup_and_test_commands_are_what_ci_runs():
+    ci = (ROOT / ".ci" / "run").read_text()
+    for command in ("pip install -r requirements.txt", "python -m pytest"):
+        assert command in README and command in ci
+
+
+def _table(text, first):
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 7 and cells[0] in first:
+            rows[cells[0]] = [float(c) if c not in ("-",) else None for c in cells[1:]]
+    return rows
+
+
+def test_readme_results_are_what_the_main_job_measures(tmp_path, capsys):
+    """`python evaluate.py` (the main job, ~30 s): the README's table, and the paper's story."""
+    assert evaluate.main(["--no-progress", "--out", str(tmp_path / "main.json")]) == 0
+    result = json.loads((tmp_path / "main.json").read_text())["methods"]
+    readme = _table(README, ("base", "ft", "grace", "balancedit"))
+    assert set(readme) == {"base", "ft", "grace", "balancedit"}
+    for method, row in readme.items():
+        measured = [result[method][k] for k in ("acc", "t_gen", "i_gen", "loc", "hm")]
+        assert row[:5] == pytest.approx(measured, abs=1.0), method
+    be, ft, grace = result["balancedit"], result["ft"], result["grace"]
+    assert be["acc"] == 100.0
+    assert be["hm"] > ft["hm"] and be["hm"] > grace["hm"]
+    assert ft["loc"] < be["loc"] - 20 and grace["i_gen"] < be["i_gen"]
