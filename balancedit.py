@@ -28,8 +28,12 @@ Where to find things:
 - :func:`full_value`, :class:`LoRAValue`, :func:`make_value`: the values ``v_k``
 - :class:`VectorValue`   GRACE's value (a vector that replaces the layer output)
 - :func:`attach`         **Eq. 1**, the routing forward hook (``RouteHandle._route``)
+- :func:`queries`        the key / query of a sample: mean of ``h^{l-1}`` over its prompt positions
 - :func:`override`       ``f_new``: the layer's output replaced by one value for every row (Eq. 2 training)
-- ``# ---- Editor (Eq. 2) ----``: the editor, the FT and GRACE baselines
+- ``# ---- Editor (Eq. 2) ----``:
+  :class:`BalancEditConfig` (every knob, with defaults), :meth:`_Method._train` (**Eq. 2**,
+  optionally on cached activations), :meth:`BalancEditor.edit` (positive, negative, Eq. 3,
+  the many-edit rules), ``save``/``load``, and the :class:`FineTune` and :class:`Grace` baselines
 
 Shapes: ``B`` batch, ``T`` positions, ``D`` the layer's input width, ``N``
 codebook entries.
@@ -286,10 +290,28 @@ def _strip_hooks(module: nn.Module) -> nn.Module:
     return module
 
 
+HALF = (torch.float16, torch.bfloat16)
+
+
+class Float32(nn.Module):
+    """A half-precision layer's value kept in float32: Adam on fp16 weights loses small
+    updates and its eps (1e-8) underflows to 0. Computes in float32, returns the input dtype."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.float()).to(x.dtype)
+
+
 def full_value(layer: nn.Module) -> nn.Module:
-    """``v_k``: a trainable copy of layer ``l`` (the paper's default). The layer is untouched."""
+    """``v_k``: a trainable copy of layer ``l`` (the paper's default). The layer is untouched.
+    A half-precision layer's copy trains in float32 (see :class:`Float32`)."""
     value = _strip_hooks(copy.deepcopy(layer))
     value.requires_grad_(True)
+    if any(p.dtype in HALF for p in value.parameters()):
+        value = Float32(value)
     return value
 
 
@@ -309,15 +331,16 @@ class LoRAValue(nn.Module):
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank must be a positive int, got {rank!r}")
         object.__setattr__(self, "base", layer)  # not a submodule
-        w = layer.weight
-        self.A = nn.Parameter(torch.empty(rank, layer.in_features, dtype=w.dtype, device=w.device))
-        self.B = nn.Parameter(torch.zeros(layer.out_features, rank, dtype=w.dtype, device=w.device))
+        w = layer.weight  # A and B are float32 whatever the layer's dtype (see Float32)
+        self.A = nn.Parameter(torch.empty(rank, layer.in_features, dtype=torch.float32, device=w.device))
+        self.B = nn.Parameter(torch.zeros(layer.out_features, rank, dtype=torch.float32, device=w.device))
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         W = self.base.weight.detach()  # (out, in)
         b = None if self.base.bias is None else self.base.bias.detach()  # (out,)
-        return F.linear(x, W, b) + F.linear(F.linear(x, self.A), self.B)  # (..., out)
+        update = F.linear(F.linear(x.float(), self.A), self.B)  # (..., out) B A x, in float32
+        return F.linear(x, W, b) + update.to(x.dtype)  # (..., out)
 
 
 def make_value(layer: nn.Module, kind: str = "full", rank: int = 8) -> nn.Module:

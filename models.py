@@ -118,10 +118,10 @@ class Backbone(nn.Module):
         return {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device))
                 for k, v in batch.items()}
 
-    # A backbone supplies: n_image_tokens, image_token_id, pad_token_id, prompt_ids(question)
-    # (the tokens of PROMPT), answer_ids(answer) (answer tokens + EOS), pixel_values(images).
+    # A backbone supplies: n_image_tokens, image_token_id, pad_token_id, prompt_ids(prompt)
+    # (the tokens of a filled-in template), answer_ids(answer) (answer tokens + EOS), pixel_values(images).
     def encode(self, images: Sequence[Optional[Image.Image]], questions: Sequence[str],
-               answers: Optional[Sequence[str]] = None) -> dict[str, torch.Tensor]:
+               answers: Optional[Sequence[str]] = None, template: str = PROMPT) -> dict[str, torch.Tensor]:
         """Rows ``[image placeholders][prompt tokens][answer tokens, EOS]``, left-padded, on the
         decoder's positions (B, T); see the module docstring. Image None = text-only row."""
         if len(images) != len(questions) or (answers is not None and len(answers) != len(questions)):
@@ -132,7 +132,7 @@ class Backbone(nn.Module):
         image_ids = [self.image_token_id] * self.n_image_tokens if all(with_images) else []
         rows, prompt_lens = [], []
         for i, q in enumerate(questions):
-            prompt = image_ids + self.prompt_ids(q)
+            prompt = image_ids + self.prompt_ids(template.format(q))
             answer = self.answer_ids(answers[i]) if answers is not None else []
             rows.append(prompt + answer)
             prompt_lens.append(len(prompt))
@@ -156,10 +156,10 @@ class Backbone(nn.Module):
 
     @torch.no_grad()
     def generate(self, images: Sequence[Optional[Image.Image]], questions: Sequence[str],
-                 max_new_tokens: Optional[int] = None) -> list[str]:
+                 max_new_tokens: Optional[int] = None, template: str = PROMPT) -> list[str]:
         """Greedy answers. The prompt is one call; each new token is one call on the KV cache
         with ``prompt_mask`` all False (so a routing hook holds the prompt's route)."""
-        batch = self.to_device(self.encode(images, questions))
+        batch = self.to_device(self.encode(images, questions, template=template))
         batch.pop("labels")
         mask = batch["attention_mask"]
         out = self(**batch, use_cache=True)
@@ -312,8 +312,8 @@ class TinyVLM(Backbone):
         self.target_layer = f"lm.model.decoder.layers.{config.layers - 1}.fc2"
 
     # -- interface ---------------------------------------------------------
-    def prompt_ids(self, question: str) -> list[int]:
-        return self._ids(PROMPT.format(question))
+    def prompt_ids(self, prompt: str) -> list[int]:
+        return self._ids(prompt)
 
     def answer_ids(self, answer: str) -> list[int]:
         return self._ids(answer) + [self.eos_token_id]
@@ -436,11 +436,20 @@ class Blip2OPT(Backbone):
         return cls(model, processor).to(device).eval()
 
     # -- interface ---------------------------------------------------------
-    def prompt_ids(self, question: str) -> list[int]:
-        return self.tokenizer(PROMPT.format(question))["input_ids"]  # with BOS, as the processor
+    def prompt_ids(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt)["input_ids"]  # with BOS, as the processor
 
     def answer_ids(self, answer: str) -> list[int]:
         return self._ids(" " + answer) + [self.eos_token_id]
+
+    REPHRASE = "Rewrite the question in other words.\nQuestion: {}\nRewritten question:"
+
+    def rephrase(self, question: str) -> list[str]:
+        """Ask the language model (text only, greedy) for a paraphrase: the positive of Eq. 3
+        for records that bring no training rephrasings (MMEdit)."""
+        text = self.generate([None], [question], max_new_tokens=32, template=self.REPHRASE)[0]
+        text = text.strip().split("\n")[0].strip()
+        return [text] if text and text != question else []
 
     def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return self.processor.image_processor([im.convert("RGB") for im in images],

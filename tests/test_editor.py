@@ -197,3 +197,35 @@ def test_end_to_end_on_a_random_blip2():
     assert report.losses[-1] < report.losses[0]
     with editor.attached():
         assert len(blip2.generate([record.image], [record.question])) == 1
+
+
+def test_half_precision_layers_get_float32_values():
+    """fp16 models (BLIP-2 on a GPU): values train in float32 (Adam's eps underflows in fp16)."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 4).half()
+    x = torch.randn(3, 8).half()
+    for kind in ("full", "lora"):
+        value = be.make_value(layer, kind, rank=2)
+        assert all(p.dtype == torch.float32 for p in value.parameters())
+        out = value(x)
+        assert out.dtype == torch.float16
+        torch.testing.assert_close(out, layer(x), atol=1e-2, rtol=1e-2)
+        opt = torch.optim.Adam(value.parameters(), lr=1e-3)
+        loss = (value(x).float() - 1).pow(2).mean()
+        loss.backward()
+        opt.step()
+        assert all(torch.isfinite(p).all() for p in value.parameters())
+
+
+@pytest.mark.parametrize("make", [lambda: models.random_blip2(), lambda: models.TinyVLM.from_pretrained()])
+def test_records_without_training_rephrasings_ask_the_backbone(make):
+    """MMEdit records bring no training rephrasings: the positive comes from backbone.rephrase,
+    and never from the rephrasings that score T-Gen."""
+    backbone = make()
+    record = copy.copy(data.load_sample(limit=1)[0])
+    record.train_rephrases = []
+    editor = be.BalancEditor(backbone, be.BalancEditConfig(steps=1))
+    positive = editor._positive_question(record)
+    assert positive and positive != record.question and positive not in record.rephrases
+    report = editor.edit(record)
+    assert min(report.d_pos, report.d_neg) <= report.radius <= max(report.d_pos, report.d_neg)
