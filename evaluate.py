@@ -572,11 +572,9 @@ def bench_edit_speed(backbone, record: data.EditRecord, cfg, repeats: int, warmu
     (``cache=True``: the layers after l only), same steps/lr/seed; and the largest difference
     between the two trained values, ``max|a - b| / max|b|`` over all value parameters.
 
-    Both run with torch's fused ``nn.MultiheadAttention`` inference path off: open_clip's vision
-    tower (TinyVLM) takes that path under ``no_grad`` only (where the cache records h^{l-1}),
-    not in the naive loop's grad-mode forwards, and its last-bit differences in h^{l-1}
-    (~5e-7), grown by the Adam steps, would show as a ~1e-5 weight difference that is no part
-    of the cache. (BLIP-2's HF vision tower has no such path.)"""
+    The cache records h^{l-1} in grad mode, as the naive loop's forwards run, so the two
+    see the same kernels and the difference is 0 (models.opt_tail).
+    """
     import torch
 
     import balancedit
@@ -757,8 +755,8 @@ def cmd_bench(args, s: Setup) -> dict:
     # 3. Bytes per entry, and HM of full vs rank-8 values.
     sizes = bytes_per_entry()
     fig["lora8_bytes_ratio"] = sizes["lora8"]["ratio_to_full"]
-    print("## Bytes per entry: nn.Linear(10240, 2560) fp16 (OPT-2.7B fc2); each entry also stores "
-          "its key (10240 float32) and radius\n")
+    print("## Bytes per entry: nn.Linear(10240, 2560) fp16 (OPT-2.7B fc2); values train and are kept "
+          "in float32 (balancedit.Float32); each entry also stores its key (10240 float32) and radius\n")
     print("| value | value bytes | entry bytes | ratio to full |")
     print("|---|---|---|---|")
     for name, r in sizes.items():

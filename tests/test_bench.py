@@ -32,14 +32,14 @@ def records():
 def test_bytes_per_entry_golden_for_opt_2_7b_fc2():
     sizes = evaluate.bytes_per_entry()  # nn.Linear(10240, 2560) in fp16, on the meta device
     key_and_radius = 10240 * 4 + 4  # float32 key (D = 10240) and float32 radius
-    full = 2560 * 10240 * 2 + 2560 * 2  # fp16 weight + bias
-    assert sizes["full"]["value_bytes"] == full == 52_433_920
+    full = 2560 * 10240 * 4 + 2560 * 4  # weight + bias, trained and kept in float32 (Float32)
+    assert sizes["full"]["value_bytes"] == full == 104_867_840
     assert sizes["full"]["entry_bytes"] == full + key_and_radius
     for r in (4, 8, 16):
-        assert sizes[f"lora{r}"]["value_bytes"] == (r * 10240 + 2560 * r) * 2  # A (r, in) + B (out, r)
-        assert sizes[f"lora{r}"]["entry_bytes"] == (r * 10240 + 2560 * r) * 2 + key_and_radius
-    assert sizes["lora8"]["entry_bytes"] == 245_764
-    assert sizes["lora8"]["ratio_to_full"] == pytest.approx(245_764 / 52_474_884)
+        assert sizes[f"lora{r}"]["value_bytes"] == (r * 10240 + 2560 * r) * 4  # A (r, in) + B (out, r)
+        assert sizes[f"lora{r}"]["entry_bytes"] == (r * 10240 + 2560 * r) * 4 + key_and_radius
+    assert sizes["lora8"]["entry_bytes"] == 450_564
+    assert sizes["lora8"]["ratio_to_full"] == pytest.approx(450_564 / 104_908_804)
     assert sizes["lora8"]["ratio_to_full"] <= 1 / 50
     assert sizes["full"]["ratio_to_full"] == 1.0
 

@@ -186,8 +186,8 @@ def test_blip2_text_only_and_misuse():
         model(**{k: v for k, v in encode(model, [0]).items() if k != "pixel_values"})
     with pytest.raises(ValueError, match="all images or all text-only"):
         model.encode([POOL[0].image, None], ["a", "b"])
-    with pytest.raises(NotImplementedError):
-        model.rephrase("what shape is this?")
+    rephrased = model.rephrase("what shape is this?")  # the language model's paraphrase (or none)
+    assert isinstance(rephrased, list) and len(rephrased) <= 1 and all(isinstance(q, str) for q in rephrased)
 
 
 def test_blip2_from_pretrained_reads_a_local_directory(tmp_path):
