@@ -710,7 +710,28 @@ class _Method:
         return losses
 
 
-class BalancEditor(_Method):
+class _CodebookMethod(_Method):
+    """A method whose edits are codebook entries routed by :func:`attach` (BalancEdit, GRACE)."""
+
+    codebook: Codebook
+    key, span = "mean", "row"  # how attach() routes: see attach
+
+    def __len__(self) -> int:
+        return len(self.codebook)
+
+    def attached(self) -> RouteHandle:
+        """``with method.attached(): backbone(...)``: the model routed through the codebook (Eq. 1)."""
+        return attach(self.backbone, self.layer_path, self.codebook, key=self.key, span=self.span)
+
+    def remove(self, i: int) -> None:
+        self.codebook.remove(i)
+
+    def reset(self) -> None:
+        while len(self.codebook):
+            self.codebook.remove(len(self.codebook) - 1)
+
+
+class BalancEditor(_CodebookMethod):
     """BalancEdit (paper Sec. 4): one codebook entry per edit at layer l.
 
     ``edit(record)``: key k, positive and negative keys, radius (Eq. 3), the many-edit
@@ -720,20 +741,6 @@ class BalancEditor(_Method):
     def __init__(self, backbone: nn.Module, config: BalancEditConfig = BalancEditConfig()):
         super().__init__(backbone, config)
         self.codebook = Codebook(config.distance)
-
-    def __len__(self) -> int:
-        return len(self.codebook)
-
-    def attached(self) -> RouteHandle:
-        """``with editor.attached(): backbone(...)``: the model routed through the codebook (Eq. 1)."""
-        return attach(self.backbone, self.layer_path, self.codebook)
-
-    def remove(self, i: int) -> None:
-        self.codebook.remove(i)
-
-    def reset(self) -> None:
-        while len(self.codebook):
-            self.codebook.remove(len(self.codebook) - 1)
 
     def _positive_question(self, record) -> str:
         """R(t): a training rephrasing (never one that scores T-Gen), else the backbone's own."""
@@ -893,7 +900,7 @@ class _AtKey(nn.Module):
         return torch.where(w, self.value(h), self.layer(h))
 
 
-class Grace(_Method):
+class Grace(_CodebookMethod):
     """GRACE baseline (Hartvigsen et al. 2023) at the same layer: a codebook with a FIXED initial
     radius eps0 (``config.grace_eps0``), key = the layer input at the last prompt token, value = a
     learned vector that replaces the layer output at that position (see ``attach``'s span="key":
@@ -902,23 +909,12 @@ class Grace(_Method):
     within eps0 + eps_j -> new entry; same target -> expand the radius to cover; different
     target -> add, and split both radii to half the distance."""
 
+    key, span = "last", "key"  # routing: the last prompt token's input; the value at that position
+
     def __init__(self, backbone: nn.Module, config: BalancEditConfig = BalancEditConfig()):
         super().__init__(backbone, config)
         self.codebook = Codebook("euc")  # GRACE's distance: Euclidean
         self.eps0 = config.grace_eps0
-
-    def __len__(self) -> int:
-        return len(self.codebook)
-
-    def attached(self) -> RouteHandle:
-        return attach(self.backbone, self.layer_path, self.codebook, key="last", span="key")
-
-    def remove(self, i: int) -> None:
-        self.codebook.remove(i)
-
-    def reset(self) -> None:
-        while len(self.codebook):
-            self.codebook.remove(len(self.codebook) - 1)
 
     def edit(self, record) -> EditReport:
         start = time.perf_counter()
