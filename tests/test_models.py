@@ -215,3 +215,18 @@ def test_blip2_tail_recomputes_the_logits_after_the_target_layer():
         y = layer(h)
         assert not torch.allclose(tail(y + torch.randn_like(y)), full, atol=1e-3)  # not a shift: LayerNorm
     assert model.tail(batch, "model.language_model.model.decoder.layers.0.fc1") is None
+
+
+def test_shipped_tinyvlm_knows_its_world_offline(monkeypatch):
+    """assets/tinyvlm loads with the hub offline and answers the sample's questions (exact match
+    of generated answers; the whole sample measures 100 / 100 / 99.5 / 100 / 100 / 100)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = models.TinyVLM.from_pretrained()
+    scores = models.knowledge(model, data.load_sample(limit=6))
+    assert set(scores) == {"edit", "rephrases", "rephrase_images", "locality", "unrelated", "black_white"}
+    assert all(score >= 95.0 for score in scores.values()), scores
+
+
+def test_a_missing_checkpoint_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        models.TinyVLM.from_pretrained(tmp_path)
