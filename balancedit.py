@@ -654,6 +654,7 @@ class _Method:
         self.backbone, self.config = backbone, config
         self.layer_path = config.layer or backbone.target_layer
         self.layer = backbone.get_submodule(self.layer_path)  # layer l (never eval)
+        self.device = next(self.layer.parameters()).device  # the codebook lives beside the layer
 
     def _batch(self, images, questions, answers=None) -> dict:
         return self.backbone.to_device(self.backbone.encode(list(images), list(questions), answers))
@@ -740,7 +741,7 @@ class BalancEditor(_CodebookMethod):
 
     def __init__(self, backbone: nn.Module, config: BalancEditConfig = BalancEditConfig()):
         super().__init__(backbone, config)
-        self.codebook = Codebook(config.distance)
+        self.codebook = Codebook(config.distance).to(self.device)
 
     def _positive_question(self, record) -> str:
         """R(t): a training rephrasing (never one that scores T-Gen), else the backbone's own."""
@@ -838,8 +839,7 @@ class BalancEditor(_CodebookMethod):
         for target in meta["targets"]:  # placeholders of the saved structure, then the saved state
             editor.codebook.add(torch.zeros(keys.shape[1]), editor._new_value(), 0.0, target)
         state["_extra_state"] = {"targets": meta["targets"], "distance": editor.config.distance}
-        editor.codebook.load_state_dict(state, strict=True)
-        editor.codebook.to(keys.device)
+        editor.codebook.load_state_dict(state, strict=True)  # copies into the layer's device
         return editor
 
 
@@ -913,7 +913,7 @@ class Grace(_CodebookMethod):
 
     def __init__(self, backbone: nn.Module, config: BalancEditConfig = BalancEditConfig()):
         super().__init__(backbone, config)
-        self.codebook = Codebook("euc")  # GRACE's distance: Euclidean
+        self.codebook = Codebook("euc").to(self.device)  # GRACE's distance: Euclidean
         self.eps0 = config.grace_eps0
 
     def edit(self, record) -> EditReport:

@@ -401,7 +401,7 @@ def load_backbone(args):
 
     if args.backbone == "tiny":
         return models.TinyVLM.from_pretrained(args.model or models.TINY_DIR, device=args.device or "cpu")
-    return models.Blip2OPT.from_pretrained(args.model or "Salesforce/blip2-opt-2.7b", device=args.device)
+    return models.Blip2OPT.from_pretrained(args.model or models.BLIP2_OPT, device=args.device)
 
 
 def load_records(args) -> tuple[list[data.EditRecord], str]:

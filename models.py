@@ -56,6 +56,7 @@ import data
 ASSETS = Path(__file__).resolve().parent / "assets"
 TINY_DIR = ASSETS / "tinyvlm"
 PROMPT = "Question: {} Short answer:"  # BLIP-2's VQA prompt
+BLIP2_OPT = "Salesforce/blip2-opt-2.7b"  # the authors' backbone: loaded only when a user asks for it
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -420,7 +421,7 @@ class Blip2OPT(Backbone):
         self.target_layer = f"model.language_model.model.decoder.layers.{last}.fc2"  # OPT-2.7B: 31
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike = "Salesforce/blip2-opt-2.7b",
+    def from_pretrained(cls, name_or_path: str | os.PathLike = BLIP2_OPT,
                         dtype: Optional[torch.dtype] = None, device: Optional[str] = None) -> "Blip2OPT":
         """Load model and processor (a hub id, or a local directory; offline with HF_HUB_OFFLINE=1).
         Defaults: CUDA if available; fp16 on CUDA, fp32 on CPU."""
