@@ -41,6 +41,7 @@ codebook entries.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -876,7 +877,9 @@ class FineTune(_Method):
 
     def attached(self):
         """The fine-tuned layer replaces layer l for every input (the model itself is untouched)."""
-        return override(self.backbone, self.layer_path, self.tuned if self.tuned is not None else self.layer)
+        if self.tuned is None:  # nothing edited yet: the plain model
+            return contextlib.nullcontext()
+        return override(self.backbone, self.layer_path, self.tuned)
 
     def remove(self, i: int) -> None:
         if not 0 <= i < self.n_edits:

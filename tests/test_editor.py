@@ -229,3 +229,16 @@ def test_records_without_training_rephrasings_ask_the_backbone(make):
     assert positive and positive != record.question and positive not in record.rephrases
     report = editor.edit(record)
     assert min(report.d_pos, report.d_neg) <= report.radius <= max(report.d_pos, report.d_neg)
+
+
+@pytest.mark.parametrize("method", [be.BalancEditor, be.FineTune, be.Grace])
+def test_attached_with_no_edit_is_the_plain_model(tiny, records, method):
+    batch = tiny.encode([r.image for r in records], [r.question for r in records])
+    plain = tiny(**batch).logits
+    m = method(tiny, be.BalancEditConfig(steps=1))
+    with m.attached():
+        assert torch.equal(tiny(**batch).logits, plain)
+    m.edit(records[0])
+    m.reset()
+    with m.attached():
+        assert torch.equal(tiny(**batch).logits, plain)
