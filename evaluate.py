@@ -575,8 +575,6 @@ def bench_edit_speed(backbone, record: data.EditRecord, cfg, repeats: int, warmu
     The cache records h^{l-1} in grad mode, as the naive loop's forwards run, so the two
     see the same kernels and the difference is 0 (models.opt_tail).
     """
-    import torch
-
     import balancedit
 
     trained = {}
