@@ -432,8 +432,11 @@ class Blip2OPT(Backbone):
         device = torch.device(device)
         if dtype is None:
             dtype = torch.float16 if device.type == "cuda" else torch.float32
-        processor = Blip2Processor.from_pretrained(name_or_path)
-        model = Blip2ForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype)
+        path = Path(name_or_path).expanduser()
+        if (path.is_absolute() or str(name_or_path).startswith((".", "~"))) and not path.is_dir():
+            raise FileNotFoundError(f"{path}: no such model directory (download {BLIP2_OPT} there first)")
+        processor = Blip2Processor.from_pretrained(path if path.is_dir() else name_or_path)
+        model = Blip2ForConditionalGeneration.from_pretrained(path if path.is_dir() else name_or_path, dtype=dtype)
         return cls(model, processor).to(device).eval()
 
     # -- interface ---------------------------------------------------------

@@ -230,3 +230,8 @@ def test_shipped_tinyvlm_knows_its_world_offline(monkeypatch):
 def test_a_missing_checkpoint_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         models.TinyVLM.from_pretrained(tmp_path)
+
+
+def test_blip2_from_a_missing_directory_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such model directory"):
+        models.Blip2OPT.from_pretrained(tmp_path / "nothing")
