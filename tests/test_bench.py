@@ -11,23 +11,7 @@ import pytest
 import torch
 
 import balancedit as be
-import data
 import evaluate
-import models
-
-SMALL = models.TinyConfig(vision_layers=1, layers=2, hidden=32, ffn=64, vision_width=32)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return models.TinyVLM(SMALL).eval()
-
-
-@pytest.fixture(scope="module")
-def records():
-    return data.load_sample(limit=6)
-
 
 def test_bytes_per_entry_golden_for_opt_2_7b_fc2():
     sizes = evaluate.bytes_per_entry()  # nn.Linear(10240, 2560) in fp16, on the meta device

@@ -10,17 +10,6 @@ import data
 import models
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return models.TinyVLM(models.TinyConfig(vision_layers=1, layers=2, hidden=32, ffn=64, vision_width=32)).eval()
-
-
-@pytest.fixture(scope="module")
-def records():
-    return data.load_sample(limit=6)
-
-
 def _snapshot(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 

@@ -13,17 +13,11 @@ import evaluate
 import models
 from evaluate import Observation, exact_match, hm, score, token_accuracy
 
-TINY = models.TinyConfig(vision_layers=1, layers=2, hidden=32, ffn=64, vision_width=32)
+from conftest import TINY
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return models.TinyVLM(TINY).eval()
-
-
-@pytest.fixture(scope="module")
-def records():
+def records():  # three records (the protocol tests count them)
     return data.load_sample(limit=3)
 
 

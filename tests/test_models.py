@@ -15,7 +15,7 @@ import data
 import models
 
 FAST = settings(max_examples=8, deadline=None)
-TINY = models.TinyConfig(vision_layers=1, layers=2, hidden=32, ffn=64, vision_width=32)
+from conftest import TINY
 POOL = list(itertools.islice(data.training_stream(0), 6))  # questions of 4 to 9 words
 N_QUERY = 4
 
