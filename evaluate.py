@@ -1,61 +1,53 @@
-"""Score model editors: the metrics, protocols and ablations of the paper (the main job).
+"""Score model editors: the metrics, protocols, baselines and ablations of the paper.
 
-Implements DESIGN.md section 6 and the paper's Appendix C (Guo et al.,
-"BalancEdit", ICML 2025). For an edit ``(i, t, y^o -> y^n)`` of an
-``EditRecord`` (data.py), scored on the edited model ``f_e`` (all in percent,
-averaged over records):
+The metrics are the paper's Appendix C (Guo et al., "BalancEdit", ICML 2025). For an edit
+``(i, t, y^o -> y^n)`` of an ``EditRecord`` (data.py), on the edited model ``f_e``, in percent,
+averaged over records:
 
 - **Acc** (Eq. 4): ``f_e(i, t) = y^n``, on the edit input itself;
 - **T-Gen** (Eq. 5): ``f_e(i, R(t)) = y^n``, rephrased questions (``record.rephrases``);
-- **I-Gen** (Eq. 6): ``f_e(i', t) = y^n``, other images of the same scope
-  (``record.rephrase_images``);
-- **Loc** (Eq. 7): ``f_e(i_l, t_l) = f(i_l, t_l)``, similar but out-of-scope
-  samples (``record.locality``) answer as the *unedited* model ``f`` did;
-  ``m_loc`` is the same on MMEdit's unrelated samples (``record.m_locality``);
-- **HM**: the harmonic mean of T-Gen, I-Gen and Loc (0 if any is 0), the
-  paper's single trade-off number (Table 3).
+- **I-Gen** (Eq. 6): ``f_e(i', t) = y^n``, other images of the same scope (``record.rephrase_images``);
+- **Loc** (Eq. 7): ``f_e(i_l, t_l) = f(i_l, t_l)``, similar but out-of-scope samples
+  (``record.locality``) answer as the unedited model ``f`` did; ``m_loc``: the same on unrelated
+  samples (``record.m_locality``);
+- **HM**: the harmonic mean of T-Gen, I-Gen and Loc (0 if any is 0), the paper's Table 3 number.
 
-"``= y^n``" is measured as the authors' and EasyEdit's code do: *teacher-forced
-token accuracy*. The answer is fed in; the argmax of the logits at position
-``t-1`` is compared with the answer token at ``t``, over the answer tokens only
-(the closing EOS is not counted); a sample scores the fraction of its tokens
-right. Loc compares post-edit with pre-edit argmax tokens at the positions of
-the locality sample's own answer. Secondary columns (``gen_*``) use exact
-match of greedy generations: ``generated == y^n``, and for ``gen_loc``
-post-edit generation == pre-edit generation.
+"``= y^n``" is teacher-forced token accuracy, as in the authors' and EasyEdit's code: the answer is
+fed in and the argmax at position ``t-1`` is compared with the answer token at ``t`` (EOS not
+counted); Loc compares post-edit with pre-edit argmax tokens on the locality sample's own answer.
+The ``gen_*`` columns are exact match of greedy generations. Pre-edit references are taken once,
+on the unedited model, before any edit.
 
-Pre-edit references (``observe`` on the unedited model) are taken once per
-record before the protocol makes any edit, never on an edited model.
+Protocols: **single** (each edit alone: edit, score, remove; Table 3) and **sequential** (all edits,
+then every record scored; Table 4); both end by checking that the backbone is bit-identical to
+before. Baselines: **FT** (fine-tune layer l) and **GRACE** (a codebook with a fixed radius).
 
-Protocols: **single** (each edit on its own, scored, removed; Table 3) and
-**sequential** (all edits in order, then every record scored; Table 4). Both
-end by checking that the backbone is bit-identical to what it was before.
-
-Command line::
-
-    python evaluate.py                       # TinyVLM on the shipped sample: base, ft, grace, balancedit
-    python evaluate.py --backbone blip2 --data OKEDIT_DIR --protocol sequential
-    python evaluate.py sweep-alpha           # Fig. 5: Acc/T-Gen/I-Gen/Loc/HM against alpha (+ PNG)
-    python evaluate.py ablate-distance       # Table 6: cos vs euc
-    python evaluate.py ablate-negative       # Table 7: black, white, noise negative anchors
-    python evaluate.py bench [--json PATH] [--quick]   # speed and memory (issue 6)
-
-Each prints a markdown table and writes a JSON file (path printed).
+    python evaluate.py                        # TinyVLM on the shipped sample: base, ft, grace, balancedit
+    python evaluate.py --protocol sequential  # all 40 edits at once
+    python evaluate.py sweep-alpha            # Fig. 5, with a PNG plot
+    python evaluate.py ablate-distance        # Table 6: cos vs euc
+    python evaluate.py ablate-negative        # Table 7: black, white, noise negatives
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
-import statistics
+import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+import torch
+import torch.nn as nn
+
 import data
+from balancedit import (BalancEditConfig, BalancEditor, Codebook, EditReport, Router, distance, new_value,
+                        override, train_value)
 
 # ----------------------------------------------------------------------------
 # Metrics on predictions (pure Python: testable on hand-made token lists)
@@ -175,8 +167,6 @@ def token_predictions(backbone, samples: Sequence[data.Sample], batch_size: int 
                       ) -> list[tuple[list[int], list[int]]]:
     """Teacher-forced predictions: per sample, (argmax tokens, answer tokens) over its answer
     tokens, EOS excluded. Position t-1's argmax predicts the token at t."""
-    import torch
-
     out: list = [None] * len(samples)
     for idx in _batches(samples, batch_size):
         chunk = [samples[i] for i in idx]
@@ -222,10 +212,10 @@ def observe(backbone, record: data.EditRecord, batch_size: int = 32) -> Observat
 
 def references(backbone, records: Sequence[data.EditRecord], progress: bool = True) -> list[Observation]:
     """Pre-edit observations, on the unedited model (call before any edit)."""
-    return [observe(backbone, r) for r in _progress(records, progress, "pre-edit")]
+    return [observe(backbone, r) for r in progress_bar(records, progress, "pre-edit")]
 
 
-def _progress(items, enabled: bool, desc: str):
+def progress_bar(items, enabled: bool, desc: str):
     if not enabled:
         return items
     from tqdm import tqdm
@@ -248,8 +238,6 @@ class Snapshot:
 
 
 def _edit_logits(backbone, record: data.EditRecord):
-    import torch
-
     batch = backbone.to_device(backbone.encode([record.image], [record.question], [record.target]))
     with torch.no_grad():
         return backbone(**batch).logits.detach().cpu()  # (1, T, V)
@@ -265,8 +253,6 @@ def snapshot(backbone, record: data.EditRecord) -> Snapshot:
 def check_unchanged(backbone, before: Snapshot, method_name: str = "method") -> None:
     """Raise ModelChanged unless every parameter and buffer is ``torch.equal`` to the snapshot
     and the outputs on the snapshot's record (no attachment) are bit-identical."""
-    import torch
-
     now = {f"param {n}": p for n, p in backbone.named_parameters()}
     now.update({f"buffer {n}": b for n, b in backbone.named_buffers()})
     if now.keys() != before.state.keys():
@@ -294,7 +280,7 @@ def run_single(method, backbone, records: Sequence[data.EditRecord], progress: b
     before = snapshot(backbone, records[0])
     refs = refs if refs is not None else references(backbone, records, progress)
     rows, seconds = [], []
-    for record, ref in _progress(list(zip(records, refs)), progress, type(method).__name__):
+    for record, ref in progress_bar(list(zip(records, refs)), progress, type(method).__name__):
         report = method.edit(record)
         with method.attached():
             rows.append(score(observe(backbone, record), ref, record.target))
@@ -307,36 +293,165 @@ def run_single(method, backbone, records: Sequence[data.EditRecord], progress: b
 def run_sequential(method, backbone, records: Sequence[data.EditRecord], progress: bool = True,
                    refs: Optional[list[Observation]] = None) -> dict:
     """Sequential protocol (paper Table 4): all edits in order, then every record scored on the
-    model holding all of them; then ``reset()`` and the unchanged check."""
+    model holding all of them; then every edit is removed and the unchanged check runs."""
     before = snapshot(backbone, records[0])
     refs = refs if refs is not None else references(backbone, records, progress)
     name = type(method).__name__
-    seconds = [method.edit(r).seconds for r in _progress(records, progress, f"{name} edits")]
+    seconds = [method.edit(r).seconds for r in progress_bar(records, progress, f"{name} edits")]
     with method.attached():
         rows = [score(observe(backbone, r), ref, r.target)
-                for r, ref in zip(_progress(records, progress, f"{name} scoring"), refs)]
-    method.reset()
+                for r, ref in zip(progress_bar(records, progress, f"{name} scoring"), refs)]
+    while len(method):
+        method.remove(len(method) - 1)
     check_unchanged(backbone, before, name)
     return summarize(rows, seconds)
 
 
 PROTOCOLS = {"single": run_single, "sequential": run_sequential}
-METHODS = {"base": None, "ft": "FineTune", "grace": "Grace", "balancedit": "BalancEditor"}  # -> balancedit.py
 
 
-def make_method(name: str, backbone, cfg):
-    """A fresh editor of the named kind (classes in balancedit.py); ``base`` has none."""
-    import balancedit
+# ----------------------------------------------------------------------------
+# Baselines, with BalancEdit's interface: edit(record) -> report, attached(), remove(i), len()
 
-    return getattr(balancedit, METHODS[name])(backbone, cfg)
+
+class FineTune:
+    """FT: fine-tune (a float32 copy of) layer l with Eq. 2's loss, steps and lr. No routing, so
+    every input sees the edit; removing any edit undoes them all."""
+
+    def __init__(self, backbone, config: BalancEditConfig):
+        self.backbone, self.config, self.tuned, self.n_edits = backbone, config, None, 0
+        self.layer_path = config.layer or backbone.target_layer
+
+    def __len__(self) -> int:
+        return self.n_edits
+
+    def edit(self, record) -> EditReport:
+        start, cfg = time.perf_counter(), self.config
+        if self.tuned is None:
+            self.tuned = new_value(self.backbone.get_submodule(self.layer_path))
+        batch = self.backbone.to_device(self.backbone.encode([record.image], [record.question], [record.target]))
+        losses = train_value(self.backbone, self.layer_path, self.tuned, batch, cfg.steps, cfg.lr, cfg.cache)
+        self.n_edits += 1
+        return EditReport(self.n_edits - 1, "tune", math.nan, math.nan, math.nan, losses, time.perf_counter() - start)
+
+    def attached(self):
+        if self.tuned is None:
+            return contextlib.nullcontext()
+        return override(self.backbone, self.layer_path, self.tuned)
+
+    def remove(self, i: int) -> None:
+        self.tuned, self.n_edits = None, 0
+
+
+class GraceRouter(Router):
+    """GRACE's hook: the query is the layer input at the last prompt position, and a hit replaces the
+    layer output at that position only (in GRACE each later token is its own query, far from the key,
+    so the answer's later tokens keep the layer). Decoding steps have no prompt position: no edit."""
+
+    def route(self, layer, args, out):
+        prompt = self.mask.bool()  # (B, T)
+        B, T = prompt.shape
+        last = torch.where(prompt, torch.arange(T, device=prompt.device), -1).amax(dim=1)  # (B,)
+        q = args[0].reshape(B, T, -1)[torch.arange(B), last.clamp(min=0)]  # (B, D)
+        j, _, hit = self.codebook.lookup(q)
+        self.last_index = index = torch.where(hit & (last >= 0), j, -1)  # (B,)
+        if (index < 0).all():
+            return None
+        new = out.clone(memory_format=torch.contiguous_format).view(B, T, -1)  # (B, T, D_out)
+        for b in (index >= 0).nonzero()[:, 0].tolist():
+            new[b, last[b]] = self.codebook.values[int(index[b])].v.to(out.dtype)
+        return new.view(out.shape)
+
+
+class Vector(nn.Module):
+    """GRACE's value: a learned vector v (D_out,) that replaces the layer's output at the key."""
+
+    def __init__(self, init: torch.Tensor):
+        super().__init__()
+        self.v = nn.Parameter(init.detach().float().clone())
+
+
+class AtKey(nn.Module):
+    """f_new for training GRACE's value: v at the ``write`` positions (B, T), layer l elsewhere."""
+
+    def __init__(self, layer: nn.Module, vector: Vector, write: torch.Tensor):
+        super().__init__()
+        object.__setattr__(self, "layer", layer)  # not a submodule: not trained
+        self.vector, self.write = vector, write
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (..., D) float32, flattened as l sees it
+        y = self.layer(h.to(self.layer.weight.dtype)).float()
+        return torch.where(self.write.reshape(*h.shape[:-1], 1), self.vector.v, y)
+
+
+class Grace:
+    """GRACE (Hartvigsen et al. 2023) at the same layer: a Euclidean codebook of vectors with a FIXED
+    initial radius eps0. No key within eps0 + eps_j: a new entry; the same target: that ball grows to
+    cover the key; another target: a new entry, and both radii become half the distance.
+    eps0 = 1 and lr = 1 are GRACE's defaults."""
+
+    def __init__(self, backbone, config: BalancEditConfig, eps0: float = 1.0, lr: float = 1.0):
+        self.backbone, self.config, self.eps0, self.lr = backbone, config, eps0, lr
+        self.layer_path = config.layer or backbone.target_layer
+        self.layer = backbone.get_submodule(self.layer_path)
+        self.codebook = Codebook("euc").to(self.layer.weight.device)
+
+    def __len__(self) -> int:
+        return len(self.codebook)
+
+    @torch.no_grad()
+    def at_key(self, images, questions, answers=None):
+        """Layer l's input and output (float32) at the last prompt position of a one-row batch,
+        the batch, and the (1, T) mask of that position."""
+        batch, seen = self.backbone.to_device(self.backbone.encode(images, questions, answers)), []
+        with self.layer.register_forward_hook(lambda layer, args, out: seen.append((args[0], out))):
+            self.backbone(**batch)
+        write = torch.zeros_like(batch["prompt_mask"], dtype=torch.bool)  # (1, T)
+        write[0, batch["prompt_mask"][0].nonzero().max()] = True
+        h, y = (x.reshape(write.numel(), -1)[write[0]][0].float() for x in seen[0])
+        return h, y, batch, write
+
+    def edit(self, record) -> EditReport:
+        start, cb, eps0, eps = time.perf_counter(), self.codebook, self.eps0, self.eps0
+        k = self.at_key([record.image], [record.question])[0]  # (D,) the key, as the hook sees it
+        _, y, batch, write = self.at_key([record.image], [record.question], [record.target])
+        action, j = "new", -1
+        if len(cb):
+            d = distance(k[None], cb.keys, "euc")[0]  # (N,)
+            j = int(d.argmin())
+            if d[j] <= eps0 + cb.radii[j]:
+                action = "expand" if cb.targets[j] == record.target else "split"
+                eps = max(float(cb.radii[j]), float(d[j])) if action == "expand" else float(d[j]) / 2
+                cb.radii[j] = eps
+        vector = cb.values[j] if action == "expand" else Vector(y)  # a new vector starts as l's output
+        losses = train_value(self.backbone, self.layer_path, AtKey(self.layer, vector, write), batch,
+                             self.config.steps, self.lr, self.config.cache)
+        index = j if action == "expand" else cb.add(k, vector, eps, record.target)
+        return EditReport(index, action, math.nan, math.nan, eps, losses, time.perf_counter() - start)
+
+    def attached(self) -> GraceRouter:
+        return GraceRouter(self.backbone, self.layer_path, self.codebook)
+
+    def remove(self, i: int) -> None:
+        self.codebook.remove(i)
+
+
+METHODS = ("base", "ft", "grace", "balancedit")
+
+
+def make_method(name: str, backbone, cfg: BalancEditConfig, grace_eps0: float = 1.0):
+    """A fresh editor of the named kind (``base`` has none)."""
+    if name == "grace":
+        return Grace(backbone, cfg, eps0=grace_eps0)
+    return FineTune(backbone, cfg) if name == "ft" else BalancEditor(backbone, cfg)
 
 
 def evaluate(name: str, backbone, records, cfg, protocol: str, refs: list[Observation],
-             progress: bool = True) -> dict:
+             progress: bool = True, grace_eps0: float = 1.0) -> dict:
     """One method's averaged result under a protocol, against precomputed pre-edit references."""
     if name == "base":
         return run_base(backbone, records, progress, refs)
-    return PROTOCOLS[protocol](make_method(name, backbone, cfg), backbone, records, progress, refs)
+    return PROTOCOLS[protocol](make_method(name, backbone, cfg, grace_eps0), backbone, records, progress, refs)
 
 
 # ----------------------------------------------------------------------------
@@ -422,15 +537,24 @@ def load_records(args) -> tuple[list[data.EditRecord], str]:
     return records, str(path)
 
 
-CONFIG_OPTIONS = ("alpha", "distance", "negative", "steps", "lr", "value", "rank", "grace_eps0", "seed")  # -> config
+CONFIG_OPTIONS = ("alpha", "distance", "negative", "steps", "lr", "value", "rank", "seed")  # -> BalancEditConfig
 
 
-def make_config(args, **overrides):
+def make_config(args, **overrides) -> BalancEditConfig:
     """BalancEditConfig from its defaults, the options given (not None) and ``overrides``."""
-    import balancedit
+    given = {k: getattr(args, k, None) for k in CONFIG_OPTIONS if getattr(args, k, None) is not None}
+    return BalancEditConfig(**{**given, **overrides})
 
-    given = {k: getattr(args, k) for k in CONFIG_OPTIONS if getattr(args, k) is not None}
-    return balancedit.BalancEditConfig(**{**given, **overrides})
+
+def check_writable(path: Path) -> None:
+    """Refuse, before any work, a JSON output path that cannot be written."""
+    if path.suffix != ".json":
+        raise UsageError(f"--out {path}: the output is a JSON file; give a path ending in .json")
+    if path.is_dir():
+        raise UsageError(f"--out {path}: is a directory")
+    parent = next((p for p in path.parents if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UsageError(f"--out {path}: cannot write there ({parent} is not a writable directory)")
 
 
 @dataclass
@@ -438,21 +562,24 @@ class Setup:
     backbone: object
     records: list
     data_name: str
-    cfg: object
-    backbone_name: str = ""  # bench: which TinyVLM (trained checkpoint or random weights)
+    cfg: BalancEditConfig
+    out: Path
 
 
 def setup(args) -> Setup:
-    """Everything that can fail on bad input, cheapest first (config, data, then the model)."""
+    """Everything that can fail on bad input, cheapest first (options, output, data, the model)."""
+    ablated = getattr(args, "ablated", None)
+    if ablated is not None and getattr(args, ablated, None) is not None:
+        raise UsageError(f"{args.command} sets --{ablated} itself; do not pass it")
     cfg = make_config(args)
+    out = Path(args.out or default_out(args.command, args.protocol))
+    check_writable(out)
     records, data_name = load_records(args)
     if not records:
         raise UsageError(f"no records in {data_name}")
     backbone = load_backbone(args)
-    import torch
-
     torch.manual_seed(cfg.seed)
-    return Setup(backbone, records, data_name, cfg)
+    return Setup(backbone, records, data_name, cfg, out)
 
 
 def header(args, s: Setup, cfg) -> dict:
@@ -461,13 +588,12 @@ def header(args, s: Setup, cfg) -> dict:
 
 
 def cmd_run(args, s: Setup) -> dict:
-    """The main job: each method of --methods under --protocol."""
+    """Each method of --methods under --protocol."""
     refs = references(s.backbone, s.records, args.progress)
-    results = {}
-    for name in args.methods:
-        results[name] = evaluate(name, s.backbone, s.records, s.cfg, args.protocol, refs, args.progress)
+    results = {name: evaluate(name, s.backbone, s.records, s.cfg, args.protocol, refs, args.progress,
+                              args.grace_eps0) for name in args.methods}
     print(table(results))
-    return {**header(args, s, s.cfg), "methods": results}
+    return {**header(args, s, s.cfg), "grace_eps0": args.grace_eps0, "methods": results}
 
 
 def ablate(args, s: Setup, parameter: str, values: Sequence) -> tuple[dict, dict]:
@@ -484,7 +610,7 @@ def ablate(args, s: Setup, parameter: str, values: Sequence) -> tuple[dict, dict
 def cmd_sweep_alpha(args, s: Setup) -> dict:
     """Paper Fig. 5: the radius interpolation alpha from the negative (0) to the positive (1)."""
     results, out = ablate(args, s, "alpha", args.alphas)
-    plot_sweep(results, "alpha", Path(args.out or default_out(args.command)).with_suffix(".png"))
+    plot_sweep(results, "alpha", s.out.with_suffix(".png"))
     return out
 
 
@@ -498,311 +624,18 @@ def cmd_ablate_negative(args, s: Setup) -> dict:
     return ablate(args, s, "negative", list(data.ANCHOR_KINDS))[1]
 
 
-# ----------------------------------------------------------------------------
-# Benchmarks (`python evaluate.py bench`): speed and memory of the method, each figure
-# measured side by side in one run. Timings: time.perf_counter, warm-up turns, medians;
-# the variants being compared are timed in turns in the same loop, so machine noise hits all.
-
-BENCH_TARGETS = {  # json key -> (comparison, bound): printed as PASS/MISS, never asserted
-    "edit_speedup_blip2_depth": (">=", 10.0),   # cached Eq. 2 training >= 10x the naive loop
-    "edit_weights_max_rel_diff": ("<", 1e-5),   # ... and it trains the same value
-    "hook_overhead_1000": ("<=", 1.10),         # routing hook, 1,000 entries, all rows out of scope
-    "lora8_bytes_ratio": ("<=", 1 / 50),        # a rank-8 LoRA entry vs a full-copy entry
-    "lora8_hm_delta": ("<=", 2.0),              # HM(full) - HM(rank 8), points
-    "seq_last_first_ratio": ("<=", 1.5),        # s/edit, last window vs first window of sequential edits
-}
-OPT_2_7B_FC2 = (10240, 2560)  # BLIP-2 OPT-2.7B's target layer fc2: in_features, out_features
-BLIP2_DEPTH = dict(layers=32, hidden=64, ffn=256)  # OPT-2.7B's 32 decoder layers, at a small width
-HOOK_SIZES = (1, 100, 1_000, 10_000)
-
-
-def verdict(key: str, x: Optional[float]) -> str:
-    """``PASS``/``MISS`` against BENCH_TARGETS[key], with the bound (``-`` if not measured)."""
-    op, bound = BENCH_TARGETS[key]
-    if x is None or math.isnan(x):
-        return f"- (target {op} {bound:.3g})"
-    ok = {">=": x >= bound, "<=": x <= bound, "<": x < bound}[op]
-    return f"{'PASS' if ok else 'MISS'} (target {op} {bound:.3g})"
-
-
-def alternate(fns: dict[str, Callable[[], float]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds of each variant. Each ``fn()`` runs one measurement and returns the seconds
-    it timed (``time.perf_counter`` around the work only). The variants take turns in one loop,
-    in alternating order (A B, B A, ...); the first ``warmup`` turns are not counted."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    names = list(fns)
-    for turn in range(warmup + repeats):
-        for name in (names if turn % 2 == 0 else names[::-1]):
-            seconds = fns[name]()
-            if turn >= warmup:
-                times[name].append(seconds)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def value_bytes(value) -> int:
-    """Bytes of what a value stores: its state dict (LoRA: A and B only; the base layer is shared)."""
-    return sum(t.numel() * t.element_size() for t in value.state_dict().values())
-
-
-def entry_bytes(value, key_dim: int) -> int:
-    """Bytes of one codebook entry: the value, the key (D float32) and the radius (one float32)."""
-    return value_bytes(value) + key_dim * 4 + 4
-
-
-def bytes_per_entry(in_features: int = OPT_2_7B_FC2[0], out_features: int = OPT_2_7B_FC2[1],
-                    ranks: Sequence[int] = (4, 8, 16), dtype=None) -> dict[str, dict]:
-    """Value and entry bytes of a full value (weight + bias) and LoRA values of each rank, for an
-    ``nn.Linear(in_features, out_features)`` built on the meta device (nothing is allocated).
-    Default: OPT-2.7B's fc2 in fp16."""
-    import torch
-
-    import balancedit
-
-    layer = torch.nn.Linear(in_features, out_features, device="meta", dtype=dtype or torch.float16)
-    values = {"full": balancedit.full_value(layer)}
-    values.update({f"lora{r}": balancedit.LoRAValue(layer, rank=r) for r in ranks})
-    full = entry_bytes(values["full"], in_features)
-    return {name: {"value_bytes": value_bytes(v), "entry_bytes": entry_bytes(v, in_features),
-                   "ratio_to_full": entry_bytes(v, in_features) / full} for name, v in values.items()}
-
-
-def bench_edit_speed(backbone, record: data.EditRecord, cfg, repeats: int, warmup: int = 1) -> dict:
-    """Seconds of one BalancEdit edit (a fresh editor each time) with Eq. 2 trained by the naive
-    loop (``cache=False``: the whole model at every step) and on cached activations
-    (``cache=True``: the layers after l only), same steps/lr/seed; and the largest difference
-    between the two trained values, ``max|a - b| / max|b|`` over all value parameters.
-
-    The cache records h^{l-1} in grad mode, as the naive loop's forwards run, so the two
-    see the same kernels and the difference is 0 (models.opt_tail).
-    """
-    import balancedit
-
-    trained = {}
-
-    def one_edit(cache: bool) -> Callable[[], float]:
-        def run() -> float:
-            editor = balancedit.BalancEditor(backbone, dataclasses.replace(cfg, cache=cache))
-            start = time.perf_counter()
-            editor.edit(record)
-            seconds = time.perf_counter() - start
-            trained[cache] = [p.detach().clone() for p in editor.codebook.values[0].parameters()]
-            return seconds
-        return run
-
-    s = alternate({"naive": one_edit(False), "cached": one_edit(True)}, repeats, warmup)
-    diff = max(float((a - b).abs().max()) for a, b in zip(trained[True], trained[False]))
-    scale = max(float(b.abs().max()) for b in trained[False])
-    return {"naive_s": s["naive"], "cached_s": s["cached"], "speedup": s["naive"] / s["cached"],
-            "weights_max_rel_diff": diff / scale, "steps": cfg.steps}
-
-
-def far_keys(queries, n: int, seed: int = 0):
-    """``n`` keys far from every query: negated, shuffled, rescaled copies of the real queries
-    (B, D), plus a little positive noise -> (n, D) float32. The fc2 input of OPT is a ReLU output
-    (>= 0), so these keys are at cosine distance >= 1 from every real query."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    q = queries.detach().float().cpu()                                   # (B, D)
-    pick = torch.randint(0, q.shape[0], (n,), generator=g)               # (n,)
-    scale = 0.5 + torch.rand(n, 1, generator=g)                          # (n, 1)
-    noise = 0.1 * q.abs().mean() * torch.rand(n, q.shape[1], generator=g)  # (n, D)
-    return -(q[pick] * scale + noise)                                    # (n, D)
-
-
-def bench_hook_overhead(backbone, records: Sequence[data.EditRecord], cfg, sizes: Sequence[int] = HOOK_SIZES,
-                        repeats: int = 21, warmup: int = 1, batch_size: int = 32,
-                        progress: bool = True) -> dict[int, dict]:
-    """Forward time of ``backbone`` on a batch of ``batch_size`` sample inputs with the routing hook
-    attached (codebook of N entries whose keys are far from every input, radius 0) against no
-    hook. Checks at every turn that every row misses and the logits are ``torch.equal``.
-    All entries share one LoRA value (rank 1): missing rows never call a value, and 10,000
-    entries fit in memory. Returns {N: {plain_s, hooked_s, ratio, build_s}}."""
-    import torch
-
-    import balancedit
-
-    chunk = [records[i % len(records)] for i in range(batch_size)]
-    images, questions = [r.image for r in chunk], [r.question for r in chunk]
-    batch = backbone.to_device(backbone.encode(images, questions, [r.target for r in chunk]))
-    layer_path = backbone.target_layer
-    real = balancedit.BalancEditor(backbone, cfg).keys(images, questions)   # (B, D) the real queries
-    keys = far_keys(real, max(sizes), seed=cfg.seed)                         # (N_max, D)
-    value = balancedit.LoRAValue(backbone.get_submodule(layer_path), rank=1)
-    codebook = balancedit.Codebook(cfg.distance)
-    with torch.no_grad():
-        plain_logits = backbone(**batch).logits
-    out = {}
-    for n in _progress(sorted(sizes), progress, "hook overhead"):
-        start = time.perf_counter()
-        for key in keys[len(codebook):n]:  # grow the same codebook to n entries
-            codebook.add(key, value, 0.0, "far")
-        build = time.perf_counter() - start
-
-        def plain() -> float:
-            with torch.no_grad():
-                start = time.perf_counter()
-                backbone(**batch)
-                return time.perf_counter() - start
-
-        def hooked() -> float:
-            with torch.no_grad(), balancedit.attach(backbone, layer_path, codebook) as handle:
-                start = time.perf_counter()
-                logits = backbone(**batch).logits
-                seconds = time.perf_counter() - start
-            if not bool((handle.last_index == -1).all()):
-                raise AssertionError(f"hook overhead: a row hit one of the {n} far keys")
-            if not torch.equal(logits, plain_logits):
-                raise AssertionError(f"hook overhead: out-of-scope logits changed with {n} entries")
-            return seconds
-
-        s = alternate({"plain": plain, "hooked": hooked}, repeats, warmup)
-        out[n] = {"plain_s": s["plain"], "hooked_s": s["hooked"], "ratio": s["hooked"] / s["plain"],
-                  "build_s": build}
-    return out
-
-
-def bench_sequential(backbone, records: Sequence[data.EditRecord], cfg, window: int,
-                     progress: bool = True) -> dict:
-    """BalancEdit edits ``records`` in order on one codebook; seconds per edit (mean) over the
-    first and the last ``window`` edits, and their ratio."""
-    import balancedit
-
-    editor = balancedit.BalancEditor(backbone, cfg)
-    seconds, actions = [], {}
-    for r in _progress(records, progress, "sequential edits"):
-        start = time.perf_counter()
-        report = editor.edit(r)
-        seconds.append(time.perf_counter() - start)
-        actions[report.action] = actions.get(report.action, 0) + 1
-    first, last = statistics.mean(seconds[:window]), statistics.mean(seconds[-window:])
-    return {"n_edits": len(records), "window": window, "steps": cfg.steps, "first_s": first, "last_s": last,
-            "ratio": last / first, "entries_at_end": len(editor), "actions": actions}
-
-
-def bench_setup(args) -> Setup:
-    """bench: TinyVLM (--model, else assets/tinyvlm if trained, else a random TinyVLM) and the
-    whole shipped sample; the random BLIP-2 is built by the benchmark itself."""
-    import torch
-
-    import models
-
-    for option in ("data", "image_root"):
-        if getattr(args, option) is not None:
-            raise UsageError(f"bench runs on the shipped sample; --{option.replace('_', '-')} is not used")
-    if args.backbone != "tiny":
-        raise UsageError("bench measures TinyVLM and a random BLIP-2 built in memory; --backbone is not used")
-    cfg = make_config(args)
-    records = data.load_sample()
-    path = Path(args.model) if args.model else models.TINY_DIR
-    torch.manual_seed(cfg.seed)
-    if args.model or (path / "model.safetensors").is_file():
-        backbone, name = models.TinyVLM.from_pretrained(path, device=args.device or "cpu"), f"TinyVLM ({path})"
-    else:
-        backbone, name = models.TinyVLM().to(args.device or "cpu").eval(), \
-            f"TinyVLM (random weights: no checkpoint in {path})"
-    return Setup(backbone, records, f"sample ({data.SAMPLE_DIR.name})", cfg, backbone_name=name)
-
-
-def cmd_bench(args, s: Setup) -> dict:
-    """Issue 6: edit speed (naive vs cached Eq. 2), the routing hook's overhead, bytes per entry
-    (full vs LoRA, and HM), and time per edit over 1,000 sequential edits. Targets: BENCH_TARGETS."""
-    import torch
-
-    import models
-
-    quick = args.quick
-    edit_reps, hook_reps = (3, 7) if quick else (5, 21)
-    n_seq, window = (200, 20) if quick else (1000, 100)
-    hm_records = s.records[:args.limit or (4 if quick else len(s.records))]
-    fig: dict[str, Optional[float]] = {}
-    details: dict = {"tinyvlm": s.backbone_name, "quick": quick, "threads": torch.get_num_threads(),
-                     "config": dataclasses.asdict(s.cfg)}
-    print(f"# bench{' --quick' if quick else ''}: {s.backbone_name}; "
-          f"{torch.get_num_threads()} threads; {s.cfg.steps} steps/edit, lr {s.cfg.lr}\n")
-
-    # 1. Edit seconds, naive vs cached.
-    blip2_name = "random BLIP-2 OPT, {layers} decoder layers (hidden {hidden}, ffn {ffn})".format(**BLIP2_DEPTH)
-    rows = {s.backbone_name: bench_edit_speed(s.backbone, s.records[0], s.cfg, edit_reps),
-            blip2_name: bench_edit_speed(models.random_blip2(**BLIP2_DEPTH, seed=s.cfg.seed), s.records[0],
-                                         s.cfg, edit_reps)}
-    fig["edit_speedup_blip2_depth"] = rows[blip2_name]["speedup"]
-    fig["edit_weights_max_rel_diff"] = max(r["weights_max_rel_diff"] for r in rows.values())
-    print(f"## Edit seconds, naive vs cached (1 record, {s.cfg.steps} steps, median of {edit_reps})\n")
-    print("| backbone | naive s/edit | cached s/edit | speedup | max rel. weight diff |")
-    print("|---|---|---|---|---|")
-    for name, r in rows.items():
-        print(f"| {name} | {r['naive_s']:.3f} | {r['cached_s']:.3f} | {r['speedup']:.1f}x | "
-              f"{r['weights_max_rel_diff']:.2e} |")
-    print(f"\nspeedup at BLIP-2 depth {fig['edit_speedup_blip2_depth']:.1f}x: "
-          f"{verdict('edit_speedup_blip2_depth', fig['edit_speedup_blip2_depth'])}; weights "
-          f"{fig['edit_weights_max_rel_diff']:.2e}: {verdict('edit_weights_max_rel_diff', fig['edit_weights_max_rel_diff'])}\n")
-    details["edit_speed"] = rows
-
-    # 2. Hook overhead.
-    hook = bench_hook_overhead(s.backbone, s.records, s.cfg, HOOK_SIZES, hook_reps, progress=args.progress)
-    fig["hook_overhead_1000"] = hook[1000]["ratio"]
-    print(f"## Hook overhead: TinyVLM forward, batch of 32, every row out of scope (median of {hook_reps})\n")
-    print("| entries | no hook ms | hooked ms | ratio | codebook build s |")
-    print("|---|---|---|---|---|")
-    for n, r in hook.items():
-        print(f"| {n:,} | {1e3 * r['plain_s']:.2f} | {1e3 * r['hooked_s']:.2f} | {r['ratio']:.3f} | {r['build_s']:.2f} |")
-    print(f"\nratio at 1,000 entries {fig['hook_overhead_1000']:.3f}: {verdict('hook_overhead_1000', fig['hook_overhead_1000'])}\n")
-    details["hook_overhead"] = {str(n): r for n, r in hook.items()}
-
-    # 3. Bytes per entry, and HM of full vs rank-8 values.
-    sizes = bytes_per_entry()
-    fig["lora8_bytes_ratio"] = sizes["lora8"]["ratio_to_full"]
-    print("## Bytes per entry: nn.Linear(10240, 2560) fp16 (OPT-2.7B fc2); values train and are kept "
-          "in float32 (balancedit.Float32); each entry also stores its key (10240 float32) and radius\n")
-    print("| value | value bytes | entry bytes | ratio to full |")
-    print("|---|---|---|---|")
-    for name, r in sizes.items():
-        label = "full (weight + bias)" if name == "full" else f"LoRA rank {name[4:]} (A + B)"
-        print(f"| {label} | {r['value_bytes']:,} | {r['entry_bytes']:,} | 1/{1 / r['ratio_to_full']:.0f} |")
-    refs = references(s.backbone, hm_records, args.progress)
-    hm_results = {"full": evaluate("balancedit", s.backbone, hm_records, dataclasses.replace(s.cfg, value="full"),
-                                    args.protocol, refs, args.progress),
-                  "lora rank 8": evaluate("balancedit", s.backbone, hm_records,
-                                          dataclasses.replace(s.cfg, value="lora", rank=8),
-                                          args.protocol, refs, args.progress)}
-    fig["lora8_hm_delta"] = hm_results["full"]["hm"] - hm_results["lora rank 8"]["hm"]
-    print(f"\nrank-8 entry / full entry = 1/{1 / fig['lora8_bytes_ratio']:.0f}: "
-          f"{verdict('lora8_bytes_ratio', fig['lora8_bytes_ratio'])}\n")
-    print(f"BalancEdit, {args.protocol} protocol, {len(hm_records)} records of the sample:\n")
-    print(table(hm_results, first="value"))
-    print(f"\nHM(full) - HM(rank 8) = {fig['lora8_hm_delta']:.2f} points: "
-          f"{verdict('lora8_hm_delta', fig['lora8_hm_delta'])}\n")
-    details["bytes_per_entry"], details["hm_full_vs_lora8"] = sizes, hm_results
-
-    # 4. Sequential edits.
-    seq_cfg = dataclasses.replace(s.cfg, steps=args.seq_steps or s.cfg.steps)
-    seq = bench_sequential(s.backbone, data.make_records(s.cfg.seed, n_seq), seq_cfg, window, args.progress)
-    fig["seq_last_first_ratio"] = seq["ratio"]
-    print(f"## {n_seq:,} sequential edits on TinyVLM ({seq_cfg.steps} steps/edit; "
-          f"{seq['entries_at_end']} entries at the end; actions {seq['actions']})\n")
-    print("| edits | s/edit |")
-    print("|---|---|")
-    print(f"| first {window} | {seq['first_s']:.4f} |")
-    print(f"| last {window} | {seq['last_s']:.4f} |")
-    print(f"\nlast / first = {seq['ratio']:.2f}: {verdict('seq_last_first_ratio', seq['ratio'])}\n")
-    details["sequential"] = seq
-
-    return {**fig, "details": details}
-
-
-COMMANDS: dict[str, tuple[Callable, str]] = {
-    "run": (cmd_run, "evaluate methods (the default command)"),
-    "sweep-alpha": (cmd_sweep_alpha, "BalancEdit for each alpha: table + PNG plot (paper Fig. 5)"),
-    "ablate-distance": (cmd_ablate_distance, "BalancEdit with cos vs euc distance (paper Table 6)"),
-    "ablate-negative": (cmd_ablate_negative, "BalancEdit with black/white/noise negatives (paper Table 7)"),
-    "bench": (cmd_bench, "speed and memory: naive vs cached edits, hook overhead, bytes per entry, "
-                         "1,000 sequential edits (issue 6)"),
+COMMANDS: dict[str, tuple[Callable, str, str | None]] = {  # name -> (function, help, the option it sets)
+    "run": (cmd_run, "evaluate methods (the default command)", None),
+    "sweep-alpha": (cmd_sweep_alpha, "BalancEdit for each alpha: table + PNG plot (paper Fig. 5)", "alpha"),
+    "ablate-distance": (cmd_ablate_distance, "BalancEdit with cos vs euc distance (paper Table 6)", "distance"),
+    "ablate-negative": (cmd_ablate_negative, "BalancEdit with black/white/noise negatives (paper Table 7)",
+                        "negative"),
 }
 
 
-def default_out(command: str) -> str:
-    return "results/main.json" if command == "run" else f"results/{command.replace('-', '_')}.json"
+def default_out(command: str, protocol: str = "single") -> str:
+    name = "main" if command == "run" else command.replace("-", "_")
+    return f"results/{name}{'' if protocol == 'single' else '_' + protocol}.json"
 
 
 def _csv(choices: Sequence[str]):
@@ -829,14 +662,16 @@ def _units(text: str) -> list[float]:
     return [_unit(t) for t in text.split(",") if t.strip()] or [_unit("")]
 
 
-def _positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
-    return n
+def _positive(kind: type):
+    def parse(text: str):
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a {kind.__name__}: {text!r}") from None
+        if not (math.isfinite(x) and x > 0):
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return x
+    return parse
 
 
 class _Parser(argparse.ArgumentParser):
@@ -847,74 +682,63 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = _Parser(add_help=False)  # the options every command shares
-    g = common.add_argument_group("backbone and data")
-    g.add_argument("--backbone", choices=("tiny", "blip2"), default="tiny", help="default: tiny (TinyVLM)")
-    g.add_argument("--model", help="tiny: checkpoint dir (default assets/tinyvlm); "
-                   "blip2: hub id or local dir (default Salesforce/blip2-opt-2.7b)")
-    g.add_argument("--data", help="OKEDIT-layout folder, or MMEdit E-VQA .json with --image-root "
-                   "(default: the shipped sample)")
-    g.add_argument("--image-root", help="image folder of an MMEdit json (or OKEDIT's val2014 parent)")
-    g.add_argument("--limit", type=_positive_int, help="first N records only")
-    g.add_argument("--device", help="torch device (default: cpu for tiny, cuda if available for blip2)")
-    g.add_argument("--protocol", choices=tuple(PROTOCOLS), default="single", help="default: single")
-    g.add_argument("--out", help="JSON output path (default: results/<command>.json)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    c = common.add_argument_group("BalancEditConfig (default: the config's own defaults)")
-    c.add_argument("--alpha", type=_unit, help="Eq. 3 radius interpolation in [0, 1]")
-    c.add_argument("--distance", choices=("cos", "euc"), help="key distance (paper Table 6)")
-    c.add_argument("--negative", choices=data.ANCHOR_KINDS, help="negative anchor image (paper Table 7)")
-    c.add_argument("--steps", type=int, help="optimizer steps per edit (Eq. 2)")
-    c.add_argument("--lr", type=float, help="learning rate per edit (Eq. 2)")
-    c.add_argument("--value", choices=("full", "lora"), help="value v_k: full copy of the layer or low-rank")
-    c.add_argument("--rank", type=int, help="rank of a lora value")
-    c.add_argument("--grace-eps0", type=float, help="GRACE baseline's fixed initial radius (Euclidean)")
-    c.add_argument("--seed", type=int, help="seed")
-
     parser = _Parser(
-        prog="evaluate.py", description="Score model editors (paper Appendix C). With no command: "
+        prog="evaluate.py", allow_abbrev=False, description="Score model editors (paper Appendix C). With no command: "
         "`run` (TinyVLM on the shipped sample, methods base,ft,grace,balancedit, single edits).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    subs = {name: sub.add_parser(name, parents=[common], help=text, description=text)
-            for name, (_, text) in COMMANDS.items()}
-    subs["run"].add_argument("--methods", type=_csv(tuple(METHODS)), default=list(METHODS),
-                             help=f"comma list of {','.join(METHODS)} (default: all)")
-    for name, parameter in (("sweep-alpha", "alpha"), ("ablate-distance", "distance"),
-                            ("ablate-negative", "negative")):
-        subs[name].set_defaults(ablated=parameter)  # main() refuses --{parameter} for these
-    subs["sweep-alpha"].add_argument("--alphas", type=_units, default=[i / 10 for i in range(11)],
-                                     help="comma list of alphas in [0, 1] (default 0,0.1,...,1)")
-    b = subs["bench"]
-    b.set_defaults(setup=bench_setup)
-    b.add_argument("--json", dest="out", metavar="PATH", help="write the figures here (same as --out; "
-                   "default results/bench.json)")
-    b.add_argument("--quick", action="store_true", help="fewer repetitions, 4 records for the HM "
-                   "comparison, 200 sequential edits (windows of 20)")
-    b.add_argument("--seq-steps", type=_positive_int, help="steps per edit in the sequential part "
-                   "(default: the config's steps)")
+    for name, (_, text, ablated) in COMMANDS.items():
+        p = sub.add_parser(name, help=text, description=text, allow_abbrev=False)
+        p.set_defaults(ablated=ablated)
+        g = p.add_argument_group("backbone and data")
+        g.add_argument("--backbone", choices=("tiny", "blip2"), default="tiny", help="default: tiny (TinyVLM)")
+        g.add_argument("--model", help="tiny: checkpoint dir (default assets/tinyvlm); "
+                       "blip2: hub id or local dir (default Salesforce/blip2-opt-2.7b)")
+        g.add_argument("--data", help="OKEDIT-layout folder, or MMEdit E-VQA .json with --image-root "
+                       "(default: the shipped sample)")
+        g.add_argument("--image-root", help="image folder of an MMEdit json (or OKEDIT's val2014 parent)")
+        g.add_argument("--limit", type=_positive(int), help="first N records only")
+        g.add_argument("--device", help="torch device (default: cpu for tiny, cuda if available for blip2)")
+        g.add_argument("--protocol", choices=tuple(PROTOCOLS), default="single", help="default: single")
+        g.add_argument("--out", help=f"JSON output path (default: {default_out(name)}, "
+                       f"{default_out(name, 'sequential')} with --protocol sequential)")
+        g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+        c = p.add_argument_group("BalancEditConfig (default: the config's own defaults)")
+        options = {"alpha": dict(type=_unit, help="Eq. 3 radius interpolation in [0, 1]"),
+                   "distance": dict(choices=("cos", "euc"), help="key distance (paper Table 6)"),
+                   "negative": dict(choices=data.ANCHOR_KINDS, help="negative anchor image (paper Table 7)"),
+                   "steps": dict(type=_positive(int), help="optimizer steps per edit (Eq. 2)"),
+                   "lr": dict(type=_positive(float), help="learning rate per edit (Eq. 2)"),
+                   "value": dict(choices=("full", "lora"), help="value v_k: full copy of the layer or low-rank"),
+                   "rank": dict(type=_positive(int), help="rank of a lora value"),
+                   "seed": dict(type=int, help="seed")}
+        for option, kwargs in options.items():
+            if option != ablated:
+                c.add_argument(f"--{option}", **kwargs)
+    run = sub.choices["run"]
+    run.add_argument("--methods", type=_csv(METHODS), default=list(METHODS),
+                     help=f"comma list of {','.join(METHODS)} (default: all)")
+    run.add_argument("--grace-eps0", type=_positive(float), default=1.0,
+                     help="GRACE's fixed initial radius, Euclidean (default 1.0, GRACE's own)")
+    sub.choices["sweep-alpha"].add_argument("--alphas", type=_units, default=[i / 10 for i in range(11)],
+                                            help="comma list of alphas in [0, 1] (default 0,0.1,...,1)")
     return parser
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    """Parse the command line; with no command, the main job (``run``)."""
+    """Parse the command line; with no command, ``run``."""
     argv = list(argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
-        argv = ["run"] + argv  # the main job is the default command
+        argv = ["run"] + argv  # run is the default command
     return build_parser().parse_args(argv)  # bad options: one error line, exit 2
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    ablated = getattr(args, "ablated", None)
     try:
-        if ablated is not None and getattr(args, ablated) is not None:
-            raise UsageError(f"{args.command} sets --{ablated} itself; do not pass it")
-        s = getattr(args, "setup", setup)(args)
+        s = setup(args)
     except (UsageError, data.DataError, OSError, ValueError) as e:
-        parser.exit(2, f"evaluate.py {args.command}: error: {e}\n")
-    result = COMMANDS[args.command][0](args, s)
-    write_json(result, Path(args.out or default_out(args.command)))
+        build_parser().exit(2, f"evaluate.py {args.command}: error: {e}\n")
+    write_json(COMMANDS[args.command][0](args, s), s.out)
     return 0
 
 

@@ -224,8 +224,8 @@ def opt_tail(backbone: nn.Module, batch: dict[str, torch.Tensor], layer_path: st
             hook.remove()
     B, T = batch["attention_mask"].shape
     h, residual = seen["h"].detach(), seen["residual"].detach()         # (B*T, F), (B*T, D)
-    seen.clear()                                                         # drop the recorded graph
     later = {k: v for k, v in seen.get("later", {}).items() if k in ("attention_mask", "position_ids")}
+    seen.clear()                                                         # drop the recorded graph
 
     def tail(y: torch.Tensor) -> torch.Tensor:                           # y: (B*T, D) fc2 output
         hidden = (residual + y).view(B, T, -1)                           # (B, T, D)
