@@ -124,10 +124,10 @@ class Codebook(nn.Module):
             raise ValueError(f"key must be a finite vector of {D if len(self) else 'D'} numbers; got {key}")
         if not (math.isfinite(float(radius)) and radius >= 0 and isinstance(target, str)):
             raise ValueError(f"need a finite radius >= 0 and a string target; got {radius!r}, {target!r}")
-        keys = self.keys if len(self) else self.keys.new_zeros(0, len(key))
+        keys, unit_keys = (self.keys, self.unit_keys) if len(self) else (key[None][:0], key[None][:0])
         self.keys = torch.cat([keys, key[None]])  # (N+1, D)
+        self.unit_keys = torch.cat([unit_keys, F.normalize(key[None], dim=-1, eps=1e-8)])  # once, not per query
         self.radii = torch.cat([self.radii, self.radii.new_tensor([float(radius)])])  # (N+1,)
-        self.unit_keys = F.normalize(self.keys, dim=-1, eps=1e-8)  # normalised once here, not per query
         self.values.append(value)
         self.targets.append(target)
         return len(self) - 1

@@ -218,17 +218,22 @@ def run(quick: bool = False, progress: bool = True) -> dict:
     return {**fig, "details": details}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--json", metavar="PATH", default="results/bench.json",
                         help="where to write the figures (default results/bench.json)")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, 4 records for the HM "
                         "comparison, 200 sequential edits (windows of 20): about a minute")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     out = Path(args.json)
     try:
-        evaluate.check_writable(out)
+        evaluate.check_writable(out, "--json")
     except evaluate.UsageError as e:
         parser.exit(2, f"bench.py: error: {e}\n")
     result = run(args.quick, args.progress)

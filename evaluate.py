@@ -1,26 +1,15 @@
-"""Score model editors: the metrics, protocols, baselines and ablations of the paper.
+"""Score model editors: the paper's metrics (Appendix C), protocols, baselines and ablations.
 
-The metrics are the paper's Appendix C (Guo et al., "BalancEdit", ICML 2025). For an edit
-``(i, t, y^o -> y^n)`` of an ``EditRecord`` (data.py), on the edited model ``f_e``, in percent,
-averaged over records:
+For an edit (i, t, y^o -> y^n) of an ``EditRecord`` (data.py), on the edited model f_e, in percent:
+Acc (Eq. 4) f_e(i, t) = y^n; T-Gen (Eq. 5) the same on rephrased questions; I-Gen (Eq. 6) on other
+images of the same scope; Loc (Eq. 7) f_e = f on similar out-of-scope samples, f the unedited
+model (``m_loc``: on unrelated samples); HM, the harmonic mean of T-Gen, I-Gen and Loc (Table 3).
+"= y^n" is teacher-forced token accuracy, as in the authors' and EasyEdit's code (EOS not counted);
+Loc compares post- with pre-edit argmax tokens. ``gen_*``: exact match of greedy generations.
 
-- **Acc** (Eq. 4): ``f_e(i, t) = y^n``, on the edit input itself;
-- **T-Gen** (Eq. 5): ``f_e(i, R(t)) = y^n``, rephrased questions (``record.rephrases``);
-- **I-Gen** (Eq. 6): ``f_e(i', t) = y^n``, other images of the same scope (``record.rephrase_images``);
-- **Loc** (Eq. 7): ``f_e(i_l, t_l) = f(i_l, t_l)``, similar but out-of-scope samples
-  (``record.locality``) answer as the unedited model ``f`` did; ``m_loc``: the same on unrelated
-  samples (``record.m_locality``);
-- **HM**: the harmonic mean of T-Gen, I-Gen and Loc (0 if any is 0), the paper's Table 3 number.
-
-"``= y^n``" is teacher-forced token accuracy, as in the authors' and EasyEdit's code: the answer is
-fed in and the argmax at position ``t-1`` is compared with the answer token at ``t`` (EOS not
-counted); Loc compares post-edit with pre-edit argmax tokens on the locality sample's own answer.
-The ``gen_*`` columns are exact match of greedy generations. Pre-edit references are taken once,
-on the unedited model, before any edit.
-
-Protocols: **single** (each edit alone: edit, score, remove; Table 3) and **sequential** (all edits,
-then every record scored; Table 4); both end by checking that the backbone is bit-identical to
-before. Baselines: **FT** (fine-tune layer l) and **GRACE** (a codebook with a fixed radius).
+Protocols: single (each edit alone: edit, score, remove; Table 3) and sequential (all edits, then
+every record; Table 4); both check at the end that the backbone is bit-identical to before.
+Baselines: FT (fine-tune layer l) and GRACE (a codebook with a fixed radius).
 
     python evaluate.py                        # TinyVLM on the shipped sample: base, ft, grace, balancedit
     python evaluate.py --protocol sequential  # all 40 edits at once
@@ -28,17 +17,14 @@ before. Baselines: **FT** (fine-tune layer l) and **GRACE** (a codebook with a f
     python evaluate.py ablate-distance        # Table 6: cos vs euc
     python evaluate.py ablate-negative        # Table 7: black, white, noise negatives
 """
-from __future__ import annotations
-
 import argparse
 import contextlib
-import dataclasses
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -49,9 +35,7 @@ import data
 from balancedit import (BalancEditConfig, BalancEditor, Codebook, EditReport, Router, distance, new_value,
                         override, train_value)
 
-# ----------------------------------------------------------------------------
-# Metrics on predictions (pure Python: testable on hand-made token lists)
-
+# ---------------- Metrics on predictions (pure Python: testable on hand-made token lists)
 PARTS = ("acc", "t_gen", "i_gen", "loc", "m_loc")  # what a record is probed on
 TARGET_PARTS = ("acc", "t_gen", "i_gen")            # scored against the target y^n
 LOCALITY_PARTS = ("loc", "m_loc")                   # scored against the pre-edit model
@@ -61,9 +45,8 @@ HEADERS = ("Acc", "T-Gen", "I-Gen", "Loc", "HM")
 
 
 def hm(t_gen: Optional[float], i_gen: Optional[float], loc: Optional[float]) -> Optional[float]:
-    """Harmonic mean of T-Gen, I-Gen and Loc (paper Table 3): 3 / (1/a + 1/b + 1/c).
-
-    0 if any is 0 (the limit of the formula); None if any is None (not measured)."""
+    """Harmonic mean of T-Gen, I-Gen and Loc (Table 3): 3 / (1/a + 1/b + 1/c); 0 if any is 0
+    (the formula's limit), None if any is None (not measured)."""
     xs = (t_gen, i_gen, loc)
     if any(x is None for x in xs):
         return None
@@ -73,29 +56,17 @@ def hm(t_gen: Optional[float], i_gen: Optional[float], loc: Optional[float]) -> 
 
 
 def token_accuracy(predicted: Sequence[Sequence[int]], reference: Sequence[Sequence[int]]) -> Optional[float]:
-    """Mean over samples of the fraction of a sample's tokens where ``predicted == reference``, in %.
-
-    Reference = the answer's tokens (Acc, T-Gen, I-Gen) or the pre-edit argmax
-    tokens (Loc). None for no samples; a sample with no tokens is an error."""
-    if len(predicted) != len(reference):
-        raise ValueError(f"token_accuracy: {len(predicted)} predictions for {len(reference)} references")
-    if not predicted:
-        return None
-    per_sample = []
-    for p, r in zip(predicted, reference):
-        if len(p) != len(r) or not r:
-            raise ValueError(f"token_accuracy: token lists of lengths {len(p)} and {len(r)}")
-        per_sample.append(sum(a == b for a, b in zip(p, r)) / len(r))
-    return 100.0 * sum(per_sample) / len(per_sample)
+    """Mean over samples of the fraction of a sample's tokens where predicted == reference, in %.
+    Reference: the answer's tokens (Acc, T-Gen, I-Gen) or the pre-edit argmax tokens (Loc)."""
+    assert len(predicted) == len(reference) and all(len(p) == len(r) > 0 for p, r in zip(predicted, reference))
+    per_sample = [sum(a == b for a, b in zip(p, r)) / len(r) for p, r in zip(predicted, reference)]
+    return 100.0 * sum(per_sample) / len(per_sample) if per_sample else None
 
 
 def exact_match(generated: Sequence[str], reference: Sequence[str]) -> Optional[float]:
     """Percent of samples whose generated string equals the reference; None for no samples."""
-    if len(generated) != len(reference):
-        raise ValueError(f"exact_match: {len(generated)} generations for {len(reference)} references")
-    if not generated:
-        return None
-    return 100.0 * sum(g.strip() == r.strip() for g, r in zip(generated, reference)) / len(generated)
+    assert len(generated) == len(reference)
+    return 100.0 * sum(g.strip() == r.strip() for g, r in zip(generated, reference)) / len(generated) if generated else None
 
 
 def mean(xs: Sequence[Optional[float]]) -> Optional[float]:
@@ -106,10 +77,8 @@ def mean(xs: Sequence[Optional[float]]) -> Optional[float]:
 
 @dataclass
 class Observation:
-    """What one model does on one record's probes (see ``probes``).
-
-    tokens[part]: per sample, (argmax tokens, answer tokens), teacher-forced, EOS excluded;
-    texts[part]:  per sample, the greedy generation (parts in GEN_PARTS only)."""
+    """What one model does on one record's probes: per sample, teacher-forced (argmax tokens,
+    answer tokens) without EOS, and (GEN_PARTS only) the greedy generation."""
     tokens: dict[str, list[tuple[list[int], list[int]]]]
     texts: dict[str, list[str]]
 
@@ -138,20 +107,15 @@ def summarize(rows: list[dict], seconds: Optional[list[float]]) -> dict:
     return out
 
 
-# ----------------------------------------------------------------------------
-# Observing a backbone (batched forward passes and generations)
-
+# ---------------- Observing a backbone (batched forward passes and generations)
 
 def probes(record: data.EditRecord) -> dict[str, list[data.Sample]]:
     """The (image, question, answer) samples each metric is measured on."""
     y = record.target
-    return {
-        "acc": [data.Sample(record.image, record.question, y)],                     # Eq. 4
-        "t_gen": [data.Sample(record.image, q, y) for q in record.rephrases],        # Eq. 5
-        "i_gen": [data.Sample(im, record.question, y) for im in record.rephrase_images],  # Eq. 6
-        "loc": list(record.locality),                                                # Eq. 7
-        "m_loc": list(record.m_locality),
-    }
+    return {"acc": [data.Sample(record.image, record.question, y)],                         # Eq. 4
+            "t_gen": [data.Sample(record.image, q, y) for q in record.rephrases],            # Eq. 5
+            "i_gen": [data.Sample(im, record.question, y) for im in record.rephrase_images],  # Eq. 6
+            "loc": list(record.locality), "m_loc": list(record.m_locality)}                   # Eq. 7
 
 
 def _batches(samples: Sequence[data.Sample], batch_size: int):
@@ -186,16 +150,8 @@ def generations(backbone, samples: Sequence[data.Sample], batch_size: int = 32) 
     """Greedy answers, one per sample (the question alone is the prompt)."""
     out: list = [None] * len(samples)
     for idx in _batches(samples, batch_size):
-        answers = backbone.generate([samples[i].image for i in idx], [samples[i].question for i in idx])
-        for i, a in zip(idx, answers):
+        for i, a in zip(idx, backbone.generate([samples[i].image for i in idx], [samples[i].question for i in idx])):
             out[i] = a
-    return out
-
-
-def _split(flat: list, counts: dict[str, int]) -> dict[str, list]:
-    out, k = {}, 0
-    for part, n in counts.items():
-        out[part], k = flat[k:k + n], k + n
     return out
 
 
@@ -203,11 +159,13 @@ def observe(backbone, record: data.EditRecord, batch_size: int = 32) -> Observat
     """Run the backbone (as it is now: attached or not) on all of a record's probes, batched
     across parts: one teacher-forced pass and one generation per batch."""
     parts = probes(record)
-    flat = [s for p in PARTS for s in parts[p]]
-    tokens = _split(token_predictions(backbone, flat, batch_size), {p: len(parts[p]) for p in PARTS})
-    gen_flat = [s for p in GEN_PARTS for s in parts[p]]
-    texts = _split(generations(backbone, gen_flat, batch_size), {p: len(parts[p]) for p in GEN_PARTS})
-    return Observation(tokens, texts)
+
+    def per_part(run, names):  # run on every sample of the named parts at once, split back per part
+        flat, k, out = run(backbone, [s for p in names for s in parts[p]], batch_size), 0, {}
+        for p in names:
+            out[p], k = flat[k:k + len(parts[p])], k + len(parts[p])
+        return out
+    return Observation(per_part(token_predictions, PARTS), per_part(generations, GEN_PARTS))
 
 
 def references(backbone, records: Sequence[data.EditRecord], progress: bool = True) -> list[Observation]:
@@ -216,45 +174,43 @@ def references(backbone, records: Sequence[data.EditRecord], progress: bool = Tr
 
 
 def progress_bar(items, enabled: bool, desc: str):
-    if not enabled:
-        return items
     from tqdm import tqdm
-    return tqdm(items, desc=desc, leave=False, file=sys.stderr)
+    return tqdm(items, desc=desc, leave=False, file=sys.stderr, disable=not enabled)
 
 
-# ----------------------------------------------------------------------------
-# The model-unchanged check and the protocols
-
+# ---------------- The model-unchanged check and the protocols
 
 class ModelChanged(RuntimeError):
     """A method left the backbone different from before its edits."""
 
 
+@torch.no_grad()
+def _edit_logits(backbone, record: data.EditRecord) -> torch.Tensor:
+    batch = backbone.to_device(backbone.encode([record.image], [record.question], [record.target]))
+    return backbone(**batch).logits.cpu()  # (1, T, V)
+
+
+def _state(backbone) -> dict:
+    return {**{f"param {n}": p for n, p in backbone.named_parameters()},
+            **{f"buffer {n}": b for n, b in backbone.named_buffers()}}
+
+
 @dataclass
 class Snapshot:
-    state: dict        # name -> a copy of every parameter and buffer
+    state: dict              # name -> a copy of every parameter and buffer
     record: data.EditRecord
-    logits: object     # the plain model's logits on the record's edit input
-
-
-def _edit_logits(backbone, record: data.EditRecord):
-    batch = backbone.to_device(backbone.encode([record.image], [record.question], [record.target]))
-    with torch.no_grad():
-        return backbone(**batch).logits.detach().cpu()  # (1, T, V)
+    logits: torch.Tensor     # the plain model's logits on the record's edit input
 
 
 def snapshot(backbone, record: data.EditRecord) -> Snapshot:
     """Copy every parameter and buffer, and the outputs on one record, to check against later."""
-    state = {f"param {n}": p.detach().clone() for n, p in backbone.named_parameters()}
-    state.update({f"buffer {n}": b.detach().clone() for n, b in backbone.named_buffers()})
-    return Snapshot(state, record, _edit_logits(backbone, record))
+    return Snapshot({k: v.detach().clone() for k, v in _state(backbone).items()}, record, _edit_logits(backbone, record))
 
 
 def check_unchanged(backbone, before: Snapshot, method_name: str = "method") -> None:
     """Raise ModelChanged unless every parameter and buffer is ``torch.equal`` to the snapshot
     and the outputs on the snapshot's record (no attachment) are bit-identical."""
-    now = {f"param {n}": p for n, p in backbone.named_parameters()}
-    now.update({f"buffer {n}": b for n, b in backbone.named_buffers()})
+    now = _state(backbone)
     if now.keys() != before.state.keys():
         diff = sorted(now.keys() ^ before.state.keys())
         raise ModelChanged(f"{method_name} changed the backbone's parameters/buffers: {diff[:5]}")
@@ -310,9 +266,7 @@ def run_sequential(method, backbone, records: Sequence[data.EditRecord], progres
 PROTOCOLS = {"single": run_single, "sequential": run_sequential}
 
 
-# ----------------------------------------------------------------------------
-# Baselines, with BalancEdit's interface: edit(record) -> report, attached(), remove(i), len()
-
+# ---------------- Baselines, with BalancEdit's interface: edit(record) -> report, attached(), remove(i), len()
 
 class FineTune:
     """FT: fine-tune (a float32 copy of) layer l with Eq. 2's loss, steps and lr. No routing, so
@@ -335,9 +289,7 @@ class FineTune:
         return EditReport(self.n_edits - 1, "tune", math.nan, math.nan, math.nan, losses, time.perf_counter() - start)
 
     def attached(self):
-        if self.tuned is None:
-            return contextlib.nullcontext()
-        return override(self.backbone, self.layer_path, self.tuned)
+        return contextlib.nullcontext() if self.tuned is None else override(self.backbone, self.layer_path, self.tuned)
 
     def remove(self, i: int) -> None:
         self.tuned, self.n_edits = None, 0
@@ -364,24 +316,17 @@ class GraceRouter(Router):
 
 
 class Vector(nn.Module):
-    """GRACE's value: a learned vector v (D_out,) that replaces the layer's output at the key."""
+    """GRACE's value: a learned vector v (D_out,), the layer's output at the key position. Called
+    in training (f_new): v at the ``write`` positions (B, T), layer l's own output elsewhere."""
 
-    def __init__(self, init: torch.Tensor):
+    def __init__(self, layer: nn.Module, init: torch.Tensor):
         super().__init__()
-        self.v = nn.Parameter(init.detach().float().clone())
-
-
-class AtKey(nn.Module):
-    """f_new for training GRACE's value: v at the ``write`` positions (B, T), layer l elsewhere."""
-
-    def __init__(self, layer: nn.Module, vector: Vector, write: torch.Tensor):
-        super().__init__()
-        object.__setattr__(self, "layer", layer)  # not a submodule: not trained
-        self.vector, self.write = vector, write
+        object.__setattr__(self, "layer", layer)  # not a submodule: not trained, not stored
+        self.v, self.write = nn.Parameter(init.detach().float().clone()), None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # (..., D) float32, flattened as l sees it
         y = self.layer(h.to(self.layer.weight.dtype)).float()
-        return torch.where(self.write.reshape(*h.shape[:-1], 1), self.vector.v, y)
+        return torch.where(self.write.reshape(*h.shape[:-1], 1), self.v, y)
 
 
 class Grace:
@@ -423,9 +368,9 @@ class Grace:
                 action = "expand" if cb.targets[j] == record.target else "split"
                 eps = max(float(cb.radii[j]), float(d[j])) if action == "expand" else float(d[j]) / 2
                 cb.radii[j] = eps
-        vector = cb.values[j] if action == "expand" else Vector(y)  # a new vector starts as l's output
-        losses = train_value(self.backbone, self.layer_path, AtKey(self.layer, vector, write), batch,
-                             self.config.steps, self.lr, self.config.cache)
+        vector = cb.values[j] if action == "expand" else Vector(self.layer, y)  # a new one starts as l's output
+        vector.write = write
+        losses = train_value(self.backbone, self.layer_path, vector, batch, self.config.steps, self.lr, self.config.cache)
         index = j if action == "expand" else cb.add(k, vector, eps, record.target)
         return EditReport(index, action, math.nan, math.nan, eps, losses, time.perf_counter() - start)
 
@@ -454,20 +399,14 @@ def evaluate(name: str, backbone, records, cfg, protocol: str, refs: list[Observ
     return PROTOCOLS[protocol](make_method(name, backbone, cfg, grace_eps0), backbone, records, progress, refs)
 
 
-# ----------------------------------------------------------------------------
-# Reporting
-
-
-def _fmt(x: Optional[float]) -> str:
-    return "-" if x is None else f"{x:.2f}"
-
+# ---------------- Reporting
 
 def table(results: dict[str, dict], first: str = "Method") -> str:
     """Markdown table: one row per result, Acc/T-Gen/I-Gen/Loc/HM and seconds per edit."""
     lines = [f"| {first} | " + " | ".join(HEADERS) + " | s/edit |",
              "|" + "---|" * (len(HEADERS) + 2)]
     for name, r in results.items():
-        cells = [_fmt(r[k]) for k in COLUMNS] + [_fmt(r["seconds_per_edit"])]
+        cells = ["-" if r[k] is None else f"{r[k]:.2f}" for k in (*COLUMNS, "seconds_per_edit")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -481,19 +420,14 @@ def write_json(obj: dict, path: Path) -> None:
 def plot_sweep(results: dict[str, dict], parameter: str, path: Path) -> None:
     """Paper Fig. 5: each metric against the swept parameter (matplotlib, Agg backend)."""
     import matplotlib
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    xs = [float(v) for v in results]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for key, label in zip(COLUMNS, HEADERS):
-        ax.plot(xs, [results[v][key] if results[v][key] is not None else math.nan for v in results],
+        ax.plot([float(v) for v in results], [math.nan if r[key] is None else r[key] for r in results.values()],
                 marker="o", label=label)
-    ax.set_xlabel(parameter)
-    ax.set_ylabel("%")
-    ax.set_ylim(-2, 102)
-    ax.set_title(f"BalancEdit against {parameter} (paper Fig. 5)")
+    ax.set(xlabel=parameter, ylabel="%", ylim=(-2, 102), title=f"BalancEdit against {parameter} (paper Fig. 5)")
     ax.legend(fontsize="small")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -502,9 +436,7 @@ def plot_sweep(results: dict[str, dict], parameter: str, path: Path) -> None:
     print(f"wrote {path}")
 
 
-# ----------------------------------------------------------------------------
-# Command line
-
+# ---------------- Command line
 
 class UsageError(Exception):
     """Bad command-line input found after parsing (reported as one line, exit code 2)."""
@@ -527,34 +459,27 @@ def load_records(args) -> tuple[list[data.EditRecord], str]:
     if not path.exists():
         raise FileNotFoundError(f"--data {path}: no such file or directory")
     if path.is_dir():
-        records = data.load_okedit(path, image_root=args.image_root, limit=args.limit)
-    elif args.image_root is None:
-        raise UsageError(f"--data {path} is an MMEdit json file: it needs --image-root DIR")
-    else:
-        if not Path(args.image_root).is_dir():
-            raise FileNotFoundError(f"--image-root {args.image_root}: no such directory")
-        records = data.load_mmedit(path, args.image_root, limit=args.limit)
-    return records, str(path)
-
-
-CONFIG_OPTIONS = ("alpha", "distance", "negative", "steps", "lr", "value", "rank", "seed")  # -> BalancEditConfig
+        return data.load_okedit(path, image_root=args.image_root, limit=args.limit), str(path)
+    if args.image_root is None or not Path(args.image_root).is_dir():
+        raise UsageError(f"--data {path} is an MMEdit json file: it needs --image-root DIR, an existing folder")
+    return data.load_mmedit(path, args.image_root, limit=args.limit), str(path)
 
 
 def make_config(args, **overrides) -> BalancEditConfig:
     """BalancEditConfig from its defaults, the options given (not None) and ``overrides``."""
-    given = {k: getattr(args, k, None) for k in CONFIG_OPTIONS if getattr(args, k, None) is not None}
+    given = {k: getattr(args, k, None) for k in CONFIG_HELP if getattr(args, k, None) is not None}
     return BalancEditConfig(**{**given, **overrides})
 
 
-def check_writable(path: Path) -> None:
+def check_writable(path: Path, flag: str = "--out") -> None:
     """Refuse, before any work, a JSON output path that cannot be written."""
     if path.suffix != ".json":
-        raise UsageError(f"--out {path}: the output is a JSON file; give a path ending in .json")
+        raise UsageError(f"{flag} {path}: the output is a JSON file; give a path ending in .json")
     if path.is_dir():
-        raise UsageError(f"--out {path}: is a directory")
+        raise UsageError(f"{flag} {path}: is a directory")
     parent = next((p for p in path.parents if p.exists()), Path("."))
     if not parent.is_dir() or not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise UsageError(f"--out {path}: cannot write there ({parent} is not a writable directory)")
+        raise UsageError(f"{flag} {path}: cannot write there ({parent} is not a writable directory)")
 
 
 @dataclass
@@ -568,9 +493,6 @@ class Setup:
 
 def setup(args) -> Setup:
     """Everything that can fail on bad input, cheapest first (options, output, data, the model)."""
-    ablated = getattr(args, "ablated", None)
-    if ablated is not None and getattr(args, ablated, None) is not None:
-        raise UsageError(f"{args.command} sets --{ablated} itself; do not pass it")
     cfg = make_config(args)
     out = Path(args.out or default_out(args.command, args.protocol))
     check_writable(out)
@@ -584,7 +506,7 @@ def setup(args) -> Setup:
 
 def header(args, s: Setup, cfg) -> dict:
     return {"backbone": args.backbone, "model": str(args.model) if args.model else None, "data": s.data_name,
-            "protocol": args.protocol, "config": dataclasses.asdict(cfg)}
+            "protocol": args.protocol, "config": asdict(cfg)}
 
 
 def cmd_run(args, s: Setup) -> dict:
@@ -596,40 +518,27 @@ def cmd_run(args, s: Setup) -> dict:
     return {**header(args, s, s.cfg), "grace_eps0": args.grace_eps0, "methods": results}
 
 
-def ablate(args, s: Setup, parameter: str, values: Sequence) -> tuple[dict, dict]:
-    """BalancEdit under --protocol once per value of one config field (the ablations)."""
-    refs = references(s.backbone, s.records, args.progress)
-    results = {}
-    for v in values:
-        cfg = make_config(args, **{parameter: v})
-        results[str(v)] = evaluate("balancedit", s.backbone, s.records, cfg, args.protocol, refs, args.progress)
-    print(table(results, first=parameter))
-    return results, {**header(args, s, s.cfg), "parameter": parameter, "settings": results}
-
-
-def cmd_sweep_alpha(args, s: Setup) -> dict:
-    """Paper Fig. 5: the radius interpolation alpha from the negative (0) to the positive (1)."""
-    results, out = ablate(args, s, "alpha", args.alphas)
-    plot_sweep(results, "alpha", s.out.with_suffix(".png"))
-    return out
-
-
-def cmd_ablate_distance(args, s: Setup) -> dict:
-    """Paper Table 6: cosine vs Euclidean distance."""
-    return ablate(args, s, "distance", ["cos", "euc"])[1]
-
-
-def cmd_ablate_negative(args, s: Setup) -> dict:
-    """Paper Table 7: black, white or uniform-noise negative anchor image."""
-    return ablate(args, s, "negative", list(data.ANCHOR_KINDS))[1]
+def ablate(parameter: str, values: Sequence = ()) -> Callable:
+    """The command for an ablation: BalancEdit under --protocol once per value of one config field
+    (``values``, else --alphas); sweep-alpha also draws paper Fig. 5."""
+    def command(args, s: Setup) -> dict:
+        refs = references(s.backbone, s.records, args.progress)
+        results = {str(v): evaluate("balancedit", s.backbone, s.records, make_config(args, **{parameter: v}),
+                                    args.protocol, refs, args.progress) for v in values or args.alphas}
+        print(table(results, first=parameter))
+        if parameter == "alpha":
+            plot_sweep(results, "alpha", s.out.with_suffix(".png"))
+        return {**header(args, s, s.cfg), "parameter": parameter, "settings": results}
+    return command
 
 
 COMMANDS: dict[str, tuple[Callable, str, str | None]] = {  # name -> (function, help, the option it sets)
     "run": (cmd_run, "evaluate methods (the default command)", None),
-    "sweep-alpha": (cmd_sweep_alpha, "BalancEdit for each alpha: table + PNG plot (paper Fig. 5)", "alpha"),
-    "ablate-distance": (cmd_ablate_distance, "BalancEdit with cos vs euc distance (paper Table 6)", "distance"),
-    "ablate-negative": (cmd_ablate_negative, "BalancEdit with black/white/noise negatives (paper Table 7)",
-                        "negative"),
+    "sweep-alpha": (ablate("alpha"), "BalancEdit for each alpha: table + PNG plot (paper Fig. 5)", "alpha"),
+    "ablate-distance": (ablate("distance", ["cos", "euc"]), "BalancEdit with cos vs euc distance (paper Table 6)",
+                        "distance"),
+    "ablate-negative": (ablate("negative", data.ANCHOR_KINDS),
+                        "BalancEdit with black/white/noise negatives (paper Table 7)", "negative"),
 }
 
 
@@ -638,40 +547,30 @@ def default_out(command: str, protocol: str = "single") -> str:
     return f"results/{name}{'' if protocol == 'single' else '_' + protocol}.json"
 
 
-def _csv(choices: Sequence[str]):
-    def parse(text: str) -> list[str]:
-        items = [t.strip() for t in text.split(",") if t.strip()]
-        bad = [t for t in items if t not in choices]
-        if bad or not items:
-            raise argparse.ArgumentTypeError(f"unknown {', '.join(bad) or 'empty list'}; allowed: {','.join(choices)}")
-        return items
-    return parse
-
-
-def _unit(text: str) -> float:
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= x <= 1.0:
-        raise argparse.ArgumentTypeError(f"{x} is not in [0, 1]")
-    return x
-
-
-def _units(text: str) -> list[float]:
-    return [_unit(t) for t in text.split(",") if t.strip()] or [_unit("")]
-
-
-def _positive(kind: type):
+def _number(kind: type, ok: Callable, want: str):
+    """An argparse type: ``kind(text)`` for which ``ok`` holds, else one line saying ``want``."""
     def parse(text: str):
         try:
             x = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not a {kind.__name__}: {text!r}") from None
-        if not (math.isfinite(x) and x > 0):
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+            x = None
+        if x is None or not ok(x):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {want}")
         return x
     return parse
+
+
+_unit = _number(float, lambda x: 0.0 <= x <= 1.0, "a number in [0, 1]")
+
+
+def _csv(item: Callable):
+    return lambda text: [item(t.strip()) for t in text.split(",")]
+
+
+def _method(name: str) -> str:
+    if name not in METHODS:
+        raise argparse.ArgumentTypeError(f"unknown method {name!r}; allowed: {','.join(METHODS)}")
+    return name
 
 
 class _Parser(argparse.ArgumentParser):
@@ -681,14 +580,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+POSITIVE_INT = _number(int, lambda n: n > 0, "a positive integer")
+POSITIVE = _number(float, lambda x: 0 < x < math.inf, "a positive number")
+CONFIG_HELP = {  # the BalancEditConfig options: argparse keywords
+    "alpha": dict(type=_unit, help="Eq. 3 radius interpolation in [0, 1]"),
+    "distance": dict(choices=("cos", "euc"), help="key distance (paper Table 6)"),
+    "negative": dict(choices=data.ANCHOR_KINDS, help="negative anchor image (paper Table 7)"),
+    "steps": dict(type=POSITIVE_INT, help="optimizer steps per edit (Eq. 2)"),
+    "lr": dict(type=POSITIVE, help="learning rate per edit (Eq. 2)"),
+    "value": dict(choices=("full", "lora"), help="value v_k: full copy of the layer or low-rank"),
+    "rank": dict(type=POSITIVE_INT, help="rank of a lora value"),
+    "seed": dict(type=int, help="seed")}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="evaluate.py", allow_abbrev=False, description="Score model editors (paper Appendix C). With no command: "
-        "`run` (TinyVLM on the shipped sample, methods base,ft,grace,balancedit, single edits).")
+    parser = _Parser(prog="evaluate.py", allow_abbrev=False, description="Score model editors (paper "
+                     "Appendix C). With no command: run (TinyVLM, the shipped sample, every method, single edits).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (_, text, ablated) in COMMANDS.items():
         p = sub.add_parser(name, help=text, description=text, allow_abbrev=False)
-        p.set_defaults(ablated=ablated)
         g = p.add_argument_group("backbone and data")
         g.add_argument("--backbone", choices=("tiny", "blip2"), default="tiny", help="default: tiny (TinyVLM)")
         g.add_argument("--model", help="tiny: checkpoint dir (default assets/tinyvlm); "
@@ -696,30 +606,22 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--data", help="OKEDIT-layout folder, or MMEdit E-VQA .json with --image-root "
                        "(default: the shipped sample)")
         g.add_argument("--image-root", help="image folder of an MMEdit json (or OKEDIT's val2014 parent)")
-        g.add_argument("--limit", type=_positive(int), help="first N records only")
+        g.add_argument("--limit", type=POSITIVE_INT, help="first N records only")
         g.add_argument("--device", help="torch device (default: cpu for tiny, cuda if available for blip2)")
         g.add_argument("--protocol", choices=tuple(PROTOCOLS), default="single", help="default: single")
         g.add_argument("--out", help=f"JSON output path (default: {default_out(name)}, "
                        f"{default_out(name, 'sequential')} with --protocol sequential)")
         g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
         c = p.add_argument_group("BalancEditConfig (default: the config's own defaults)")
-        options = {"alpha": dict(type=_unit, help="Eq. 3 radius interpolation in [0, 1]"),
-                   "distance": dict(choices=("cos", "euc"), help="key distance (paper Table 6)"),
-                   "negative": dict(choices=data.ANCHOR_KINDS, help="negative anchor image (paper Table 7)"),
-                   "steps": dict(type=_positive(int), help="optimizer steps per edit (Eq. 2)"),
-                   "lr": dict(type=_positive(float), help="learning rate per edit (Eq. 2)"),
-                   "value": dict(choices=("full", "lora"), help="value v_k: full copy of the layer or low-rank"),
-                   "rank": dict(type=_positive(int), help="rank of a lora value"),
-                   "seed": dict(type=int, help="seed")}
-        for option, kwargs in options.items():
-            if option != ablated:
+        for option, kwargs in CONFIG_HELP.items():
+            if option != ablated:  # an ablation sets its own
                 c.add_argument(f"--{option}", **kwargs)
     run = sub.choices["run"]
-    run.add_argument("--methods", type=_csv(METHODS), default=list(METHODS),
+    run.add_argument("--methods", type=_csv(_method), default=list(METHODS),
                      help=f"comma list of {','.join(METHODS)} (default: all)")
-    run.add_argument("--grace-eps0", type=_positive(float), default=1.0,
+    run.add_argument("--grace-eps0", type=POSITIVE, default=1.0,
                      help="GRACE's fixed initial radius, Euclidean (default 1.0, GRACE's own)")
-    sub.choices["sweep-alpha"].add_argument("--alphas", type=_units, default=[i / 10 for i in range(11)],
+    sub.choices["sweep-alpha"].add_argument("--alphas", type=_csv(_unit), default=[i / 10 for i in range(11)],
                                             help="comma list of alphas in [0, 1] (default 0,0.1,...,1)")
     return parser
 

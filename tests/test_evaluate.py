@@ -42,7 +42,7 @@ def test_token_accuracy_is_the_mean_over_samples_of_per_sample_fractions():
     assert token_accuracy([[1, 2, 3], [4, 5]], [[1, 2, 0], [4, 5]]) == pytest.approx(100 * (2 / 3 + 1) / 2)
     assert token_accuracy([[7]], [[8]]) == 0.0
     assert token_accuracy([], []) is None
-    with pytest.raises(ValueError):
+    with pytest.raises(AssertionError):
         token_accuracy([[1, 2]], [[1]])
 
 
@@ -234,3 +234,20 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv, capsys):
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert len(err.splitlines()) == 1 and "error" in err, err
+
+
+@pytest.mark.parametrize("out", ["dir", "x.png", "file/x.json"])
+def test_cli_refuses_a_bad_out_before_any_work(out, tmp_path, capsys, monkeypatch):
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("not a directory")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    monkeypatch.setattr(evaluate, "load_records", lambda args: pytest.fail("work started before --out was checked"))
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["sweep-alpha", "--out", str(tmp_path / out), "--no-progress"])
+    assert e.value.code == 2 and "--out" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_sequential_protocol_has_its_own_default_output():
+    assert evaluate.default_out("run") == "results/main.json"
+    assert evaluate.default_out("run", "sequential") == "results/main_sequential.json"

@@ -1,5 +1,6 @@
-"""The README is the front door: its commands must parse, its set-up/test commands must be what
-CI runs, and its results table must be what the main job measures (and tell the paper's story)."""
+"""The README is the front door: its Python example must run, its commands must parse, its
+set-up/test commands must be what CI runs, and its results table must be what `python evaluate.py`
+measures (and tell the paper's story)."""
 import json
 import re
 import shlex
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import bench
 import data
 import evaluate
 import models
@@ -14,7 +16,8 @@ import models
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 PARSERS = {"evaluate.py": evaluate.parse_args, "data.py": lambda argv: data.build_parser().parse_args(argv),
-           "models.py": lambda argv: models.build_parser().parse_args(argv)}
+           "models.py": lambda argv: models.build_parser().parse_args(argv),
+           "bench.py": lambda argv: bench.build_parser().parse_args(argv)}
 
 
 def _commands():
@@ -24,6 +27,16 @@ def _commands():
             line = line.split("#")[0].strip()
             if line.startswith("python ") and line.split()[1] in PARSERS:
                 yield line
+
+
+def test_readme_opens_with_a_python_example_that_runs():
+    """Load TinyVLM and a record, edit, generate before and after, remove: the example's asserts."""
+    example = re.findall(r"```python\n(.*?)```", README, flags=re.S)[0]
+    assert README.index("```python") < README.index("```bash")  # the first thing a reader sees
+    namespace = {}
+    exec(compile(example, "README.md", "exec"), namespace)
+    assert namespace["before"] == [namespace["record"].answer] != [namespace["record"].target]
+    assert namespace["report"].d_pos < namespace["report"].radius < namespace["report"].d_neg
 
 
 def test_readme_commands_parse():
@@ -50,7 +63,7 @@ def _table(text, first):
 
 
 def test_readme_results_are_what_the_main_job_measures(tmp_path, capsys):
-    """`python evaluate.py` (the main job, ~30 s): the README's table, and the paper's story."""
+    """`python evaluate.py` (~30 s): the README's table, and the paper's story."""
     assert evaluate.main(["--no-progress", "--out", str(tmp_path / "main.json")]) == 0
     result = json.loads((tmp_path / "main.json").read_text())["methods"]
     readme = _table(README, ("base", "ft", "grace", "balancedit"))

@@ -381,7 +381,7 @@ def test_grace_hook_uses_the_last_prompt_position_and_writes_there_only():
     plain, plain_step = model(x, prompt_mask=mask), model(x[:, 1:2])
     h = _fc2_input(model, x)  # (1, 4, 6)
     cb = Codebook("euc")
-    cb.add(h[0, 1], Vector(torch.ones(4)), 1e-5, "a")  # GRACE's key: the last prompt position
+    cb.add(h[0, 1], Vector(model.fc2, torch.ones(4)), 1e-5, "a")  # GRACE's key: the last prompt position
     with GraceRouter(model, "fc2", cb) as router:
         out = model(x, prompt_mask=mask)
         assert router.last_index.tolist() == [0]
