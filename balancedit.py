@@ -173,10 +173,10 @@ class LoRAValue(nn.Module):
         return F.linear(x.to(W.dtype), W, b).float() + F.linear(F.linear(x, self.A), self.B)
 
 
-def new_value(layer: nn.Linear, kind: str = "full", rank: int = 8) -> nn.Module:
+def new_value(layer: nn.Linear, form: str = "full", rank: int = 8) -> nn.Module:
     """A value that starts as layer l, trained and kept in float32 (Adam on fp16 weights loses
     small updates): "full", a copy of l; "lora", l plus a zero low-rank update."""
-    if kind == "lora":
+    if form == "lora":
         return LoRAValue(layer, rank)
     value = nn.utils.skip_init(nn.Linear, layer.in_features, layer.out_features, bias=layer.bias is not None,
                                device=layer.weight.device, dtype=torch.float32)
@@ -323,8 +323,8 @@ class BalancEditor:
     def edit(self, record) -> EditReport:
         start, cfg, cb = time.perf_counter(), self.config, self.codebook
         # The key k = (i, t) and the two probes of Eq. 3, Pos = (i, R(t)) and Neg = (black, t).
-        black = anchor_image(cfg.negative, record.image.size, seed=cfg.seed)
-        k, pos, neg = self.keys([record.image, record.image, black],
+        anchor = anchor_image(cfg.negative, record.image.size, seed=cfg.seed)  # black by default
+        k, pos, neg = self.keys([record.image, record.image, anchor],
                                 [record.question, self.positive(record), record.question])
         d_pos, d_neg = distance(torch.stack([pos, neg]), k[None], cfg.distance)[:, 0].tolist()
         eps = radius(d_pos, d_neg, cfg.alpha)  # Eq. 3

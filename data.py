@@ -1,9 +1,8 @@
 """Edit records, the two dataset loaders the paper uses, and anchor images.
 
-Implements DESIGN.md section 5 ("Data"). The paper (Guo et al., ICML 2025)
-evaluates on OKEDIT, its own benchmark, and on MMEdit's E-VQA; both are read
-here into one structure, `EditRecord`, which carries everything the metrics
-of the paper's Appendix C need:
+The paper (Guo et al., ICML 2025) evaluates on OKEDIT, its own benchmark, and on
+MMEdit's E-VQA; both are read here into one structure, `EditRecord`, which carries
+everything the metrics of the paper's Appendix C need:
 
     question, image, answer -> target   the edit, y^o -> y^n     (Acc, Eq. 4)
     rephrases                           unseen paraphrases       (T-Gen, Eq. 5)
@@ -63,7 +62,7 @@ class Sample:
 
 @dataclass
 class EditRecord:
-    """One edit and everything needed to score it (DESIGN.md section 5)."""
+    """One edit and everything needed to score it."""
     id: str
     image: Image.Image
     question: str
@@ -499,7 +498,7 @@ def write_mmedit(records: list[EditRecord], json_path: Union[str, os.PathLike],
     _write_json(items, path)
 
 # ---------------------------------------------------------------------------
-# The world: a tiny, fully known visual domain (DESIGN 5).
+# The world: a tiny, fully known visual domain.
 #
 # One object per 64x64 image: a shape in a colour (a "kind", e.g. a red
 # circle), with nuisance variation (size, position, background tint, pixel

@@ -159,7 +159,6 @@ def observe(backbone, record: data.EditRecord, batch_size: int = 32) -> Observat
     """Run the backbone (as it is now: attached or not) on all of a record's probes, batched
     across parts: one teacher-forced pass and one generation per batch."""
     parts = probes(record)
-
     def per_part(run, names):  # run on every sample of the named parts at once, split back per part
         flat, k, out = run(backbone, [s for p in names for s in parts[p]], batch_size), 0, {}
         for p in names:
@@ -211,12 +210,9 @@ def check_unchanged(backbone, before: Snapshot, method_name: str = "method") -> 
     """Raise ModelChanged unless every parameter and buffer is ``torch.equal`` to the snapshot
     and the outputs on the snapshot's record (no attachment) are bit-identical."""
     now = _state(backbone)
-    if now.keys() != before.state.keys():
-        diff = sorted(now.keys() ^ before.state.keys())
-        raise ModelChanged(f"{method_name} changed the backbone's parameters/buffers: {diff[:5]}")
-    changed = [k for k, v in now.items() if not torch.equal(v.detach(), before.state[k])]
+    changed = sorted(now.keys() ^ before.state.keys()) or [k for k, v in now.items() if not torch.equal(v, before.state[k])]
     if changed:
-        raise ModelChanged(f"{method_name} left the backbone changed: {changed[:5]}")
+        raise ModelChanged(f"{method_name} left the backbone's parameters/buffers changed: {changed[:5]}")
     if not torch.equal(_edit_logits(backbone, before.record), before.logits):
         raise ModelChanged(f"{method_name} left the backbone's outputs changed on record "
                            f"{before.record.id} (a hook left behind?)")
@@ -384,19 +380,13 @@ class Grace:
 METHODS = ("base", "ft", "grace", "balancedit")
 
 
-def make_method(name: str, backbone, cfg: BalancEditConfig, grace_eps0: float = 1.0):
-    """A fresh editor of the named kind (``base`` has none)."""
-    if name == "grace":
-        return Grace(backbone, cfg, eps0=grace_eps0)
-    return FineTune(backbone, cfg) if name == "ft" else BalancEditor(backbone, cfg)
-
-
 def evaluate(name: str, backbone, records, cfg, protocol: str, refs: list[Observation],
              progress: bool = True, grace_eps0: float = 1.0) -> dict:
     """One method's averaged result under a protocol, against precomputed pre-edit references."""
     if name == "base":
         return run_base(backbone, records, progress, refs)
-    return PROTOCOLS[protocol](make_method(name, backbone, cfg, grace_eps0), backbone, records, progress, refs)
+    method = {"ft": FineTune, "balancedit": BalancEditor}.get(name) or (lambda b, c: Grace(b, c, eps0=grace_eps0))
+    return PROTOCOLS[protocol](method(backbone, cfg), backbone, records, progress, refs)
 
 
 # ---------------- Reporting
@@ -411,18 +401,11 @@ def table(results: dict[str, dict], first: str = "Method") -> str:
     return "\n".join(lines)
 
 
-def write_json(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=1) + "\n")
-    print(f"wrote {path}")
-
-
 def plot_sweep(results: dict[str, dict], parameter: str, path: Path) -> None:
     """Paper Fig. 5: each metric against the swept parameter (matplotlib, Agg backend)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for key, label in zip(COLUMNS, HEADERS):
         ax.plot([float(v) for v in results], [math.nan if r[key] is None else r[key] for r in results.values()],
@@ -439,7 +422,7 @@ def plot_sweep(results: dict[str, dict], parameter: str, path: Path) -> None:
 # ---------------- Command line
 
 class UsageError(Exception):
-    """Bad command-line input found after parsing (reported as one line, exit code 2)."""
+    """Bad command-line input found after parsing: one line, exit status 2."""
 
 
 def load_backbone(args):
@@ -491,22 +474,37 @@ class Setup:
     out: Path
 
 
+def check_environment(args) -> None:
+    """Refuse at once a device this machine lacks, and a BLIP-2 that is not on the disk (nothing downloads)."""
+    device = torch.device(args.device or "cpu")  # a name torch does not know raises here
+    if device.type != "cpu" and (device.type != "cuda" or (device.index or 0) >= torch.cuda.device_count()):
+        raise UsageError(f"--device {args.device}: not on this machine ({torch.cuda.device_count()} CUDA GPUs)")
+    if args.backbone == "blip2" and not (args.model and Path(args.model).expanduser().is_dir()):
+        raise UsageError("--backbone blip2 needs --model DIR, a local copy of the model (nothing is downloaded): "
+                         "huggingface-cli download Salesforce/blip2-opt-2.7b --local-dir DIR")
+
+
 def setup(args) -> Setup:
     """Everything that can fail on bad input, cheapest first (options, output, data, the model)."""
     cfg = make_config(args)
     out = Path(args.out or default_out(args.command, args.protocol))
     check_writable(out)
+    check_environment(args)
     records, data_name = load_records(args)
     if not records:
         raise UsageError(f"no records in {data_name}")
     backbone = load_backbone(args)
+    unknown = getattr(backbone.tokenizer, "unk_token_id", None)  # a word the backbone cannot spell: edited as
+    for r, word in ((r, w) for r in records for w in r.target.split()):  # <unk>, never generated
+        if unknown is not None and unknown in backbone.answer_ids(word):
+            raise UsageError(f"record {r.id}: the target {r.target!r} has a word this backbone cannot spell: {word!r}")
     torch.manual_seed(cfg.seed)
     return Setup(backbone, records, data_name, cfg, out)
 
 
-def header(args, s: Setup, cfg) -> dict:
-    return {"backbone": args.backbone, "model": str(args.model) if args.model else None, "data": s.data_name,
-            "protocol": args.protocol, "config": asdict(cfg)}
+def header(args, s: Setup) -> dict:
+    return {"backbone": args.backbone, "model": args.model, "data": s.data_name, "protocol": args.protocol,
+            "config": asdict(s.cfg)}
 
 
 def cmd_run(args, s: Setup) -> dict:
@@ -515,7 +513,7 @@ def cmd_run(args, s: Setup) -> dict:
     results = {name: evaluate(name, s.backbone, s.records, s.cfg, args.protocol, refs, args.progress,
                               args.grace_eps0) for name in args.methods}
     print(table(results))
-    return {**header(args, s, s.cfg), "grace_eps0": args.grace_eps0, "methods": results}
+    return {**header(args, s), "grace_eps0": args.grace_eps0, "methods": results}
 
 
 def ablate(parameter: str, values: Sequence = ()) -> Callable:
@@ -528,7 +526,7 @@ def ablate(parameter: str, values: Sequence = ()) -> Callable:
         print(table(results, first=parameter))
         if parameter == "alpha":
             plot_sweep(results, "alpha", s.out.with_suffix(".png"))
-        return {**header(args, s, s.cfg), "parameter": parameter, "settings": results}
+        return {**header(args, s), "parameter": parameter, "settings": results}
     return command
 
 
@@ -547,11 +545,11 @@ def default_out(command: str, protocol: str = "single") -> str:
     return f"results/{name}{'' if protocol == 'single' else '_' + protocol}.json"
 
 
-def _number(kind: type, ok: Callable, want: str):
-    """An argparse type: ``kind(text)`` for which ``ok`` holds, else one line saying ``want``."""
+def _number(cast: type, ok: Callable, want: str):
+    """An argparse type: ``cast(text)`` for which ``ok`` holds, else one line saying ``want``."""
     def parse(text: str):
         try:
-            x = kind(text)
+            x = cast(text)
         except ValueError:
             x = None
         if x is None or not ok(x):
@@ -602,7 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
         g = p.add_argument_group("backbone and data")
         g.add_argument("--backbone", choices=("tiny", "blip2"), default="tiny", help="default: tiny (TinyVLM)")
         g.add_argument("--model", help="tiny: checkpoint dir (default assets/tinyvlm); "
-                       "blip2: hub id or local dir (default Salesforce/blip2-opt-2.7b)")
+                       "blip2: a local copy of a BLIP-2 OPT model (required; nothing is downloaded)")
         g.add_argument("--data", help="OKEDIT-layout folder, or MMEdit E-VQA .json with --image-root "
                        "(default: the shipped sample)")
         g.add_argument("--image-root", help="image folder of an MMEdit json (or OKEDIT's val2014 parent)")
@@ -638,9 +636,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         s = setup(args)
-    except (UsageError, data.DataError, OSError, ValueError) as e:
+    except (UsageError, data.DataError, OSError, ValueError, RuntimeError) as e:
         build_parser().exit(2, f"evaluate.py {args.command}: error: {e}\n")
-    write_json(COMMANDS[args.command][0](args, s), s.out)
+    result = COMMANDS[args.command][0](args, s)
+    s.out.parent.mkdir(parents=True, exist_ok=True)
+    s.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {s.out}")
     return 0
 
 

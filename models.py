@@ -1,4 +1,4 @@
-"""Backbones: the vision-language models that BalancEdit edits (DESIGN 4).
+"""Backbones: the vision-language models that BalancEdit edits.
 
 Every backbone is an ``nn.Module`` with one small interface, so that nothing
 outside this file needs to know which one it holds:

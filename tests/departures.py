@@ -1,5 +1,5 @@
 """Not a test: measures each departure of balancedit.py from the authors' code on TinyVLM, by
-switching it back alone (a monkeypatch), and prints the README's table. About 5 minutes:
+switching it back alone (a monkeypatch), and prints the README's table. About 75 s on 2 cores:
 
     python tests/departures.py
 """
@@ -65,12 +65,12 @@ def train_without_eos(backbone_, path, value, batch, *args):
 new_value, shared = be.new_value, {}
 
 
-def one_shared_value(layer, kind="full", rank=8):
-    return shared.setdefault("v", new_value(layer, kind, rank))
+def one_shared_value(layer, form="full", rank=8):
+    return shared.setdefault("v", new_value(layer, form, rank))
 
 
-def cold_value(layer, kind="full", rank=8):
-    value = new_value(layer, kind, rank)
+def cold_value(layer, form="full", rank=8):
+    value = new_value(layer, form, rank)
     value.load_state_dict = lambda *args, **kwargs: None  # the overlap warm start does nothing
     return value
 

@@ -2,6 +2,7 @@
 token predictions, the protocols' model-unchanged check, and the command line."""
 
 import contextlib
+import copy
 import json
 import types
 
@@ -226,6 +227,10 @@ def test_cli_run_writes_the_json(checkpoint, tmp_path, capsys):
     ["--alpha", "2.0"],
     ["sweep-alpha", "--alpha", "0.5"],
     ["--limit", "0"],
+    ["--device", "cuda:7"],
+    ["--device", "bogus"],
+    ["--backbone", "blip2"],
+    ["--backbone", "blip2", "--model", "/no/such/model"],
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
@@ -251,3 +256,14 @@ def test_cli_refuses_a_bad_out_before_any_work(out, tmp_path, capsys, monkeypatc
 def test_sequential_protocol_has_its_own_default_output():
     assert evaluate.default_out("run") == "results/main.json"
     assert evaluate.default_out("run", "sequential") == "results/main_sequential.json"
+
+
+def test_cli_refuses_a_target_the_backbone_cannot_spell(tmp_path, capsys):
+    record = copy.copy(data.load_sample(limit=1)[0])
+    record.target = "zzyzx"  # not in TinyVLM's vocabulary: it would be edited as <unk>
+    data.write_okedit([record], tmp_path / "d")
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--data", str(tmp_path / "d"), "--no-progress", "--out", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"record {record.id}" in err and "'zzyzx'" in err
+    assert not (tmp_path / "r.json").exists()
