@@ -21,6 +21,7 @@ Shapes: B samples, T positions, D the layer's input width, N codebook entries.
         print(model.generate([record.image], [record.question]))  # [record.target]
 """
 
+import hashlib
 import json
 import math
 import time
@@ -101,7 +102,7 @@ def prompt_mean(h: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- the codebook
 class Codebook(nn.Module):
     """The entries (k_j, eps_j, v_j, y^n_j): keys (N, D) and radii (N,) in buffers, values in a
-    ModuleList, targets in a list; add and remove keep the four the same length."""
+    ModuleList, targets and what each edit asked (image hash, question, rephrasings) in lists, one length."""
 
     def __init__(self, distance: str = "cos"):
         super().__init__()
@@ -111,18 +112,17 @@ class Codebook(nn.Module):
         self.register_buffer("keys", torch.zeros(0, 0))  # (N, D)
         self.register_buffer("radii", torch.zeros(0))  # (N,)
         self.register_buffer("unit_keys", torch.zeros(0, 0), persistent=False)  # (N, D) k / |k|, for "cos"
-        self.values = nn.ModuleList()
-        self.targets: list[str] = []
+        self.values, self.targets, self.asked = nn.ModuleList(), [], []
 
     def __len__(self) -> int:
         return len(self.targets)
 
-    def add(self, key: torch.Tensor, value: nn.Module, radius: float, target: str) -> int:
+    def add(self, key: torch.Tensor, value: nn.Module, radius: float, target: str, asked: list[str] = ()) -> int:
         """Append an entry; returns its index. Refuses what would make routing wrong."""
         key, D = torch.as_tensor(key).detach().to(self.keys.device, torch.float32), self.keys.shape[1]
         if key.dim() != 1 or not torch.isfinite(key).all() or (len(self) and len(key) != D):
             raise ValueError(f"key must be a finite vector of {D if len(self) else 'D'} numbers; got {key}")
-        if not (math.isfinite(float(radius)) and radius >= 0 and isinstance(target, str)):
+        if not (math.isfinite(float(radius)) and radius >= 0 and isinstance(target, str) and all(isinstance(a, str) for a in asked)):
             raise ValueError(f"need a finite radius >= 0 and a string target; got {radius!r}, {target!r}")
         keys, unit_keys = (self.keys, self.unit_keys) if len(self) else (key[None][:0], key[None][:0])
         self.keys = torch.cat([keys, key[None]])  # (N+1, D)
@@ -130,6 +130,7 @@ class Codebook(nn.Module):
         self.radii = torch.cat([self.radii, self.radii.new_tensor([float(radius)])])  # (N+1,)
         self.values.append(value)
         self.targets.append(target)
+        self.asked.append(list(asked))
         return len(self) - 1
 
     def remove(self, j: int) -> None:
@@ -138,7 +139,7 @@ class Codebook(nn.Module):
             raise IndexError(f"codebook index {j} out of range for {len(self)} entries")
         keep = torch.arange(len(self), device=self.keys.device) != j  # (N,)
         self.keys, self.radii, self.unit_keys = self.keys[keep], self.radii[keep], self.unit_keys[keep]
-        del self.values[j], self.targets[j]
+        del self.values[j], self.targets[j], self.asked[j]
 
     @torch.no_grad()
     def lookup(self, queries: torch.Tensor):
@@ -190,8 +191,7 @@ class Router:
     each sample used (-1: the layer itself) and ``last_query`` (B, D) its query."""
 
     def __init__(self, model: nn.Module, layer_path: str, codebook: Codebook):
-        self.codebook, self.mask, self.held = codebook, None, None
-        self.last_index = self.last_query = None
+        self.codebook, self.mask, self.held, self.last_index, self.last_query = codebook, None, None, None, None
         self.handles = [model.get_submodule(layer_path).register_forward_hook(self.route),
                         model.register_forward_pre_hook(self.read_mask, with_kwargs=True)]
 
@@ -246,8 +246,7 @@ def attach(model: nn.Module, layer_path: str, codebook: Codebook) -> Router:
 
 def override(model: nn.Module, layer_path: str, value: nn.Module):
     """f_new of Eq. 2: ``with override(...):`` every sample's layer output is v(h^{l-1})."""
-    return model.get_submodule(layer_path).register_forward_hook(
-        lambda layer, args, out: value(args[0].float()).to(out.dtype))
+    return model.get_submodule(layer_path).register_forward_hook(lambda layer, args, out: value(args[0].float()).to(out.dtype))
 
 
 # ---------------------------------------------------------------- training a value (Eq. 2)
@@ -278,10 +277,10 @@ def train_value(backbone: nn.Module, layer_path: str, value: nn.Module, batch: d
 
 # ---------------------------------------------------------------- the editor
 @dataclass
-class EditReport:
-    """What one edit did."""
+class EditReport:  # what one edit did
     index: int                  # the entry of this edit
     action: str                 # "new"; "overlap" (started from a same-target entry); "conflict" (replaced one)
+    removed: list[str]          # the entries a conflict removed, as "question -> target"
     d_pos: float                # d(Pos, k)
     d_neg: float                # d(Neg, k)
     radius: float               # eps of the entry
@@ -314,8 +313,7 @@ class BalancEditor:
 
     def positive(self, record) -> str:
         """R(t): a training rephrasing (never one that scores T-Gen), else the backbone's own."""
-        rephrased = record.train_rephrases or [q for q in self.backbone.rephrase(record.question)
-                                               if q not in record.rephrases]
+        rephrased = record.train_rephrases or [q for q in self.backbone.rephrase(record.question) if q not in record.rephrases]
         if not rephrased:
             raise ValueError(f"record {record.id}: no training rephrasing and the backbone offers none")
         return rephrased[0]
@@ -328,15 +326,18 @@ class BalancEditor:
                                 [record.question, self.positive(record), record.question])
         d_pos, d_neg = distance(torch.stack([pos, neg]), k[None], cfg.distance)[:, 0].tolist()
         eps = radius(d_pos, d_neg, cfg.alpha)  # Eq. 3
-        # Many edits (the paper's "how to continually edit").
-        action, init = "new", None
+        # Many edits (the paper's "how to continually edit"). What the edit asks: image, question, rephrasings.
+        asked = [hashlib.sha1(record.image.tobytes()).hexdigest(), record.question, *record.train_rephrases, *record.rephrases]
+        action, init, removed = "new", None, []
         if len(cb):
             d = distance(k[None], cb.keys, cfg.distance)[0]  # (N,) d(k, k_j)
             differ = torch.tensor([t != record.target for t in cb.targets], device=d.device)  # (N,)
-            # The same question asked again with a new answer: k lies in entry j's ball, as close to
-            # k_j as a rephrasing is. The old entry goes.
-            conflict = differ & (d <= cb.radii) & (d <= d_pos)
+            # The same edit asked again (its image and question, up to a rephrasing) with a new answer:
+            # the old entry goes. A merely near key is no conflict.
+            again = [old[:1] == asked[:1] and not set(old[1:]).isdisjoint(asked[1:]) for old in cb.asked]
+            conflict = differ & torch.tensor(again, dtype=torch.bool, device=d.device)  # (N,)
             for j in conflict.nonzero()[:, 0].flip(0).tolist():
+                removed.append(f"{cb.asked[j][1]!r} -> {cb.targets[j]!r}")
                 cb.remove(j)
                 action = "conflict"
             d, differ = d[~conflict], differ[~conflict]
@@ -356,8 +357,8 @@ class BalancEditor:
             value.load_state_dict(init.state_dict())
         batch = self.backbone.to_device(self.backbone.encode([record.image], [record.question], [record.target]))
         losses = train_value(self.backbone, self.layer_path, value, batch, cfg.steps, cfg.lr, cfg.cache)  # Eq. 2
-        index = cb.add(k, value, eps, record.target)
-        return EditReport(index, action, d_pos, d_neg, eps, losses, time.perf_counter() - start)
+        index = cb.add(k, value, eps, record.target, asked)
+        return EditReport(index, action, removed, d_pos, d_neg, eps, losses, time.perf_counter() - start)
 
     def attached(self) -> Router:
         """``with editor.attached(): ...`` runs the edited model (Eq. 1)."""
@@ -375,7 +376,7 @@ class BalancEditor:
         save_file({k: v.cpu().contiguous() for k, v in self.codebook.state_dict().items()},
                   str(path / "codebook.safetensors"))
         meta = {"format": "balancedit-codebook", "version": 1, "config": asdict(self.config),
-                "layer": self.layer_path, "targets": self.codebook.targets}
+                "layer": self.layer_path, "targets": self.codebook.targets, "asked": self.codebook.asked}
         (path / "codebook.json").write_text(json.dumps(meta, indent=1) + "\n")
 
     @classmethod
@@ -393,7 +394,7 @@ class BalancEditor:
             for j, target in enumerate(meta["targets"]):
                 value, prefix = new_value(editor.layer, editor.config.value, editor.config.rank), f"values.{j}."
                 value.load_state_dict({n[len(prefix):]: t for n, t in state.items() if n.startswith(prefix)})
-                editor.codebook.add(state["keys"][j], value, float(state["radii"][j]), target)
-        except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:
+                editor.codebook.add(state["keys"][j], value, float(state["radii"][j]), target, meta["asked"][j])
+        except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError) as e:
             raise ValueError(f"{path}: cannot load a codebook written by BalancEditor.save: {e}") from None
         return editor

@@ -42,7 +42,7 @@ import random
 import re
 import sys
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any, Iterator, Optional, Union
 
 import numpy as np
@@ -195,9 +195,38 @@ def _read_json(path: Path, top: type) -> Any:
     return data
 
 
+def _inside(root: Path, rel: str, file: Any, record: str, field: str) -> Path:
+    """root / rel for a path read from a data file, refusing one that could leave
+    root: absolute paths, drive letters and '..' parts (with / or \\ as separator).
+    Symlinks inside root are followed: the folder's owner made them, not the file."""
+    parts = PureWindowsPath(rel)  # parses both separators, drives and UNC names
+    if parts.drive or parts.root or ".." in parts.parts:
+        raise _err(file, record, field, f"must be a relative path inside {root} "
+                   f"without '..', got {rel!r}")
+    return root / rel
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """RGB pixels of a decoded image. 16-bit grey ('I;16*', and 'I', read as 16-bit)
+    becomes 8-bit as round(v / 257). Transparent images (RGBA, LA, PA, or a
+    'transparency' entry, as P, L and RGB PNGs have) are composited onto white.
+    Anything else goes through PIL's convert("RGB") unchanged."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        v = np.asarray(im, dtype=np.int64)
+        grey = Image.fromarray(np.round(np.clip(v, 0, 65535) / 257).astype(np.uint8), "L")
+        if im.info.get("transparency") is not None:  # one 16-bit grey value is transparent
+            alpha = np.where(v == im.info["transparency"], 0, 255).astype(np.uint8)
+            grey.putalpha(Image.fromarray(alpha, "L"))
+        im = grey
+    if im.mode in ("RGBA", "LA", "PA") or im.info.get("transparency") is not None:
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, im.convert("RGBA")).convert("RGB")
+    return im.convert("RGB")
+
+
 def _open_image(path: Path, record: str, field: str) -> Image.Image:
-    """Fully decode an image file into a detached RGB image with empty .info,
-    so that PIL's Image.__eq__ compares pixels (mode, size, info, bytes)."""
+    """Fully decode an image file into a detached RGB image (see _to_rgb) with empty
+    .info, so that PIL's Image.__eq__ compares pixels (mode, size, info, bytes)."""
     if not path.is_file():
         raise DataError(f"{path}: record {record}: field '{field}': file not found")
     try:
@@ -205,7 +234,7 @@ def _open_image(path: Path, record: str, field: str) -> Image.Image:
             im.verify()  # checks the file's structure (PNG chunk checksums, a cut-off end)
         with Image.open(path) as im:
             im.load()  # force full decoding: truncated pixel data fails here
-            rgb = im.convert("RGB")
+            rgb = _to_rgb(im)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: record {record}: field '{field}': "
                         f"cannot read image (truncated or not an image: {e})") from e
@@ -213,7 +242,7 @@ def _open_image(path: Path, record: str, field: str) -> Image.Image:
     return rgb
 
 
-def _save_png(image: Image.Image, path: Path) -> None:
+def _save_png(image: Image.Image, path: Path) -> Path:
     """Save with fixed options and no metadata, so reruns are byte-identical."""
     if not isinstance(image, Image.Image):
         raise DataError(f"{path}: cannot write {type(image).__name__} as an image")
@@ -221,12 +250,14 @@ def _save_png(image: Image.Image, path: Path) -> None:
     rgb.info = {}
     path.parent.mkdir(parents=True, exist_ok=True)
     rgb.save(path, format="PNG", compress_level=6)
+    return path
 
 
-def _write_json(data: Any, path: Path) -> None:
+def _write_json(data: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(data, sort_keys=True, indent=1, ensure_ascii=False) + "\n"
     path.write_text(text, encoding="utf-8")
+    return path
 
 
 def _natural_key(name: str) -> list:
@@ -312,13 +343,13 @@ def _okedit_record(ann: dict, rid: str, questions: dict, ann_path: Path, q_path:
 
     # --- the edit image: COCO name, .jpg as the authors ship it, or lossless .png
     stem = image_root / "val2014" / f"COCO_val2014_{image_id:012d}"
-    image_path = stem.with_suffix(".jpg")
-    if not image_path.is_file() and stem.with_suffix(".png").is_file():
-        image_path = stem.with_suffix(".png")
-    image = _open_image(image_path, rid, "image")
+    jpg, png = stem.with_suffix(".jpg"), stem.with_suffix(".png")
+    if not jpg.is_file() and not png.is_file():
+        raise DataError(f"{jpg} or {png.name}: record {rid}: field 'image': file not found")
+    image = _open_image(jpg if jpg.is_file() else png, rid, "image")
 
     # --- rephrase images: every file of rephrase/{qid}/, natural order
-    rdir = rephrase_root / rid
+    rdir = _inside(rephrase_root, rid, ann_path, rid, "question_id")
     if not rdir.is_dir():
         raise DataError(f"{rdir}: record {rid}: field 'rephrase_images': folder not found")
     names = sorted((p.name for p in rdir.iterdir() if p.is_file() and not p.name.startswith(".")),
@@ -334,7 +365,7 @@ def _okedit_record(ann: dict, rid: str, questions: dict, ann_path: Path, q_path:
     if len(loc_questions) != len(loc_answers):
         raise _err(ann_path, rid, "locality_questions",
                    f"has {len(loc_questions)} items but 'locality_answer' has {len(loc_answers)}")
-    ldir = locality_root / rid
+    ldir = _inside(locality_root, rid, ann_path, rid, "question_id")
     extra = ldir / f"{len(loc_answers)}.png"
     if extra.is_file():
         raise DataError(f"{extra}: record {rid}: field 'locality_answer': there are more locality "
@@ -349,7 +380,8 @@ def _okedit_record(ann: dict, rid: str, questions: dict, ann_path: Path, q_path:
         m_image = _field(m, "image", "str", ann_path, where)
         m_q = _field(m, "question", "str", ann_path, where)
         m_a = _field(m, "answer", "str", ann_path, where)
-        m_locality.append(Sample(_open_image(root / m_image, rid, f"m_loc item {k}"), m_q, m_a))
+        m_path = _inside(root, m_image, ann_path, where, "image")
+        m_locality.append(Sample(_open_image(m_path, rid, f"m_loc item {k}"), m_q, m_a))
 
     return EditRecord(id=rid, image=image, question=question, answer=answers[0], target=target,
                       rephrases=list(rephrases), train_rephrases=list(train_rephrases),
@@ -369,16 +401,17 @@ def _check_owned_dir(folder: Path, names: set[str], rid: str, field: str) -> Non
 
 
 def write_okedit(records: list[EditRecord], out_dir: Union[str, os.PathLike],
-                 image_ids: Optional[list[int]] = None) -> None:
+                 image_ids: Optional[list[int]] = None) -> list[Path]:
     """Write records in the OKEDIT layout (deterministic; load_okedit reads it back
-    equal). image_id defaults to 1..N in order; ids must be int-like strings."""
+    equal) and return the paths written. image_id defaults to 1..N in order; ids
+    must be int-like strings."""
     out = Path(out_dir)
     if image_ids is None:
         image_ids = list(range(1, len(records) + 1))
     if len(image_ids) != len(records) or len(set(image_ids)) != len(image_ids) \
             or not all(_is_int(x) and x >= 0 for x in image_ids):
         raise DataError(f"write_okedit: image_ids must be {len(records)} distinct non-negative ints")
-    annotations, questions, seen = [], [], set()
+    annotations, questions, seen, written = [], [], set(), []
     for r, image_id in zip(records, image_ids):
         if not (isinstance(r.id, str) and re.fullmatch(r"-?[0-9]+", r.id) and str(int(r.id)) == r.id):
             raise DataError(f"write_okedit: record {r.id!r}: field 'id' must be an int-like string "
@@ -400,19 +433,19 @@ def write_okedit(records: list[EditRecord], out_dir: Union[str, os.PathLike],
         if stem.with_suffix(".jpg").exists():  # the loader would read it instead
             raise DataError(f"{stem.with_suffix('.jpg')}: record {r.id}: field 'image': a stale "
                             f".jpg would shadow the .png written here; write into an empty directory")
-        _save_png(r.image, stem.with_suffix(".png"))
+        written.append(_save_png(r.image, stem.with_suffix(".png")))
         rep_names = [f"{k}.png" for k in range(len(r.rephrase_images))]
         _check_owned_dir(out / "rephrase" / r.id, set(rep_names), r.id, "rephrase_images")
         for name, im in zip(rep_names, r.rephrase_images):
-            _save_png(im, out / "rephrase" / r.id / name)
+            written.append(_save_png(im, out / "rephrase" / r.id / name))
         loc_names = [f"{k}.png" for k in range(len(r.locality))]
         _check_owned_dir(out / "locality" / r.id, set(loc_names), r.id, "locality")
         for name, s in zip(loc_names, r.locality):
-            _save_png(s.image, out / "locality" / r.id / name)
+            written.append(_save_png(s.image, out / "locality" / r.id / name))
         m_loc = []
         for k, s in enumerate(r.m_locality):
             rel = f"m_loc/{r.id}/{k}.png"
-            _save_png(s.image, out / rel)
+            written.append(_save_png(s.image, out / rel))
             m_loc.append({"image": rel, "question": s.question, "answer": s.answer})
 
         annotations.append({
@@ -427,8 +460,9 @@ def write_okedit(records: list[EditRecord], out_dir: Union[str, os.PathLike],
             "rephrased_questions": list(r.rephrases),
             "rephrased_questions_train": list(r.train_rephrases),
         })
-    _write_json(annotations, out / "annotations.json")
-    _write_json({"questions": questions}, out / "questions.json")
+    written.append(_write_json(annotations, out / "annotations.json"))
+    written.append(_write_json({"questions": questions}, out / "questions.json"))
+    return written
 
 
 # -----------------------------------------------------------------------------
@@ -450,8 +484,9 @@ def load_mmedit(json_path: Union[str, os.PathLike], image_root: Union[str, os.Pa
         if not isinstance(item, dict):
             raise DataError(f"{path}: record {rid} should be an object, got {type(item).__name__}")
         text = {k: _field(item, k, "str", path, rid) for k in _MMEDIT_TEXT}
-        images = {k: _open_image(image_root / _field(item, k, "str", path, rid), rid, k)
-                  for k in ("image", "image_rephrase", "m_loc")}
+        paths = {k: _inside(image_root, _field(item, k, "str", path, rid), path, rid, k)
+                 for k in ("image", "image_rephrase", "m_loc")}
+        images = {k: _open_image(p, rid, k) for k, p in paths.items()}
         records.append(EditRecord(
             id=rid, image=images["image"], question=text["src"], answer=text["pred"],
             target=text["alt"], rephrases=[text["rephrase"]], train_rephrases=[],
@@ -759,12 +794,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        records = make_sample(args.seed, args.out, args.n)
+        records = make_records(args.seed, args.n)
+        written = write_okedit(records, args.out)
     except (ValueError, OSError) as e:
         parser.exit(2, f"data.py make-sample: error: {e}\n")
-    files = [p for p in Path(args.out).rglob("*") if p.is_file()]
-    print(f"wrote {len(records)} records, {len(files)} files, "
-          f"{sum(p.stat().st_size for p in files)} bytes to {args.out}")
+    mine = set(written)
+    others = [p for p in Path(args.out).rglob("*") if p.is_file() and p not in mine]
+    print(f"wrote {len(records)} records, {len(written)} files, "
+          f"{sum(p.stat().st_size for p in written)} bytes to {args.out}"
+          + (f" ({len(others)} other files already there were left as they were)" if others else ""))
     return 0
 
 

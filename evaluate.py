@@ -282,7 +282,7 @@ class FineTune:
         batch = self.backbone.to_device(self.backbone.encode([record.image], [record.question], [record.target]))
         losses = train_value(self.backbone, self.layer_path, self.tuned, batch, cfg.steps, cfg.lr, cfg.cache)
         self.n_edits += 1
-        return EditReport(self.n_edits - 1, "tune", math.nan, math.nan, math.nan, losses, time.perf_counter() - start)
+        return EditReport(self.n_edits - 1, "tune", [], math.nan, math.nan, math.nan, losses, time.perf_counter() - start)
 
     def attached(self):
         return contextlib.nullcontext() if self.tuned is None else override(self.backbone, self.layer_path, self.tuned)
@@ -368,7 +368,7 @@ class Grace:
         vector.write = write
         losses = train_value(self.backbone, self.layer_path, vector, batch, self.config.steps, self.lr, self.config.cache)
         index = j if action == "expand" else cb.add(k, vector, eps, record.target)
-        return EditReport(index, action, math.nan, math.nan, eps, losses, time.perf_counter() - start)
+        return EditReport(index, action, [], math.nan, math.nan, eps, losses, time.perf_counter() - start)
 
     def attached(self) -> GraceRouter:
         return GraceRouter(self.backbone, self.layer_path, self.codebook)

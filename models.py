@@ -600,7 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "trains TinyVLM on the world of data.py and saves a checkpoint.")
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train-tiny", help="train TinyVLM (seeded; minutes on a 2-core CPU)")
-    t.add_argument("--out", default=str(TINY_DIR), help="checkpoint directory (default: assets/tinyvlm)")
+    t.add_argument("--out", required=True, help="checkpoint directory (assets/tinyvlm is the shipped one)")
     t.add_argument("--steps", type=int, default=3000, help="optimizer steps (default 3000)")
     t.add_argument("--batch-size", type=int, default=64, help="samples per step (default 64)")
     t.add_argument("--lr", type=float, default=5e-4, help="peak AdamW learning rate (default 5e-4)")

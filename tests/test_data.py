@@ -2,6 +2,7 @@
 deterministic writing, and a clear DataError for each kind of bad input."""
 
 import json
+import shutil
 from dataclasses import replace
 import tempfile
 from pathlib import Path
@@ -215,8 +216,8 @@ def test_okedit_missing_annotations_file(okedit_dir):
 
 def test_okedit_missing_image(okedit_dir):
     (okedit_dir / "val2014" / "COCO_val2014_000000000002.png").unlink()
-    assert_error(lambda: load_okedit(okedit_dir), "COCO_val2014_000000000002.jpg", "record 23",
-                 "'image'", "not found")
+    assert_error(lambda: load_okedit(okedit_dir), "COCO_val2014_000000000002.jpg",
+                 "COCO_val2014_000000000002.png", "record 23", "'image'", "not found")
 
 
 def test_okedit_missing_field(okedit_dir):
@@ -364,3 +365,109 @@ def test_mmedit_truncated_image(mmedit_dir):
     path = mmedit_dir / "img" / "0_m_loc.png"
     path.write_bytes(path.read_bytes()[:-20])
     assert_error(lambda: load_mm(mmedit_dir), "0_m_loc.png", "record 0", "'m_loc'", "cannot read image")
+
+
+# -----------------------------------------------------------------------------
+# paths from a data file stay inside their data root
+
+
+@pytest.mark.parametrize("qid", ["../outside", "..\\outside", "rephrase/../../outside", "/tmp/outside"])
+def test_okedit_question_id_cannot_leave_the_data_folder(okedit_dir, qid):
+    shutil.copytree(okedit_dir / "rephrase" / "17", okedit_dir / "outside")  # loadable if reached
+    edit_json(okedit_dir / "annotations.json", lambda anns: [{**a, "question_id": qid} if a["question_id"] == 17
+                                                             else a for a in anns])
+    edit_json(okedit_dir / "questions.json", lambda d: {"questions": [{**q, "question_id": qid}
+                                                                      if q["question_id"] == 17 else q
+                                                                      for q in d["questions"]]})
+    before = all_files(okedit_dir)
+    assert_error(lambda: load_okedit(okedit_dir), "annotations.json", f"record {qid}", "'question_id'",
+                 "inside", repr(qid))
+    assert all_files(okedit_dir) == before
+
+
+@pytest.mark.parametrize("where", ["../outside.png", "m_loc/../../outside.png", "ABSOLUTE", "C:\\outside.png",
+                                   "\\\\server\\share\\outside.png"])
+def test_okedit_m_loc_cannot_leave_the_data_folder(okedit_dir, where):
+    outside = okedit_dir.parent / "outside.png"
+    rand_image().save(outside)  # a real image: only the path check stops the load
+    where = str(outside) if where == "ABSOLUTE" else where
+
+    def point(anns):
+        anns[1]["m_loc"][0]["image"] = where
+        return anns
+    edit_json(okedit_dir / "annotations.json", point)
+    before = all_files(okedit_dir.parent)
+    assert_error(lambda: load_okedit(okedit_dir), "annotations.json", "record 23 (m_loc item 0)", "'image'",
+                 "inside", repr(where))
+    assert all_files(okedit_dir.parent) == before
+
+
+@pytest.mark.parametrize("field", ["image", "image_rephrase", "m_loc"])
+@pytest.mark.parametrize("where", ["../outside.png", "ABSOLUTE", "img/../../outside.png"])
+def test_mmedit_image_paths_cannot_leave_the_image_root(mmedit_dir, field, where):
+    outside = mmedit_dir / "outside.png"
+    rand_image().save(outside)
+    where = str(outside) if where == "ABSOLUTE" else where
+
+    def point(items):
+        items[1][field] = where
+        return items
+    edit_json(mmedit_dir / "e-vqa.json", point)
+    before = all_files(mmedit_dir)
+    assert_error(lambda: load_mm(mmedit_dir), "e-vqa.json", "record 1", f"'{field}'", "inside", repr(where))
+    assert all_files(mmedit_dir) == before
+
+
+def test_symlinks_inside_the_data_folder_are_followed(okedit_dir, tmp_path):
+    """A folder linked into the dataset (say a shared val2014) is the folder owner's choice."""
+    records = load_okedit(okedit_dir)
+    (okedit_dir / "val2014").rename(tmp_path / "shared")
+    (okedit_dir / "val2014").symlink_to(tmp_path / "shared", target_is_directory=True)
+    assert load_okedit(okedit_dir) == records
+
+# -----------------------------------------------------------------------------
+# image modes: 16-bit grey and transparency
+
+
+def load_as_rephrase_image(okedit_dir, image, **save):
+    """Save `image` as record 17's first rephrase image and load it back through the loader."""
+    image.save(okedit_dir / "rephrase" / "17" / "0.png", **save)
+    before = all_files(okedit_dir)
+    got = load_okedit(okedit_dir)[0].rephrase_images[0]
+    assert all_files(okedit_dir) == before
+    assert got.mode == "RGB" and got.info == {}
+    return np.asarray(got)
+
+
+def test_sixteen_bit_grey_scales_to_8_bits(okedit_dir):
+    v = np.array([[0, 128, 129, 257, 32768, 65279, 65535]], dtype=np.uint16)
+    want = np.round(v / 257).astype(np.uint8)
+    assert want.tolist() == [[0, 0, 1, 1, 128, 254, 255]]
+    # a 16-bit PNG opens as "I;16" (as "I" in older Pillow, which cannot write "I" as PNG: TIFF then)
+    for image, fmt in ((Image.fromarray(v), "PNG"), (Image.fromarray(v.astype(np.int32)), "TIFF")):
+        got = load_as_rephrase_image(okedit_dir, image, format=fmt)
+        assert (got == want[..., None]).all(), (image.mode, got[..., 0])
+
+
+def test_transparent_images_are_composited_onto_white(okedit_dir):
+    rgba = Image.fromarray(np.array([[[200, 0, 0, 255], [0, 0, 200, 0], [0, 0, 0, 128]]], dtype=np.uint8), "RGBA")
+    got = load_as_rephrase_image(okedit_dir, rgba)
+    assert got[0, :2].tolist() == [[200, 0, 0], [255, 255, 255]]
+    assert np.abs(got[0, 2].astype(int) - 127).max() <= 1  # half black over white
+    la = Image.fromarray(np.array([[[30, 255], [30, 0]]], dtype=np.uint8), "LA")
+    assert load_as_rephrase_image(okedit_dir, la)[0].tolist() == [[30, 30, 30], [255, 255, 255]]
+    p = Image.new("P", (2, 1))
+    p.putpalette([200, 0, 0, 0, 0, 200])
+    p.putpixel((1, 0), 1)
+    assert load_as_rephrase_image(okedit_dir, p, transparency=1)[0].tolist() == [[200, 0, 0], [255, 255, 255]]
+    grey = Image.fromarray(np.array([[10, 20]], dtype=np.uint8), "L")
+    assert load_as_rephrase_image(okedit_dir, grey, transparency=10)[0].tolist() == [[255] * 3, [20] * 3]
+    g16 = Image.fromarray(np.array([[0, 65535, 257]], dtype=np.uint16))
+    assert load_as_rephrase_image(okedit_dir, g16, transparency=0)[0].tolist() == [[255] * 3, [255] * 3, [1] * 3]
+
+
+def test_opaque_images_load_as_before(okedit_dir):
+    rgb, grey = rand_image(), rand_image().convert("L")
+    p = rand_image().convert("P")
+    for image in (rgb, grey, p):
+        assert (load_as_rephrase_image(okedit_dir, image) == np.asarray(image.convert("RGB"))).all(), image.mode

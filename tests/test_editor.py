@@ -21,6 +21,11 @@ def _same(model, snap):
     return all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
 
 
+@pytest.fixture(scope="module")
+def shipped():
+    return models.TinyVLM.from_pretrained()
+
+
 def _retarget(record, target):
     r = copy.copy(record)
     r.target = target
@@ -89,11 +94,28 @@ def test_same_target_overlap_starts_from_the_old_value(tiny, records, monkeypatc
     assert not torch.equal(new.weight, m.layer.weight.float())
 
 
-def test_a_conflicting_target_replaces_the_old_entry(tiny, records):
+def test_a_conflicting_target_replaces_the_old_entry_and_the_report_names_it(tiny, records):
     m = be.BalancEditor(tiny, be.BalancEditConfig(steps=2))
     m.edit(records[2])
-    report = m.edit(_retarget(records[2], "zorbex"))
-    assert report.action == "conflict" and len(m) == 1 and m.codebook.targets == ["zorbex"]
+    m.edit(records[3])
+    asked_again = _retarget(records[2], "zorbex")
+    asked_again.question = records[2].rephrases[0]  # the same edit, up to a rephrasing
+    report = m.edit(asked_again)
+    assert report.action == "conflict" and len(m) == 2 and m.codebook.targets == [records[3].target, "zorbex"]
+    assert report.removed == [f"{records[2].question!r} -> {records[2].target!r}"]
+
+
+def test_a_near_key_with_another_question_is_no_conflict(shipped):
+    """Prompt-mean keys are dominated by the image: these two edits' keys are at cosine distance
+    0.007, closer than a rephrasing. Neither may remove the other."""
+    shape_edit, name_edit = data.make_records(0, 320)[33], data.make_records(0, 320)[98]
+    editor = be.BalancEditor(shipped, be.BalancEditConfig())
+    editor.edit(shape_edit)
+    report = editor.edit(name_edit)
+    assert report.action != "conflict" and report.removed == [] and len(editor) == 2
+    with editor.attached():
+        answers = shipped.generate([shape_edit.image, name_edit.image], [shape_edit.question, name_edit.question])
+    assert answers == [shape_edit.target, name_edit.target]
 
 
 def test_different_targets_never_swallow_each_others_keys_and_unrelated_radii_stay(tiny, records):
@@ -189,11 +211,6 @@ def test_grace_rules(tiny, records):
     assert split.action == "split" and len(g) == 2
     r0, r1 = g.codebook.radii.tolist()
     assert r0 == r1 == pytest.approx(0.0, abs=1e-6)  # the same key: half of (almost) distance 0
-
-
-@pytest.fixture(scope="module")
-def shipped():
-    return models.TinyVLM.from_pretrained()
 
 
 @pytest.mark.parametrize("index", [0, 1])  # a kind-scope and a shape-scope record

@@ -235,3 +235,16 @@ def test_a_missing_checkpoint_names_the_file(tmp_path):
 def test_blip2_from_a_missing_directory_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such model directory"):
         models.Blip2OPT.from_pretrained(tmp_path / "nothing")
+
+
+def test_train_tiny_needs_an_out_directory(capsys):
+    """No default --out, so a bare `train-tiny` cannot overwrite the shipped checkpoint (parser only)."""
+    shipped = {p: p.read_bytes() for p in models.TINY_DIR.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as e:
+        models.build_parser().parse_args(["train-tiny"])
+    assert e.value.code == 2 and "--out" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        models.build_parser().parse_args(["train-tiny", "--help"])
+    assert "assets/tinyvlm is the shipped one" in " ".join(capsys.readouterr().out.split())
+    assert models.build_parser().parse_args(["train-tiny", "--out", "elsewhere"]).out == "elsewhere"
+    assert {p: p.read_bytes() for p in models.TINY_DIR.rglob("*") if p.is_file()} == shipped

@@ -110,3 +110,24 @@ def test_many_records_for_long_sequential_runs():
     records = data.make_records(0, n=130)  # more kind edits than there are new words: targets repeat
     assert len(records) == 130 and len({r.id for r in records}) == 130
     assert all(r.target in data.NEW_WORDS and r.target != r.answer for r in records)
+
+
+def _files(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_make_sample_counts_only_the_files_it_wrote(tmp_path, capsys):
+    """A smaller sample written over a bigger one reports this run's files; the rest stay as they were."""
+    data.main(["make-sample", "-n", "2", "--out", str(tmp_path / "small")])
+    small = _files(tmp_path / "small")
+    assert f"wrote 2 records, {len(small)} files, {sum(map(len, small.values()))} bytes" in capsys.readouterr().out
+    data.main(["make-sample", "-n", "4", "--out", str(tmp_path / "big")])
+    big = _files(tmp_path / "big")
+    capsys.readouterr()
+    data.main(["make-sample", "-n", "2", "--out", str(tmp_path / "big")])
+    out = capsys.readouterr().out
+    assert f"wrote 2 records, {len(small)} files, {sum(map(len, small.values()))} bytes" in out, out
+    assert f"({len(big) - len(small)} other files already there were left as they were)" in out, out
+    after = _files(tmp_path / "big")
+    assert after == {**big, **small}  # nothing lost: the bigger sample's other files are untouched
+    assert data.load_okedit(tmp_path / "big") == data.make_records(data.SAMPLE_SEED, n=2)
