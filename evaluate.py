@@ -494,10 +494,7 @@ def setup(args) -> Setup:
     if not records:
         raise UsageError(f"no records in {data_name}")
     backbone = load_backbone(args)
-    unknown = getattr(backbone.tokenizer, "unk_token_id", None)  # a word the backbone cannot spell: edited as
-    for r, word in ((r, w) for r in records for w in r.target.split()):  # <unk>, never generated
-        if unknown is not None and unknown in backbone.answer_ids(word):
-            raise UsageError(f"record {r.id}: the target {r.target!r} has a word this backbone cannot spell: {word!r}")
+    backbone.check(records)  # targets it cannot spell, questions too long for it
     torch.manual_seed(cfg.seed)
     return Setup(backbone, records, data_name, cfg, out)
 

@@ -109,6 +109,7 @@ class Backbone(nn.Module):
     target_layer: str
     eos_token_id: int
     max_new_tokens: int = 8
+    max_positions: int  # the decoder's position embeddings: image, prompt and answer must fit
 
     @property
     def device(self) -> torch.device:
@@ -137,6 +138,10 @@ class Backbone(nn.Module):
             answer = self.answer_ids(answers[i]) if answers is not None else []
             rows.append(prompt + answer)
             prompt_lens.append(len(prompt))
+        for q, row in zip(questions, rows):
+            if len(row) > self.max_positions:
+                raise ValueError(f"the question {q!r} needs {len(row)} positions with the image and its answer; "
+                                 f"the model has {self.max_positions}")
         batch = left_pad(rows, prompt_lens, self.pad_token_id)
         if all(with_images) and images:
             batch["pixel_values"] = self.pixel_values(images)  # (B, 3, H, W)
@@ -144,6 +149,24 @@ class Backbone(nn.Module):
 
     def decode_tokens(self, ids: list[int]) -> str:
         raise NotImplementedError
+
+    def check(self, records: Sequence[data.EditRecord]) -> None:
+        """Refuse, before any work, a record this backbone cannot encode: a target word it cannot
+        spell (it would be edited as <unk> and never generated), or a question that does not fit
+        in its positions with the image and the answer (or the generated tokens)."""
+        unknown = getattr(self.tokenizer, "unk_token_id", None)
+        for r in records:
+            for word in r.target.split():
+                if unknown is not None and unknown in self.answer_ids(word):
+                    raise ValueError(f"record {r.id}: the target {r.target!r} has a word this backbone "
+                                     f"cannot spell: {word!r}")
+            for q, a in [(q, r.target) for q in (r.question, *r.rephrases, *r.train_rephrases)] + \
+                    [(s.question, s.answer) for s in (*r.locality, *r.m_locality)]:
+                n = self.n_image_tokens + len(self.prompt_ids(PROMPT.format(q))) + \
+                    max(len(self.answer_ids(a)), self.max_new_tokens)
+                if n > self.max_positions:
+                    raise ValueError(f"record {r.id}: the question {q!r} needs {n} positions with the image "
+                                     f"and its answer; the model has {self.max_positions}")
 
     def rephrase(self, question: str) -> list[str]:
         raise NotImplementedError(f"{type(self).__name__} cannot rephrase questions")
@@ -171,7 +194,7 @@ class Backbone(nn.Module):
             token = out.logits[:, -1].argmax(-1)                    # (B,)
             new_tokens.append(token)
             done |= token == self.eos_token_id
-            if done.all():
+            if done.all() or mask.shape[1] == self.max_positions:  # every answer ended, or no position left
                 break
             mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
             out = self(input_ids=token[:, None], attention_mask=mask,
@@ -233,6 +256,7 @@ def opt_tail(backbone: nn.Module, batch: dict[str, torch.Tensor], layer_path: st
             hidden = layer.final_layer_norm(hidden)
         for later_layer in layers[L + 1:]:
             hidden = later_layer(hidden, **later)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden  # transformers < 5 returns a tuple
         if decoder.final_layer_norm is not None:
             hidden = decoder.final_layer_norm(hidden)
         if decoder.project_out is not None:
@@ -311,6 +335,7 @@ class TinyVLM(Backbone):
             eos_token_id=self.eos_token_id, dropout=0.0, attention_dropout=0.0,
             activation_dropout=0.0, layerdrop=0.0))
         self.target_layer = f"lm.model.decoder.layers.{config.layers - 1}.fc2"
+        self.max_positions = config.max_positions
 
     # -- interface ---------------------------------------------------------
     def prompt_ids(self, prompt: str) -> list[int]:
@@ -419,6 +444,7 @@ class Blip2OPT(Backbone):
         self.n_image_tokens = config.num_query_tokens  # the Q-Former's query tokens
         last = config.text_config.num_hidden_layers - 1
         self.target_layer = f"model.language_model.model.decoder.layers.{last}.fc2"  # OPT-2.7B: 31
+        self.max_positions = config.text_config.max_position_embeddings
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike = BLIP2_OPT,

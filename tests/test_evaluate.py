@@ -258,12 +258,16 @@ def test_sequential_protocol_has_its_own_default_output():
     assert evaluate.default_out("run", "sequential") == "results/main_sequential.json"
 
 
-def test_cli_refuses_a_target_the_backbone_cannot_spell(tmp_path, capsys):
+@pytest.mark.parametrize("field, value, says", [
+    ("target", "zzyzx", "'zzyzx'"),  # not in TinyVLM's vocabulary: it would be edited as <unk>
+    ("question", " ".join(["what"] * 60) + "?", "positions"),  # longer than TinyVLM's 64 positions
+])
+def test_cli_refuses_a_record_the_backbone_cannot_encode(field, value, says, tmp_path, capsys):
     record = copy.copy(data.load_sample(limit=1)[0])
-    record.target = "zzyzx"  # not in TinyVLM's vocabulary: it would be edited as <unk>
+    setattr(record, field, value)
     data.write_okedit([record], tmp_path / "d")
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--data", str(tmp_path / "d"), "--no-progress", "--out", str(tmp_path / "r.json")])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and f"record {record.id}" in err and "'zzyzx'" in err
+    assert e.value.code == 2 and f"record {record.id}" in err and says in err and len(err.splitlines()) == 1
     assert not (tmp_path / "r.json").exists()

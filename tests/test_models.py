@@ -1,7 +1,7 @@
 """Tests for models.py: the encode layout of both backbones, the key's padding invariance
 (hypothesis), BLIP-2 OPT on a tiny random config built in memory (nothing downloads), and a
 short TinyVLM training run."""
-
+import dataclasses
 import functools
 import itertools
 
@@ -248,3 +248,17 @@ def test_train_tiny_needs_an_out_directory(capsys):
     assert "assets/tinyvlm is the shipped one" in " ".join(capsys.readouterr().out.split())
     assert models.build_parser().parse_args(["train-tiny", "--out", "elsewhere"]).out == "elsewhere"
     assert {p: p.read_bytes() for p in models.TINY_DIR.rglob("*") if p.is_file()} == shipped
+
+
+def test_a_question_longer_than_the_positions_is_one_clear_error(tiny, records):
+    long = " ".join(["what"] * 60) + "?"
+    with pytest.raises(ValueError, match="positions"):
+        tiny.encode([records[0].image], [long], ["x"])
+    with pytest.raises(ValueError, match=f"record {records[0].id}.*positions"):
+        tiny.check([dataclasses.replace(records[0], question=long)])
+
+
+def test_generation_stops_at_the_last_position(tiny, records):
+    room = tiny.max_positions - tiny.n_image_tokens - len(tiny.prompt_ids(models.PROMPT.format("what")))
+    question = " ".join(["what"] * (room - 1))  # leaves a single position for generated tokens
+    assert len(tiny.generate([records[0].image], [question], max_new_tokens=8)) == 1
