@@ -281,3 +281,11 @@ def test_attached_with_no_edit_is_the_plain_model(tiny, records, method):
     m.remove(m.edit(records[0]).index)
     with m.attached():
         assert torch.equal(tiny(**batch).logits, plain)
+
+
+@pytest.mark.parametrize("layer", ["lm.model.decoder.layers.1.activation_fn", "lm.model.decoder.layers.1"])
+def test_a_layer_that_is_not_linear_is_one_clear_error(tiny, layer):
+    """A layer with no parameters (the activation) or a whole decoder layer: values copy an nn.Linear."""
+    for value in ("full", "lora"):
+        with pytest.raises(ValueError, match="not an nn.Linear"):
+            be.BalancEditor(tiny, be.BalancEditConfig(layer=layer, value=value))
