@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 import data
+import pictures
 from balancedit import (BalancEditConfig, BalancEditor, Codebook, EditReport, Router, distance, new_value,
                         override, train_value)
 
@@ -401,24 +402,6 @@ def table(results: dict[str, dict], first: str = "Method") -> str:
     return "\n".join(lines)
 
 
-def plot_sweep(results: dict[str, dict], parameter: str, path: Path) -> None:
-    """Paper Fig. 5: each metric against the swept parameter (matplotlib, Agg backend)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for key, label in zip(COLUMNS, HEADERS):
-        ax.plot([float(v) for v in results], [math.nan if r[key] is None else r[key] for r in results.values()],
-                marker="o", label=label)
-    ax.set(xlabel=parameter, ylabel="%", ylim=(-2, 102), title=f"BalancEdit against {parameter} (paper Fig. 5)")
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
-
-
 # ---------------- Command line
 
 class UsageError(Exception):
@@ -454,10 +437,10 @@ def make_config(args, **overrides) -> BalancEditConfig:
     return BalancEditConfig(**{**given, **overrides})
 
 
-def check_writable(path: Path, flag: str = "--out") -> None:
-    """Refuse, before any work, a JSON output path that cannot be written."""
-    if path.suffix != ".json":
-        raise UsageError(f"{flag} {path}: the output is a JSON file; give a path ending in .json")
+def check_writable(path: Path, flag: str = "--out", suffix: str = ".json") -> None:
+    """Refuse, before any work, an output path that cannot be written."""
+    if path.suffix != suffix:
+        raise UsageError(f"{flag} {path}: give a path ending in {suffix}")
     if path.is_dir():
         raise UsageError(f"{flag} {path}: is a directory")
     parent = next((p for p in path.parents if p.exists()), Path("."))
@@ -488,11 +471,12 @@ def setup(args) -> Setup:
     """Everything that can fail on bad input, cheapest first (options, output, data, the model)."""
     cfg = make_config(args)
     out = Path(args.out or default_out(args.command, args.protocol))
-    check_writable(out)
+    check_writable(out, suffix=".png" if args.command.startswith("show") and args.out else ".json")
+    out = out.with_suffix(".json")  # a picture's numbers go beside it
     check_environment(args)
     records, data_name = load_records(args)
-    if not records:
-        raise UsageError(f"no records in {data_name}")
+    if not records or not 0 <= getattr(args, "record", 0) < len(records):
+        raise UsageError(f"{len(records)} records in {data_name}; --record must be one of them")
     backbone = load_backbone(args)
     backbone.check(records)  # targets it cannot spell, questions too long for it
     torch.manual_seed(cfg.seed)
@@ -522,9 +506,26 @@ def ablate(parameter: str, values: Sequence = ()) -> Callable:
                                     args.protocol, refs, args.progress) for v in values or args.alphas}
         print(table(results, first=parameter))
         if parameter == "alpha":
-            plot_sweep(results, "alpha", s.out.with_suffix(".png"))
+            pictures.plot_sweep(results, "alpha", s.out.with_suffix(".png"))
         return {**header(args, s), "parameter": parameter, "settings": results}
     return command
+
+
+def show_edit(args, s: Setup) -> dict:
+    """One edit's probes against its radius: why each was, or was not, edited (Eq. 3)."""
+    record = s.records[args.record]
+    report, probes = pictures.edit_probes(BalancEditor(s.backbone, s.cfg), record)
+    pictures.show_edit(report, probes, s.out.with_suffix(".png"), f"record {record.id}: {record.question!r} -> "
+                       f"{record.target!r}\nfilled: the answer changed; green: as it should")
+    return {**header(args, s), "record": record.id, **report, "probes": probes}
+
+
+def show_codebook(args, s: Setup) -> dict:
+    """The codebook after editing every record in order, its keys and balls in 2-D (paper Fig. 7)."""
+    editor = BalancEditor(s.backbone, s.cfg)
+    for record in progress_bar(s.records, args.progress, "edits"):
+        editor.edit(record)
+    return {**header(args, s), **pictures.show_codebook(editor, s.records, s.out.with_suffix(".png"))}
 
 
 COMMANDS: dict[str, tuple[Callable, str, str | None]] = {  # name -> (function, help, the option it sets)
@@ -534,6 +535,8 @@ COMMANDS: dict[str, tuple[Callable, str, str | None]] = {  # name -> (function, 
                         "distance"),
     "ablate-negative": (ablate("negative", data.ANCHOR_KINDS),
                         "BalancEdit with black/white/noise negatives (paper Table 7)", "negative"),
+    "show-edit": (show_edit, "a picture of one edit's probes against its radius (--out FILE.png)", None),
+    "show-codebook": (show_codebook, "a picture of the codebook after sequential edits (--out FILE.png)", None),
 }
 
 
@@ -616,6 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"comma list of {','.join(METHODS)} (default: all)")
     run.add_argument("--grace-eps0", type=POSITIVE, default=1.0,
                      help="GRACE's fixed initial radius, Euclidean (default 1.0, GRACE's own)")
+    sub.choices["show-edit"].add_argument("--record", type=int, default=0, help="which record (default 0)")
     sub.choices["sweep-alpha"].add_argument("--alphas", type=_csv(_unit), default=[i / 10 for i in range(11)],
                                             help="comma list of alphas in [0, 1] (default 0,0.1,...,1)")
     return parser

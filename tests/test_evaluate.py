@@ -271,3 +271,20 @@ def test_cli_refuses_a_record_the_backbone_cannot_encode(field, value, says, tmp
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"record {record.id}" in err and says in err and len(err.splitlines()) == 1
     assert not (tmp_path / "r.json").exists()
+
+
+def test_show_edit_and_show_codebook_draw_and_report(checkpoint, tmp_path, capsys):
+    common = ["--model", str(checkpoint), "--limit", "3", "--steps", "2", "--no-progress"]
+    assert evaluate.main(["show-edit", "--record", "1", "--out", str(tmp_path / "edit.png"), *common]) == 0
+    edit = json.loads((tmp_path / "edit.json").read_text())
+    assert (tmp_path / "edit.png").stat().st_size > 0 and edit["record"] == data.load_sample(limit=3)[1].id
+    assert min(edit["d_pos"], edit["d_neg"]) <= edit["radius"] <= max(edit["d_pos"], edit["d_neg"])
+    assert {"rephrasings (T-Gen)", "other images (I-Gen)", "near misses (Loc)"} <= set(edit["probes"])
+    assert all(d >= 0 and isinstance(changed, bool) for points in edit["probes"].values() for d, changed in points)
+    assert evaluate.main(["show-codebook", "--out", str(tmp_path / "cb.png"), *common]) == 0
+    codebook = json.loads((tmp_path / "cb.json").read_text())
+    assert (tmp_path / "cb.png").stat().st_size > 0 and len(codebook["xy"]) == len(codebook["targets"]) == 3
+    for argv in (["show-edit", "--record", "3"], ["show-edit", "--out", str(tmp_path / "x.json")]):
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(argv + common)
+        assert e.value.code == 2

@@ -1,0 +1,116 @@
+"""Pictures that teach Eq. 3: the alpha sweep (paper Fig. 5), one edit's probes against its radius,
+and a codebook's keys and balls in 2-D (paper Fig. 7). Drawn with matplotlib (Agg, to PNG files);
+``python evaluate.py sweep-alpha | show-edit | show-codebook`` calls them.
+"""
+import math
+from pathlib import Path
+
+import torch
+
+from balancedit import BalancEditor, distance
+
+COLUMNS, HEADERS = ("acc", "t_gen", "i_gen", "loc", "hm"), ("Acc", "T-Gen", "I-Gen", "Loc", "HM")
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    print(f"wrote {path}")
+
+
+def plot_sweep(results: dict[str, dict], parameter: str, path: Path) -> None:
+    """Paper Fig. 5: each metric against the swept parameter."""
+    fig, ax = _pyplot().subplots(figsize=(5, 3.5))
+    for key, label in zip(COLUMNS, HEADERS):
+        ax.plot([float(v) for v in results], [math.nan if r[key] is None else r[key] for r in results.values()],
+                marker="o", label=label)
+    ax.set(xlabel=parameter, ylabel="%", ylim=(-2, 102), title=f"BalancEdit against {parameter} (paper Fig. 5)")
+    ax.legend(fontsize="small")
+    _save(fig, path)
+
+
+def edit_probes(editor: BalancEditor, record) -> tuple[dict, dict]:
+    """Edit ``record`` and measure, for every probe, its distance to the new key and whether its
+    generated answer changed. Returns the edit's report (as a dict) and {group: [(d, changed)]}."""
+    backbone, anchor = editor.backbone, editor.config.negative
+    import data
+    groups = {  # group -> (images, questions); in scope: the answer should change
+        "positive (a training rephrasing)": ([record.image], [editor.positive(record)]),
+        "rephrasings (T-Gen)": ([record.image] * len(record.rephrases), record.rephrases),
+        "other images (I-Gen)": (record.rephrase_images, [record.question] * len(record.rephrase_images)),
+        "near misses (Loc)": ([s.image for s in record.locality], [s.question for s in record.locality]),
+        "unrelated (m_loc)": ([s.image for s in record.m_locality], [s.question for s in record.m_locality]),
+        f"negative ({anchor} image)": ([data.anchor_image(anchor, record.image.size, seed=editor.config.seed)],
+                                       [record.question]),
+    }
+    groups = {g: v for g, v in groups.items() if v[0] and all(im is not None for im in v[0])}
+    before = {g: backbone.generate(*v) for g, v in groups.items()}
+    report = editor.edit(record)
+    k = editor.codebook.keys[report.index]  # (D,)
+    probes = {}
+    with editor.attached():
+        for g, (images, questions) in groups.items():
+            d = distance(editor.keys(images, questions), k[None], editor.config.distance)[:, 0].tolist()
+            after = backbone.generate(images, questions)
+            probes[g] = [(di, a != b) for di, a, b in zip(d, after, before[g])]
+    return {"d_pos": report.d_pos, "d_neg": report.d_neg, "radius": report.radius,
+            "alpha": editor.config.alpha, "target": record.target}, probes
+
+
+def show_edit(report: dict, probes: dict, path: Path, title: str) -> None:
+    """One edit on the distance axis: each probe at d(q, k), filled if its answer changed; the radius
+    eps (Eq. 3) and the range it sweeps between d(Pos, k) (alpha = 1) and d(Neg, k) (alpha = 0).
+    Green: as it should be (in scope and changed, or out of scope and kept); red: not."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 0.6 * len(probes) + 1.6))
+    lo, hi = sorted((report["d_pos"], report["d_neg"]))
+    ax.axvspan(lo, hi, color="0.9", label="eps as alpha goes 1 -> 0 (Eq. 3)")
+    ax.axvline(report["radius"], color="k", label=f"eps at alpha = {report['alpha']}")
+    for y, (group, points) in enumerate(probes.items()):
+        in_scope = group.split(" ")[0] in ("positive", "rephrasings", "other")
+        for d, changed in points:
+            good = changed == in_scope
+            ax.scatter([d], [y], s=60, edgecolors="g" if good else "r", facecolors=("g" if good else "r") if changed
+                       else "none", zorder=3)
+    ax.set_yticks(range(len(probes)), list(probes))
+    ax.set(xlabel="d(q, k): the probe's distance to the edit's key", title=title, ylim=(-0.7, len(probes) - 0.3))
+    ax.invert_yaxis()
+    ax.legend(fontsize="small", loc="center right")
+    _save(fig, path)
+
+
+def show_codebook(editor: BalancEditor, records, path: Path) -> dict:
+    """Paper Fig. 7: the keys of a codebook, projected on their first two principal directions, each
+    with a circle of its ball's radius, coloured by the edit's scope. For the cosine distance the keys
+    are normalised first (then 1 - cos = |u - v|^2 / 2, so a ball of radius eps has Euclidean radius
+    sqrt(2 eps)). A projection only shrinks distances: circles that overlap need not be balls that do."""
+    cb = editor.codebook
+    keys = torch.nn.functional.normalize(cb.keys, dim=-1) if cb.distance == "cos" else cb.keys  # (N, D)
+    centred = keys - keys.mean(dim=0)
+    xy = (centred @ torch.linalg.svd(centred, full_matrices=False)[2][:2].T).cpu()  # (N, 2)
+    radii = [math.sqrt(2 * r) if cb.distance == "cos" else r for r in cb.radii.tolist()]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 6))
+    scope = {(r.question, r.target): r.category or "other" for r in records}  # the edit behind each entry
+    scopes = [scope.get((asked[1], target), "other") for asked, target in zip(cb.asked, cb.targets)]
+    colours = {c: f"C{i}" for i, c in enumerate(sorted(set(scopes)))}
+    for (x, y), r, c in zip(xy.tolist(), radii, scopes):
+        ax.add_patch(plt.Circle((x, y), r, fill=False, color=colours[c], alpha=0.5))
+        ax.scatter([x], [y], s=12, color=colours[c])
+    for c, colour in colours.items():
+        ax.scatter([], [], color=colour, label=f"{c}-scope edits")
+    ax.set(aspect="equal", title=f"{len(cb)} entries after sequential edits (paper Fig. 7)",
+           xlabel="first principal direction of the keys", ylabel="second")
+    ax.autoscale_view()
+    ax.legend(fontsize="small")
+    _save(fig, path)
+    return {"xy": xy.tolist(), "radius_in_plane": radii, "targets": cb.targets}
