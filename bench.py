@@ -2,8 +2,9 @@
 
     python bench.py [--json PATH] [--quick]
 
-1. One edit (Eq. 2) by the plain loop vs on cached activations, on TinyVLM and on a random
-   BLIP-2 OPT with OPT-2.7B's 32 decoder layers, and the largest difference of the trained weights.
+1. One edit (Eq. 2) by the plain loop vs on cached activations, on TinyVLM, on a random BLIP-2 OPT
+   with OPT-2.7B's 32 decoder layers and on a random MiniGPT-4 with Vicuna-7B's 32 LLaMA layers,
+   and the largest difference of the trained weights.
 2. The routing hook's overhead: a forward with and without the hook, every sample out of scope,
    for 1 to 10,000 codebook entries.
 3. Bytes per entry on OPT-2.7B's fc2, a full value vs low-rank ones, and HM of full vs rank-8 values.
@@ -29,7 +30,7 @@ import evaluate
 import models
 
 OPT_2_7B_FC2 = (10240, 2560)  # BLIP-2 OPT-2.7B's target layer fc2: in_features, out_features
-BLIP2_DEPTH = dict(layers=32, hidden=64, ffn=256)  # OPT-2.7B's 32 decoder layers, at a small width
+BLIP2_DEPTH = dict(layers=32, hidden=64, ffn=256)  # OPT-2.7B's and Vicuna-7B's 32 decoder layers, at a small width
 HOOK_SIZES = (1, 100, 1_000, 10_000)
 
 
@@ -172,9 +173,13 @@ def run(quick: bool = False, progress: bool = True) -> dict:
           f"{cfg.steps} steps/edit, lr {cfg.lr}\n")
 
     blip2_name = "random BLIP-2 OPT, {layers} decoder layers (hidden {hidden}, ffn {ffn})".format(**BLIP2_DEPTH)
+    llama_name = "random MiniGPT-4, {layers} LLaMA layers (hidden {hidden}, ffn {ffn})".format(**BLIP2_DEPTH)
     rows = {tiny_name: bench_edit_speed(tiny, records[0], cfg, edit_reps),
-            blip2_name: bench_edit_speed(models.random_blip2(**BLIP2_DEPTH, seed=cfg.seed), records[0], cfg, edit_reps)}
+            blip2_name: bench_edit_speed(models.random_blip2(**BLIP2_DEPTH, seed=cfg.seed), records[0], cfg, edit_reps),
+            llama_name: bench_edit_speed(models.random_minigpt4(**BLIP2_DEPTH, seed=cfg.seed), records[0], cfg,
+                                         edit_reps)}
     fig["edit_speedup_blip2_depth"] = rows[blip2_name]["speedup"]
+    fig["edit_speedup_llama_depth"] = rows[llama_name]["speedup"]
     fig["edit_weights_max_rel_diff"] = max(r["weights_max_rel_diff"] for r in rows.values())
     print(f"## One edit: the plain loop vs cached activations ({cfg.steps} steps, median of {edit_reps})\n")
     print("| backbone | plain loop s/edit | cached s/edit | speedup | max rel. weight diff |\n|---|---|---|---|---|")

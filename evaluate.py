@@ -11,11 +11,9 @@ Protocols: single (each edit alone: edit, score, remove; Table 3) and sequential
 every record; Table 4); both check at the end that the backbone is bit-identical to before.
 Baselines: FT (fine-tune layer l) and GRACE (a codebook with a fixed radius).
 
-    python evaluate.py                        # TinyVLM on the shipped sample: base, ft, grace, balancedit
-    python evaluate.py --protocol sequential  # all 40 edits at once
-    python evaluate.py sweep-alpha            # Fig. 5, with a PNG plot
-    python evaluate.py ablate-distance        # Table 6: cos vs euc
-    python evaluate.py ablate-negative        # Table 7: black, white, noise negatives
+    python evaluate.py [--protocol sequential]   # TinyVLM on the shipped sample: base, ft, grace, balancedit
+    python evaluate.py sweep-alpha | ablate-distance | ablate-negative   # Fig. 5, Tables 6 and 7
+    python evaluate.py show-edit | show-codebook                         # pictures of Eq. 3 and Fig. 7
 """
 import argparse
 import contextlib
@@ -78,8 +76,7 @@ def mean(xs: Sequence[Optional[float]]) -> Optional[float]:
 
 @dataclass
 class Observation:
-    """What one model does on one record's probes: per sample, teacher-forced (argmax tokens,
-    answer tokens) without EOS, and (GEN_PARTS only) the greedy generation."""
+    """One model on one record's probes: per sample, (argmax, answer) tokens without EOS; generations."""
     tokens: dict[str, list[tuple[list[int], list[int]]]]
     texts: dict[str, list[str]]
 
@@ -343,8 +340,7 @@ class Grace:
 
     @torch.no_grad()
     def at_key(self, images, questions, answers=None):
-        """Layer l's input and output (float32) at the last prompt position of a one-row batch,
-        the batch, and the (1, T) mask of that position."""
+        """Layer l's input and output at the last prompt position of a one-row batch, the batch, the position."""
         batch, seen = self.backbone.to_device(self.backbone.encode(images, questions, answers)), []
         with self.layer.register_forward_hook(lambda layer, args, out: seen.append((args[0], out))):
             self.backbone(**batch)
@@ -409,12 +405,13 @@ class UsageError(Exception):
 
 
 def load_backbone(args):
-    """The backbone named by --backbone, from --model (or its default), on --device."""
+    """The backbone named by --backbone, from local files, on --device."""
     import models
-
+    if args.backbone == "minigpt4":
+        return models.MiniGPT4.from_pretrained(args.blip2, args.model, args.projection, device=args.device)
     if args.backbone == "tiny":
         return models.TinyVLM.from_pretrained(args.model or models.TINY_DIR, device=args.device or "cpu")
-    return models.Blip2OPT.from_pretrained(args.model or models.BLIP2_OPT, device=args.device)
+    return models.Blip2OPT.from_pretrained(args.model, device=args.device)
 
 
 def load_records(args) -> tuple[list[data.EditRecord], str]:
@@ -458,13 +455,14 @@ class Setup:
 
 
 def check_environment(args) -> None:
-    """Refuse at once a device this machine lacks, and a BLIP-2 that is not on the disk (nothing downloads)."""
+    """Refuse at once a device this machine lacks, and model files that are not on the disk (nothing downloads)."""
     device = torch.device(args.device or "cpu")  # a name torch does not know raises here
     if device.type != "cpu" and (device.type != "cuda" or (device.index or 0) >= torch.cuda.device_count()):
         raise UsageError(f"--device {args.device}: not on this machine ({torch.cuda.device_count()} CUDA GPUs)")
-    if args.backbone == "blip2" and not (args.model and Path(args.model).expanduser().is_dir()):
-        raise UsageError("--backbone blip2 needs --model DIR, a local copy of the model (nothing is downloaded): "
-                         "huggingface-cli download Salesforce/blip2-opt-2.7b --local-dir DIR")
+    needs = {"blip2": ("model",), "minigpt4": ("model", "blip2", "projection")}.get(args.backbone, ())
+    for name in needs:  # local copies only, made as the README's replication sections say
+        if not (getattr(args, name) and Path(getattr(args, name)).expanduser().exists()):
+            raise UsageError(f"--backbone {args.backbone} needs --{name}, a local copy (see the README: nothing downloads)")
 
 
 def setup(args) -> Setup:
@@ -598,9 +596,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, text, ablated) in COMMANDS.items():
         p = sub.add_parser(name, help=text, description=text, allow_abbrev=False)
         g = p.add_argument_group("backbone and data")
-        g.add_argument("--backbone", choices=("tiny", "blip2"), default="tiny", help="default: tiny (TinyVLM)")
-        g.add_argument("--model", help="tiny: checkpoint dir (default assets/tinyvlm); "
-                       "blip2: a local copy of a BLIP-2 OPT model (required; nothing is downloaded)")
+        g.add_argument("--backbone", choices=("tiny", "blip2", "minigpt4"), default="tiny", help="default: tiny")
+        g.add_argument("--model", help="tiny: checkpoint dir (default assets/tinyvlm); blip2: a BLIP-2 OPT model "
+                       "dir; minigpt4: a Vicuna dir (local copies: nothing is downloaded)")
+        g.add_argument("--blip2", help="minigpt4: a BLIP-2 dir for the ViT and Q-Former (Salesforce/blip2-flan-t5-xxl)")
+        g.add_argument("--projection", help="minigpt4: MiniGPT-4's released checkpoint (.pth, read weights-only)")
         g.add_argument("--data", help="OKEDIT-layout folder, or MMEdit E-VQA .json with --image-root "
                        "(default: the shipped sample)")
         g.add_argument("--image-root", help="image folder of an MMEdit json (or OKEDIT's val2014 parent)")
