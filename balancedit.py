@@ -382,19 +382,19 @@ class BalancEditor:
     @classmethod
     def load(cls, path, backbone: nn.Module) -> "BalancEditor":
         """Read what ``save`` wrote, for this backbone; every entry is checked as ``add`` checks it."""
-        path = Path(path)
         try:
-            meta, state = json.loads((path / "codebook.json").read_text()), load_file(str(path / "codebook.safetensors"))
+            meta, state = json.loads(Path(path, "codebook.json").read_text()), load_file(str(Path(path, "codebook.safetensors")))
             if meta.get("format") != "balancedit-codebook" or meta.get("version") != 1:
                 raise ValueError("not a BalancEdit codebook of format version 1")
             editor = cls(backbone, BalancEditConfig(**meta["config"]))
-            if meta["layer"] != editor.layer_path or len(meta["targets"]) != len(state["keys"]):
-                raise ValueError(f"saved for layer {meta['layer']!r}; {len(meta['targets'])} targets for "
-                                 f"{len(state['keys'])} keys")
+            keys = state["keys"]  # (N, D), D = the layer's inputs
+            if (meta["layer"], len(meta["targets"]), *keys.shape[1:]) != (editor.layer_path, len(keys), editor.layer.in_features):
+                raise ValueError(f"saved for layer {meta['layer']!r} with {len(meta['targets'])} targets for keys of shape "
+                                 f"{tuple(keys.shape)}; this layer takes {editor.layer.in_features} inputs")
             for j, target in enumerate(meta["targets"]):
                 value, prefix = new_value(editor.layer, editor.config.value, editor.config.rank), f"values.{j}."
                 value.load_state_dict({n[len(prefix):]: t for n, t in state.items() if n.startswith(prefix)})
-                editor.codebook.add(state["keys"][j], value, float(state["radii"][j]), target, meta["asked"][j])
+                editor.codebook.add(keys[j], value, float(state["radii"][j]), target, meta["asked"][j])
         except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError) as e:
             raise ValueError(f"{path}: cannot load a codebook written by BalancEditor.save: {e}") from None
         return editor

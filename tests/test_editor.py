@@ -156,7 +156,7 @@ def test_save_load_round_trip_and_mismatch(tiny, records, tmp_path):
             b = tiny(**batch).logits
         assert torch.equal(a, b) and loaded.codebook.targets == m.codebook.targets
     other = models.TinyVLM(models.TinyConfig(vision_layers=1, layers=2, hidden=32, ffn=48, vision_width=32))
-    with pytest.raises(ValueError, match="size mismatch"):
+    with pytest.raises(ValueError, match="this layer takes 48 inputs"):
         be.BalancEditor.load(tmp_path / "full", other)
     with pytest.raises(ValueError, match="codebook.json"):
         be.BalancEditor.load(tmp_path / "missing", tiny)
@@ -177,6 +177,8 @@ def _tamper(src, dst, meta=None, tensors=None, text=None):
     ("negative radius", dict(tensors=lambda s: {"radii": -s["radii"]})),
     ("infinite radius", dict(tensors=lambda s: {"radii": torch.full_like(s["radii"], math.inf)})),
     ("nan key", dict(tensors=lambda s: {"keys": torch.full_like(s["keys"], math.nan)})),
+    ("keys of another width", dict(tensors=lambda s: {"keys": torch.zeros(len(s["keys"]), 7)})),
+    ("asked missing", dict(meta=lambda m: {k: v for k, v in m.items() if k != "asked"})),
     ("target not a string", dict(meta=lambda m: {**m, "targets": [1, 2]})),
     ("a target missing", dict(meta=lambda m: {**m, "targets": m["targets"][:1]})),
     ("unknown version", dict(meta=lambda m: {**m, "version": 2})),
