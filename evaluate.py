@@ -39,8 +39,8 @@ PARTS = ("acc", "t_gen", "i_gen", "loc", "m_loc")  # what a record is probed on
 TARGET_PARTS = ("acc", "t_gen", "i_gen")            # scored against the target y^n
 LOCALITY_PARTS = ("loc", "m_loc")                   # scored against the pre-edit model
 GEN_PARTS = ("acc", "t_gen", "i_gen", "loc")        # also scored by generation (gen_*)
-COLUMNS = ("acc", "t_gen", "i_gen", "loc", "hm")    # the table's score columns
-HEADERS = ("Acc", "T-Gen", "I-Gen", "Loc", "HM")
+COLUMNS = ("acc", "t_gen", "i_gen", "loc", "hm", "gen_acc", "gen_t_gen", "gen_i_gen", "gen_loc")  # a table's scores
+HEADERS = ("Acc", "T-Gen", "I-Gen", "Loc", "HM", "gen Acc", "gen T-Gen", "gen I-Gen", "gen Loc")
 
 
 def hm(t_gen: Optional[float], i_gen: Optional[float], loc: Optional[float]) -> Optional[float]:
@@ -389,7 +389,7 @@ def evaluate(name: str, backbone, records, cfg, protocol: str, refs: list[Observ
 # ---------------- Reporting
 
 def table(results: dict[str, dict], first: str = "Method") -> str:
-    """Markdown table: one row per result, Acc/T-Gen/I-Gen/Loc/HM and seconds per edit."""
+    """Markdown table: one row per result, the teacher-forced scores, HM, the generated ones, s/edit."""
     lines = [f"| {first} | " + " | ".join(HEADERS) + " | s/edit |",
              "|" + "---|" * (len(HEADERS) + 2)]
     for name, r in results.items():

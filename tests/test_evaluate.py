@@ -208,7 +208,8 @@ def test_cli_run_writes_the_json(checkpoint, tmp_path, capsys):
     assert evaluate.main(["--model", str(checkpoint), "--limit", "3", "--steps", "2", "--no-progress",
                           "--methods", "base,balancedit", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "| Method | Acc | T-Gen | I-Gen | Loc | HM | s/edit |" in printed and str(out) in printed
+    assert "| Method | Acc | T-Gen | I-Gen | Loc | HM | gen Acc | gen T-Gen | gen I-Gen | gen Loc | s/edit |" in printed
+    assert str(out) in printed
     result = json.loads(out.read_text())
     assert {"backbone", "data", "protocol", "config", "methods"} <= result.keys()
     assert result["backbone"] == "tiny" and result["protocol"] == "single" and result["config"]["steps"] == 2
