@@ -10,6 +10,8 @@ everything the metrics of the paper's Appendix C need:
     locality                            similar but out of scope (Loc, Eq. 7)
     train_rephrases                     positives for the radius (Eq. 3)
     m_locality                          unrelated samples (MMEdit's m_loc)
+    q_locality                          the edit's own images, asked the other question
+                                        families: an edit must not change them (q_loc)
 
 `anchor_image` makes the black / white / noise negative anchor images of the
 paper's Table 7 ablation.
@@ -23,7 +25,9 @@ Layouts (paths relative to the dataset folder):
     OKEDIT  annotations.json, questions.json,
             val2014/COCO_val2014_{image_id:012d}.jpg (or .png),
             rephrase/{question_id}/*, locality/{question_id}/{k}.png,
-            m_loc/{question_id}/{k}.png (our extension, written by write_okedit)
+            m_loc/{question_id}/{k}.png (our extension, written by write_okedit);
+            q_locality: {image, question, answer} items whose images are the record's own
+            (val2014/... or rephrase/...), another extension
     MMEdit  one json list of {src, pred, rephrase, alt, image, image_rephrase,
             loc, loc_ans, m_loc, m_loc_q, m_loc_a}, image paths relative to a root
 
@@ -41,7 +45,7 @@ import os
 import random
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
 from typing import Any, Iterator, Optional, Union
 
@@ -74,6 +78,7 @@ class EditRecord:
     locality: list[Sample]                   # scoring Loc (Eq. 7)
     m_locality: list[Sample]                 # unrelated multimodal locality
     category: str = ""
+    q_locality: list[Sample] = field(default_factory=list)  # the edit's images, the other questions (q_loc)
 
 
 class DataError(ValueError):
@@ -383,10 +388,18 @@ def _okedit_record(ann: dict, rid: str, questions: dict, ann_path: Path, q_path:
         m_path = _inside(root, m_image, ann_path, where, "image")
         m_locality.append(Sample(_open_image(m_path, rid, f"m_loc item {k}"), m_q, m_a))
 
+    # --- q_locality (our extension): the record's own images asked other questions
+    q_locality = []
+    for k, q in enumerate(_field(ann, "q_locality", "dict_list", ann_path, rid, default=[], nonempty=False)):
+        where = f"{rid} (q_locality item {k})"
+        q_path = _inside(root, _field(q, "image", "str", ann_path, where), ann_path, where, "image")
+        q_locality.append(Sample(_open_image(q_path, rid, f"q_locality item {k}"),
+                                 _field(q, "question", "str", ann_path, where), _field(q, "answer", "str", ann_path, where)))
+
     return EditRecord(id=rid, image=image, question=question, answer=answers[0], target=target,
                       rephrases=list(rephrases), train_rephrases=list(train_rephrases),
                       rephrase_images=rephrase_images, locality=locality,
-                      m_locality=m_locality, category=category)
+                      m_locality=m_locality, category=category, q_locality=q_locality)
 
 
 def _check_owned_dir(folder: Path, names: set[str], rid: str, field: str) -> None:
@@ -447,13 +460,21 @@ def write_okedit(records: list[EditRecord], out_dir: Union[str, os.PathLike],
             rel = f"m_loc/{r.id}/{k}.png"
             written.append(_save_png(s.image, out / rel))
             m_loc.append({"image": rel, "question": s.question, "answer": s.answer})
+        own = {r.image.tobytes(): f"val2014/{stem.name}.png",  # q_locality asks the record's own images
+               **{im.tobytes(): f"rephrase/{r.id}/{n}" for n, im in zip(rep_names, r.rephrase_images)}}
+        q_loc = []
+        for k, s in enumerate(r.q_locality):
+            if s.image is None or s.image.tobytes() not in own:
+                raise DataError(f"write_okedit: record {r.id}: field 'q_locality' item {k}: its image must be "
+                                f"the record's image or one of its rephrase images")
+            q_loc.append({"image": own[s.image.tobytes()], "question": s.question, "answer": s.answer})
 
         annotations.append({
             "question_id": qid, "image_id": image_id, "answers": [r.answer],
             "counterfact_answer": r.target,
             "locality_answer": [s.answer for s in r.locality],
             "locality_questions": [s.question for s in r.locality],
-            "m_loc": m_loc, "category": r.category,
+            "m_loc": m_loc, "category": r.category, **({"q_locality": q_loc} if q_loc else {}),
         })
         questions.append({
             "question_id": qid, "question": r.question,
@@ -740,15 +761,25 @@ def make_records(seed: int, n: int = 40, n_rephrases: int = 5, n_train_rephrases
         questions = rng.sample(QUESTIONS[family], 1 + n_rephrases + n_train_rephrases)
         question = questions[0]
         unrelated = [rng.choice(KINDS) for _ in range(n_unrelated)]
+        image = render(kind, rng, "eval")
+        shown = [(kind, image)]  # each image with its kind, in the order the stream draws them
+        for _ in range(n_images):
+            k = rng.choice(scope)
+            shown.append((k, render(k, rng, "eval")))
+        # q_locality: each of the edit's images asked another family (alternating), from a stream of
+        # its own so that every rendering above stays what it was.
+        others, qrng = [f for f in QUESTIONS if f != family], random.Random(f"q_locality {seed} {i}")
         records.append(EditRecord(
             id=str(i + 1),
-            image=render(kind, rng, "eval"),
+            image=image,
             question=question,
             answer=answer_of(kind, family),
             target=target,
             rephrases=questions[1:1 + n_rephrases],
             train_rephrases=questions[1 + n_rephrases:],
-            rephrase_images=[render(rng.choice(scope), rng, "eval") for _ in range(n_images)],
+            rephrase_images=[im for _, im in shown[1:]],
+            q_locality=[Sample(im, qrng.choice(QUESTIONS[f]), answer_of(k, f))
+                        for j, (k, im) in enumerate(shown) for f in [others[j % len(others)]]],
             locality=[Sample(render(k, rng, "eval"), question, answer_of(k, family))
                       for k in rng.sample(near, n_locality)],
             m_locality=[Sample(render(k, rng, "eval"), rng.choice(QUESTIONS["colour"]), answer_of(k, "colour"))

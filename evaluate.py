@@ -3,7 +3,7 @@
 For an edit (i, t, y^o -> y^n) of an ``EditRecord`` (data.py), on the edited model f_e, in percent:
 Acc (Eq. 4) f_e(i, t) = y^n; T-Gen (Eq. 5) the same on rephrased questions; I-Gen (Eq. 6) on other
 images of the same scope; Loc (Eq. 7) f_e = f on similar out-of-scope samples, f the unedited
-model (``m_loc``: on unrelated samples); HM, the harmonic mean of T-Gen, I-Gen and Loc (Table 3).
+model (q_loc: the edit's images asked other questions; m_loc: unrelated samples); HM of T-Gen, I-Gen, Loc.
 "= y^n" is teacher-forced token accuracy, as in the authors' and EasyEdit's code (EOS not counted);
 Loc compares post- with pre-edit argmax tokens. ``gen_*``: exact match of greedy generations.
 
@@ -35,12 +35,12 @@ from balancedit import (BalancEditConfig, BalancEditor, Codebook, EditReport, Ro
                         override, train_value)
 
 # ---------------- Metrics on predictions (pure Python: testable on hand-made token lists)
-PARTS = ("acc", "t_gen", "i_gen", "loc", "m_loc")  # what a record is probed on
-TARGET_PARTS = ("acc", "t_gen", "i_gen")            # scored against the target y^n
-LOCALITY_PARTS = ("loc", "m_loc")                   # scored against the pre-edit model
-GEN_PARTS = ("acc", "t_gen", "i_gen", "loc")        # also scored by generation (gen_*)
-COLUMNS = ("acc", "t_gen", "i_gen", "loc", "hm", "gen_acc", "gen_t_gen", "gen_i_gen", "gen_loc")  # a table's scores
-HEADERS = ("Acc", "T-Gen", "I-Gen", "Loc", "HM", "gen Acc", "gen T-Gen", "gen I-Gen", "gen Loc")
+PARTS = ("acc", "t_gen", "i_gen", "loc", "q_loc", "m_loc")  # what a record is probed on
+TARGET_PARTS = ("acc", "t_gen", "i_gen")                     # scored against the target y^n
+LOCALITY_PARTS = ("loc", "q_loc", "m_loc")                   # scored against the pre-edit model
+GEN_PARTS = ("acc", "t_gen", "i_gen", "loc", "q_loc")        # also scored by generation (gen_*)
+COLUMNS = ("acc", "t_gen", "i_gen", "loc", "q_loc", "hm", "gen_acc", "gen_t_gen", "gen_i_gen", "gen_loc", "gen_q_loc")
+HEADERS = ("Acc", "T-Gen", "I-Gen", "Loc", "q_loc", "HM", "gen Acc", "gen T-Gen", "gen I-Gen", "gen Loc", "gen q_loc")
 
 
 def hm(t_gen: Optional[float], i_gen: Optional[float], loc: Optional[float]) -> Optional[float]:
@@ -113,7 +113,7 @@ def probes(record: data.EditRecord) -> dict[str, list[data.Sample]]:
     return {"acc": [data.Sample(record.image, record.question, y)],                         # Eq. 4
             "t_gen": [data.Sample(record.image, q, y) for q in record.rephrases],            # Eq. 5
             "i_gen": [data.Sample(im, record.question, y) for im in record.rephrase_images],  # Eq. 6
-            "loc": list(record.locality), "m_loc": list(record.m_locality)}                   # Eq. 7
+            "loc": list(record.locality), "q_loc": list(record.q_locality), "m_loc": list(record.m_locality)}  # Eq. 7
 
 
 def _batches(samples: Sequence[data.Sample], batch_size: int):

@@ -48,6 +48,8 @@ def edit_probes(editor: BalancEditor, record) -> tuple[dict, dict]:
         "rephrasings (T-Gen)": ([record.image] * len(record.rephrases), record.rephrases),
         "other images (I-Gen)": (record.rephrase_images, [record.question] * len(record.rephrase_images)),
         "near misses (Loc)": ([s.image for s in record.locality], [s.question for s in record.locality]),
+        "same images, other questions (q_loc)": ([s.image for s in record.q_locality],
+                                                 [s.question for s in record.q_locality]),
         "unrelated (m_loc)": ([s.image for s in record.m_locality], [s.question for s in record.m_locality]),
         f"negative ({anchor} image)": ([data.anchor_image(anchor, record.image.size, seed=editor.config.seed)],
                                        [record.question]),

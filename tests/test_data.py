@@ -471,3 +471,16 @@ def test_opaque_images_load_as_before(okedit_dir):
     p = rand_image().convert("P")
     for image in (rgb, grey, p):
         assert (load_as_rephrase_image(okedit_dir, image) == np.asarray(image.convert("RGB"))).all(), image.mode
+
+
+def test_q_locality_round_trips_and_asks_the_records_own_images(tmp_path):
+    r = okedit_record(3)
+    r.q_locality = [Sample(r.image, "what colour?", "red"), Sample(r.rephrase_images[1], "what shape?", "star")]
+    write_okedit([r], tmp_path / "ok")
+    back = load_okedit(tmp_path / "ok")[0]
+    assert back.q_locality == r.q_locality
+    item = json.loads((tmp_path / "ok" / "annotations.json").read_text())[0]["q_locality"]
+    assert [q["image"] for q in item] == ["val2014/COCO_val2014_000000000001.png", "rephrase/3/1.png"]
+    r.q_locality = [Sample(rand_image(), "what colour?", "red")]  # not one of the record's images
+    assert_error(lambda: write_okedit([r], tmp_path / "bad"), "record 3", "q_locality")
+    assert not (tmp_path / "bad" / "annotations.json").exists()

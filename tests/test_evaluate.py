@@ -55,21 +55,24 @@ def test_exact_match():
 def test_score_on_hand_made_observations():
     pre = Observation(
         tokens={"acc": [([1], [9])], "t_gen": [], "i_gen": [],
-                "loc": [([4, 5], [4, 6]), ([7], [7])], "m_loc": [([3], [3])]},
-        texts={"acc": ["old"], "t_gen": [], "i_gen": [], "loc": ["p", "q"]})
+                "loc": [([4, 5], [4, 6]), ([7], [7])], "m_loc": [([3], [3])], "q_loc": [([5], [5]), ([6], [6])]},
+        texts={"acc": ["old"], "t_gen": [], "i_gen": [], "loc": ["p", "q"], "q_loc": ["red", "circle"]})
     post = Observation(
         tokens={"acc": [([9, 2], [9, 3])],                     # 1 of 2
                 "t_gen": [([9], [9]), ([1], [9])],              # 1 of 2 samples
                 "i_gen": [([9, 3], [9, 3])],                    # all right
                 "loc": [([4, 6], [4, 6]), ([7], [7])],          # vs pre: 1/2 and 1/1
-                "m_loc": [([2], [3])]},                         # vs pre: 0
-        texts={"acc": ["new"], "t_gen": ["new", "old"], "i_gen": ["other"], "loc": ["p", "z"]})
+                "m_loc": [([2], [3])],                          # vs pre: 0
+                "q_loc": [([5], [5]), ([9], [6])]},             # vs pre: 1 of 2 samples
+        texts={"acc": ["new"], "t_gen": ["new", "old"], "i_gen": ["other"], "loc": ["p", "z"],
+               "q_loc": ["red", "new"]})
     m = score(post, pre, "new")
     assert m["acc"] == 50.0 and m["t_gen"] == 50.0 and m["i_gen"] == 100.0
     assert m["loc"] == pytest.approx(75.0)  # Loc compares with the PRE-edit argmax, not the labels
     assert m["m_loc"] == 0.0
     assert m["gen_acc"] == 100.0 and m["gen_t_gen"] == 50.0 and m["gen_i_gen"] == 0.0
     assert m["gen_loc"] == 50.0
+    assert m["q_loc"] == 50.0 and m["gen_q_loc"] == 50.0  # the edit's image asked another question
     s = evaluate.summarize([m, {**m, "acc": 100.0}], [1.0, 3.0])
     assert s["acc"] == 75.0 and s["seconds_per_edit"] == 2.0 and s["n_records"] == 2
     assert s["hm"] == pytest.approx(hm(50.0, 100.0, 75.0))
@@ -208,15 +211,16 @@ def test_cli_run_writes_the_json(checkpoint, tmp_path, capsys):
     assert evaluate.main(["--model", str(checkpoint), "--limit", "3", "--steps", "2", "--no-progress",
                           "--methods", "base,balancedit", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "| Method | Acc | T-Gen | I-Gen | Loc | HM | gen Acc | gen T-Gen | gen I-Gen | gen Loc | s/edit |" in printed
+    assert "| Method | Acc | T-Gen | I-Gen | Loc | q_loc | HM | gen Acc | gen T-Gen | gen I-Gen | gen Loc | gen q_loc |" \
+        " s/edit |" in printed
     assert str(out) in printed
     result = json.loads(out.read_text())
     assert {"backbone", "data", "protocol", "config", "methods"} <= result.keys()
     assert result["backbone"] == "tiny" and result["protocol"] == "single" and result["config"]["steps"] == 2
     assert list(result["methods"]) == ["base", "balancedit"]
     for name, m in result["methods"].items():
-        for key in ("acc", "t_gen", "i_gen", "loc", "m_loc", "hm", "seconds_per_edit", "gen_acc",
-                    "gen_t_gen", "gen_i_gen", "gen_loc"):
+        for key in ("acc", "t_gen", "i_gen", "loc", "q_loc", "m_loc", "hm", "seconds_per_edit", "gen_acc",
+                    "gen_t_gen", "gen_i_gen", "gen_loc", "gen_q_loc"):
             assert key in m, (name, key)
         assert m["n_records"] == 3
     assert result["methods"]["balancedit"]["seconds_per_edit"] > 0
