@@ -432,13 +432,13 @@ def write_okedit(records: list[EditRecord], out_dir: Union[str, os.PathLike],
         if r.id in seen:
             raise DataError(f"write_okedit: record {r.id}: field 'id' is duplicated")
         seen.add(r.id)
-        for field, items in (("rephrase_images", r.rephrase_images), ("locality", r.locality)):
+        for name, items in (("rephrase_images", r.rephrase_images), ("locality", r.locality)):
             if not items:
-                raise DataError(f"write_okedit: record {r.id}: field '{field}' is empty; "
+                raise DataError(f"write_okedit: record {r.id}: field '{name}' is empty; "
                                 f"OKEDIT needs at least one")
-        for field, samples in (("locality", r.locality), ("m_locality", r.m_locality)):
+        for name, samples in (("locality", r.locality), ("m_locality", r.m_locality)):
             if any(s.image is None for s in samples):
-                raise DataError(f"write_okedit: record {r.id}: field '{field}' has a text-only "
+                raise DataError(f"write_okedit: record {r.id}: field '{name}' has a text-only "
                                 f"sample; OKEDIT stores an image for each")
         qid = int(r.id)
 

@@ -4,8 +4,6 @@
 
     python -m pytest assignments -m task3
 """
-import math
-
 import pytest
 import torch
 import torch.nn as nn
