@@ -127,17 +127,20 @@ class Backbone(nn.Module):
     # (the tokens of a filled-in template), answer_ids(answer) (answer tokens + EOS), pixel_values(images).
     def encode(self, images: Sequence[Optional[Image.Image]], questions: Sequence[str],
                answers: Optional[Sequence[str]] = None, template: str = PROMPT) -> dict[str, torch.Tensor]:
-        """Rows ``[image placeholders][prompt tokens][answer tokens, EOS]``, left-padded, on the
-        decoder's positions (B, T); see the module docstring. Image None = text-only row."""
+        """Rows ``[prompt tokens before the image][image placeholders][prompt tokens][answer tokens, EOS]``,
+        left-padded, on the decoder's positions (B, T); see the module docstring and ``segments``.
+        Image None = text-only row."""
         if len(images) != len(questions) or (answers is not None and len(answers) != len(questions)):
             raise ValueError("encode: images, questions and answers must have the same length")
         with_images = [im is not None for im in images]
         if any(with_images) and not all(with_images):
             raise ValueError("encode: a batch is either all images or all text-only (image None)")
-        image_ids = [self.image_token_id] * self.n_image_tokens if all(with_images) else []
+        image = bool(images) and all(with_images)
+        image_ids = [self.image_token_id] * self.n_image_tokens if image else []
         rows, prompt_lens = [], []
         for i, q in enumerate(questions):
-            prompt = image_ids + self.prompt_ids(template.format(q))
+            before, after = self.segments(template.format(q), image)
+            prompt = before + image_ids + after
             answer = self.answer_ids(answers[i]) if answers is not None else []
             rows.append(prompt + answer)
             prompt_lens.append(len(prompt))
@@ -146,9 +149,13 @@ class Backbone(nn.Module):
                 raise ValueError(f"the question {q!r} needs {len(row)} positions with the image and its answer; "
                                  f"the model has {self.max_positions}")
         batch = left_pad(rows, prompt_lens, self.pad_token_id)
-        if all(with_images) and images:
+        if image:
             batch["pixel_values"] = self.pixel_values(images)  # (B, 3, H, W)
         return batch
+
+    def segments(self, prompt: str, image: bool = True) -> tuple[list[int], list[int]]:
+        """The prompt's tokens before and after the image positions (here: all after them)."""
+        return [], self.prompt_ids(prompt)
 
     def decode_tokens(self, ids: list[int]) -> str:
         raise NotImplementedError
@@ -750,31 +757,6 @@ class MiniGPT4(Backbone):
 
     def answer_ids(self, answer: str) -> list[int]:
         return self._ids(answer) + [self.eos_token_id]
-
-    def encode(self, images: Sequence[Optional[Image.Image]], questions: Sequence[str],
-               answers: Optional[Sequence[str]] = None, template: str = PROMPT) -> dict[str, torch.Tensor]:
-        """Rows ``[BOS ###Human: <Img>][image placeholders][</Img> prompt ###Assistant: ][answer, EOS]``,
-        left-padded, on the decoder's positions (B, T); image None = the text-only conversation."""
-        if len(images) != len(questions) or (answers is not None and len(answers) != len(questions)):
-            raise ValueError("encode: images, questions and answers must have the same length")
-        with_images = [im is not None for im in images]
-        if any(with_images) and not all(with_images):
-            raise ValueError("encode: a batch is either all images or all text-only (image None)")
-        image = bool(images) and all(with_images)
-        rows, prompt_lens = [], []
-        for i, q in enumerate(questions):
-            before, after = self.segments(template.format(q), image)
-            prompt = before + [self.image_token_id] * (self.n_image_tokens if image else 0) + after
-            row = prompt + (self.answer_ids(answers[i]) if answers is not None else [])
-            if len(row) > self.max_positions:
-                raise ValueError(f"the question {q!r} needs {len(row)} positions with the image and its answer; "
-                                 f"the model has {self.max_positions}")
-            rows.append(row)
-            prompt_lens.append(len(prompt))
-        batch = left_pad(rows, prompt_lens, self.pad_token_id)
-        if image:
-            batch["pixel_values"] = self.pixel_values(images)  # (B, 3, H, W)
-        return batch
 
     def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return pixels(images, self.image_size)  # MiniGPT-4's eval processor: bicubic resize, CLIP mean/std
