@@ -10,7 +10,7 @@ is an entry (key k_j, value v_j = an edited copy of l, radius eps_j, target y^n_
     Eq. 2  v_j = argmin_v L(f_new(i, t), y^n)          (Adam on v only)
     Eq. 3  eps = alpha * d(Pos, k) + (1 - alpha) * d(Neg, k)
 
-q and k are the mean of l's input h^{l-1} over the prompt (image and question) positions.
+q and k are the mean of l's input h^{l-1} over the prompt (image, question) or, pool="last", its last position.
 Pos is the same image with a rephrased question; Neg is a black image with the same question.
 Shapes: B samples, T positions, D the layer's input width, N codebook entries.
 
@@ -43,6 +43,7 @@ class BalancEditConfig:
     layer: str | None = None     # dotted path of layer l (an nn.Linear); None: the backbone's target_layer
     alpha: float = 0.7           # Eq. 3: 0 -> eps = d(Neg, k), 1 -> eps = d(Pos, k) (authors: 0.05-0.35 on BLIP-2)
     distance: str = "cos"        # d(q, k): "cos" (1 - cos, the authors' default) or "euc" (Table 6)
+    pool: str = "mean"           # q and k: the "mean" over the prompt (the paper's) or its "last" position
     negative: str = "black"      # the negative's image (Table 7): "black", "white" or "noise"
     steps: int = 100             # Eq. 2: Adam steps (authors: 50 on BLIP-2 OPT)
     lr: float = 1e-2             # Eq. 2: Adam learning rate (authors: 1e-4 on BLIP-2 OPT)
@@ -52,8 +53,8 @@ class BalancEditConfig:
     seed: int = 0                # LoRA's A and the noise negative
 
     def __post_init__(self):  # refuse bad values before any work
-        checks = {"distance": self.distance in ("cos", "euc"), "negative": self.negative in ANCHOR_KINDS,
-                  "value": self.value in ("full", "lora"), "alpha": 0.0 <= self.alpha <= 1.0,
+        checks = {"distance": self.distance in ("cos", "euc"), "pool": self.pool in ("mean", "last"),
+                  "negative": self.negative in ANCHOR_KINDS, "value": self.value in ("full", "lora"), "alpha": 0 <= self.alpha <= 1,
                   "steps": type(self.steps) is int and self.steps >= 1, "rank": type(self.rank) is int and self.rank >= 1,
                   "lr": isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0}
         for name, ok in checks.items():
@@ -91,10 +92,12 @@ def radius(d_pos, d_neg, alpha: float):
 
 
 # ---------------------------------------------------------------- the key
-def prompt_mean(h: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
-    """The key (or query) of each sample: the mean of h^{l-1} (B, T, D) over its prompt positions
-    (B, T), never padding or the answer, so free generation and any padded batch see the same key.
-    -> (B, D) float32; NaN for a row with no prompt position (a KV-cache decoding step)."""
+def prompt_mean(h: torch.Tensor, prompt: torch.Tensor, pool: str = "mean") -> torch.Tensor:
+    """The key (or query) of each sample: the mean of h^{l-1} (B, T, D) over its prompt positions (B, T),
+    never padding or the answer, so generation and a padded batch see the same key; pool="last": the last
+    prompt position only. -> (B, D) float32; NaN for a row with no prompt position (a KV-cache decoding step)."""
+    if pool == "last":
+        prompt = prompt & (prompt.cumsum(dim=1) == prompt.sum(dim=1, keepdim=True))  # (B, T)
     prompt = prompt[..., None]  # (B, T, 1)
     return (h.float() * prompt).sum(dim=1) / prompt.sum(dim=1)  # (B, D)
 
@@ -187,11 +190,13 @@ def new_value(layer: nn.Linear, form: str = "full", rank: int = 8) -> nn.Module:
 
 # ---------------------------------------------------------------- routing (Eq. 1)
 class Router:
-    """The hooks of :func:`attach`. After each call of the layer, ``last_index`` (B,) is the entry
-    each sample used (-1: the layer itself) and ``last_query`` (B, D) its query."""
+    """Route layer ``layer_path`` of ``model`` through ``codebook`` (Eq. 1), per sample, until ``remove()``
+    or the end of a ``with`` block. The backbone's ``prompt_mask`` (B, T) keyword gives the layout; a KV-cache
+    decoding step (no prompt position) holds its prompt's route. After each call of the layer, ``last_index``
+    (B,) is the entry each sample used (-1: the layer itself) and ``last_query`` (B, D) its query."""
 
-    def __init__(self, model: nn.Module, layer_path: str, codebook: Codebook):
-        self.codebook, self.mask, self.held, self.last_index, self.last_query = codebook, None, None, None, None
+    def __init__(self, model: nn.Module, layer_path: str, codebook: Codebook, pool: str = "mean"):
+        self.codebook, self.pool, self.mask, self.held, self.last_index, self.last_query = codebook, pool, *[None] * 4
         self.handles = [model.get_submodule(layer_path).register_forward_hook(self.route),
                         model.register_forward_pre_hook(self.read_mask, with_kwargs=True)]
 
@@ -220,7 +225,7 @@ class Router:
             raise ValueError(f"layer input {tuple(h.shape)} does not match the prompt mask layout {tuple(self.mask.shape)}")
         B, T = prompt.shape
         h = h.reshape(B, T, -1)  # (B, T, D)
-        q = prompt_mean(h, prompt)  # (B, D); NaN rows: no prompt position
+        q = prompt_mean(h, prompt, self.pool)  # (B, D); NaN rows: no prompt position
         j, _, hit = cb.lookup(q)  # Eq. 1: j = argmin_k d(q, k), hit = d(q, k_j) <= eps_j
         index = torch.where(hit, j, -1)  # (B,)
         if self.mask is not None:  # KV-cache decoding: a row with no prompt keeps the prefill's route
@@ -237,11 +242,7 @@ class Router:
         return new.view(out.shape)
 
 
-def attach(model: nn.Module, layer_path: str, codebook: Codebook) -> Router:
-    """Route layer ``layer_path`` of ``model`` through ``codebook`` (Eq. 1), per sample, until
-    ``remove()`` or the end of a ``with`` block. The backbone's ``prompt_mask`` (B, T) keyword
-    gives the layout; a KV-cache decoding step (no prompt position) holds its row's prompt route."""
-    return Router(model, layer_path, codebook)
+attach = Router  # with attach(model, layer_path, codebook[, pool]) as router: ... (Eq. 1)
 
 
 def override(model: nn.Module, layer_path: str, value: nn.Module):
@@ -292,8 +293,7 @@ class BalancEditor:
     """BalancEdit at one layer: ``edit(record)`` adds an entry, ``attached()`` is the edited model."""
 
     def __init__(self, backbone: nn.Module, config: BalancEditConfig = BalancEditConfig()):
-        self.backbone, self.config = backbone, config
-        self.layer_path = config.layer or backbone.target_layer
+        self.backbone, self.config, self.layer_path = backbone, config, config.layer or backbone.target_layer
         self.layer = backbone.get_submodule(self.layer_path)  # layer l
         if not isinstance(self.layer, nn.Linear):
             raise ValueError(f"layer {self.layer_path!r} is a {type(self.layer).__name__}, not an nn.Linear")
@@ -309,7 +309,7 @@ class BalancEditor:
         with self.layer.register_forward_hook(lambda layer, args, out: seen.append(args[0])):
             self.backbone(**batch)
         prompt = batch["prompt_mask"]
-        return prompt_mean(seen[0].reshape(*prompt.shape, -1), prompt)  # (B, D)
+        return prompt_mean(seen[0].reshape(*prompt.shape, -1), prompt, self.config.pool)  # (B, D)
 
     def positive(self, record) -> str:
         """R(t): a training rephrasing (never one that scores T-Gen), else the backbone's own."""
@@ -362,7 +362,7 @@ class BalancEditor:
 
     def attached(self) -> Router:
         """``with editor.attached(): ...`` runs the edited model (Eq. 1)."""
-        return attach(self.backbone, self.layer_path, self.codebook)
+        return attach(self.backbone, self.layer_path, self.codebook, self.config.pool)
 
     def remove(self, j: int) -> None:
         """Undo edit j (the model is as if it had never been made)."""

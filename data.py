@@ -747,6 +747,8 @@ def make_records(seed: int, n: int = 40, n_rephrases: int = 5, n_train_rephrases
     edited_shapes = rng.sample(SHAPES, len(SHAPES) // 2)  # shape scope: half of the shapes
     kinds = _edited_kinds(rng, n_locality, n // 2)        # kind scope
     target_of = dict(zip([*edited_shapes, *kinds], words))  # one target per shape / kind
+    kept = {"name": lambda k: k not in kinds, "shape": lambda k: k[0] not in edited_shapes,  # no edit changes
+            "colour": lambda k: True}                                                        # family f of kind k
     records = []
     for i in range(n):
         if i % 2 == 0:   # scope "kind": the name of one kind
@@ -766,8 +768,9 @@ def make_records(seed: int, n: int = 40, n_rephrases: int = 5, n_train_rephrases
         for _ in range(n_images):
             k = rng.choice(scope)
             shown.append((k, render(k, rng, "eval")))
-        # q_locality: each of the edit's images asked another family (alternating), from a stream of
-        # its own so that every rendering above stays what it was.
+        # q_locality: each of the edit's images asked another family (alternating among those kept), so
+        # that no edit, alone or with the others, should change the answer; from a stream of its own so
+        # that every rendering above stays what it was.
         others, qrng = [f for f in QUESTIONS if f != family], random.Random(f"q_locality {seed} {i}")
         records.append(EditRecord(
             id=str(i + 1),
@@ -779,7 +782,8 @@ def make_records(seed: int, n: int = 40, n_rephrases: int = 5, n_train_rephrases
             train_rephrases=questions[1 + n_rephrases:],
             rephrase_images=[im for _, im in shown[1:]],
             q_locality=[Sample(im, qrng.choice(QUESTIONS[f]), answer_of(k, f))
-                        for j, (k, im) in enumerate(shown) for f in [others[j % len(others)]]],
+                        for j, (k, im) in enumerate(shown) for safe in [[f for f in others if kept[f](k)]]
+                        for f in [safe[j % len(safe)]]],
             locality=[Sample(render(k, rng, "eval"), question, answer_of(k, family))
                       for k in rng.sample(near, n_locality)],
             m_locality=[Sample(render(k, rng, "eval"), rng.choice(QUESTIONS["colour"]), answer_of(k, "colour"))

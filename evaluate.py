@@ -14,6 +14,7 @@ Baselines: FT (fine-tune layer l) and GRACE (a codebook with a fixed radius).
     python evaluate.py [--protocol sequential]   # TinyVLM on the shipped sample: base, ft, grace, balancedit
     python evaluate.py sweep-alpha | ablate-distance | ablate-negative   # Fig. 5, Tables 6 and 7
     python evaluate.py show-edit | show-codebook                         # pictures of Eq. 3 and Fig. 7
+    python evaluate.py study | ablate-key    # many worlds, knobs tuned on dev worlds (study.py)
 """
 import argparse
 import contextlib
@@ -24,7 +25,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -192,11 +193,8 @@ def _state(backbone) -> dict:
             **{f"buffer {n}": b for n, b in backbone.named_buffers()}}
 
 
-@dataclass
-class Snapshot:
-    state: dict              # name -> a copy of every parameter and buffer
-    record: data.EditRecord
-    logits: torch.Tensor     # the plain model's logits on the record's edit input
+# A copy of every parameter and buffer (by name), a record, the plain model's logits on its edit input.
+Snapshot = NamedTuple("Snapshot", [("state", dict), ("record", data.EditRecord), ("logits", torch.Tensor)])
 
 
 def snapshot(backbone, record: data.EditRecord) -> Snapshot:
@@ -536,6 +534,7 @@ COMMANDS: dict[str, tuple[Callable, str, str | None]] = {  # name -> (function, 
     "show-edit": (show_edit, "a picture of one edit's probes against its radius (--out FILE.png)", None),
     "show-codebook": (show_codebook, "a picture of the codebook after sequential edits (--out FILE.png)", None),
 }
+STUDIES = ("study", "ablate-key")  # TinyVLM on fresh worlds, knobs tuned on dev worlds: study.py parses their options
 
 
 def default_out(command: str, protocol: str = "single") -> str:
@@ -563,12 +562,6 @@ def _csv(item: Callable):
     return lambda text: [item(t.strip()) for t in text.split(",")]
 
 
-def _method(name: str) -> str:
-    if name not in METHODS:
-        raise argparse.ArgumentTypeError(f"unknown method {name!r}; allowed: {','.join(METHODS)}")
-    return name
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse, with errors as one line (no usage dump): ``prog: error: message``."""
 
@@ -581,6 +574,7 @@ POSITIVE = _number(float, lambda x: 0 < x < math.inf, "a positive number")
 CONFIG_HELP = {  # the BalancEditConfig options: argparse keywords
     "alpha": dict(type=_unit, help="Eq. 3 radius interpolation in [0, 1]"),
     "distance": dict(choices=("cos", "euc"), help="key distance (paper Table 6)"),
+    "pool": dict(choices=("mean", "last"), help="the key: the mean over the prompt (the paper's) or its last position"),
     "negative": dict(choices=data.ANCHOR_KINDS, help="negative anchor image (paper Table 7)"),
     "steps": dict(type=POSITIVE_INT, help="optimizer steps per edit (Eq. 2)"),
     "lr": dict(type=POSITIVE, help="learning rate per edit (Eq. 2)"),
@@ -614,9 +608,11 @@ def build_parser() -> argparse.ArgumentParser:
         for option, kwargs in CONFIG_HELP.items():
             if option != ablated:  # an ablation sets its own
                 c.add_argument(f"--{option}", **kwargs)
+    for name in STUDIES:
+        sub.add_parser(name, help=__import__("study").HELP[name], add_help=False)
     run = sub.choices["run"]
-    run.add_argument("--methods", type=_csv(_method), default=list(METHODS),
-                     help=f"comma list of {','.join(METHODS)} (default: all)")
+    run.add_argument("--methods", type=_csv(_number(str, METHODS.__contains__, f"one of {','.join(METHODS)}")),
+                     default=list(METHODS), help=f"comma list of {','.join(METHODS)} (default: all)")
     run.add_argument("--grace-eps0", type=POSITIVE, default=1.0,
                      help="GRACE's fixed initial radius, Euclidean (default 1.0, GRACE's own)")
     sub.choices["show-edit"].add_argument("--record", type=int, default=0, help="which record (default 0)")
@@ -634,7 +630,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in STUDIES:
+        return __import__("study").main(argv)
+    args = parse_args(argv)
     try:
         s = setup(args)
     except (UsageError, data.DataError, OSError, ValueError, RuntimeError) as e:

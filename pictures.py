@@ -1,6 +1,6 @@
 """Pictures that teach Eq. 3: the alpha sweep (paper Fig. 5), one edit's probes against its radius,
-and a codebook's keys and balls in 2-D (paper Fig. 7). Drawn with matplotlib (Agg, to PNG files);
-``python evaluate.py sweep-alpha | show-edit | show-codebook`` calls them.
+a codebook's keys and balls in 2-D (paper Fig. 7), and the study's curves. Drawn with matplotlib
+(Agg, to PNG files); ``python evaluate.py sweep-alpha | show-edit | show-codebook | study`` calls them.
 """
 import math
 from pathlib import Path
@@ -9,7 +9,7 @@ import torch
 
 from balancedit import BalancEditor, distance
 
-COLUMNS, HEADERS = ("acc", "t_gen", "i_gen", "loc", "hm"), ("Acc", "T-Gen", "I-Gen", "Loc", "HM")
+COLUMNS, HEADERS = ("acc", "t_gen", "i_gen", "loc", "q_loc", "hm"), ("Acc", "T-Gen", "I-Gen", "Loc", "q_loc", "HM")
 
 
 def _pyplot():
@@ -35,6 +35,23 @@ def plot_sweep(results: dict[str, dict], parameter: str, path: Path) -> None:
                 marker="o", label=label)
     ax.set(xlabel=parameter, ylabel="%", ylim=(-2, 102), title=f"BalancEdit against {parameter} (paper Fig. 5)")
     ax.legend(fontsize="small")
+    _save(fig, path)
+
+
+def plot_study(result: dict, path: Path) -> None:
+    """The study's curves: each metric against the edits in the codebook (1: single edits), one line
+    per method, the mean over the test worlds with +- one standard deviation as error bars."""
+    sizes = [1, *map(int, result["sequential"])]
+    runs = [result["single"], *result["sequential"].values()]  # one {method: {column: stats}} per size
+    fig, axes = _pyplot().subplots(1, len(COLUMNS) - 1, figsize=(3 * (len(COLUMNS) - 1), 3.2), sharey=True)
+    for ax, key, label in zip(axes, COLUMNS[1:], HEADERS[1:]):
+        for name in runs[-1]:
+            cells = [r[name][key] for r in runs]
+            ax.errorbar(sizes, [c["mean"] for c in cells], [c["std"] for c in cells], marker="o", capsize=3, label=name)
+        ax.set(xscale="log", xticks=sizes, xticklabels=sizes, xlabel="edits in the codebook", title=label, ylim=(-2, 102))
+        ax.minorticks_off()
+    axes[0].set_ylabel("% (mean +- std over test worlds)")
+    axes[-1].legend(fontsize="small")
     _save(fig, path)
 
 

@@ -24,12 +24,14 @@ TASKS = {  # file -> function ("Class.method") -> (task, what to implement)
                         "or ||q - k||_2 (exact: d(k, k) == 0)"),
         "radius": (1, "Eq. 3 as in Appendix D (Eq. 10): eps = alpha * d_pos + (1 - alpha) * d_neg, kept between the two"),
         "Codebook.lookup": (2, "Eq. 1's decision: j = argmin_k d(q, k), dist = d(q, k_j), hit = dist <= eps_j"),
-        "prompt_mean": (3, "the key: the mean of h over each row's prompt positions, (B, T, D), (B, T) -> (B, D) float32"),
+        "prompt_mean": (3, "the key: the mean of h over each row's prompt positions (pool='last': h at its last "
+                           "prompt position), (B, T, D), (B, T) -> (B, D) float32"),
         "Router.route": (3, "Eq. 1 per sample: a row whose query hits entry j gets v_j(h), every other row layer l's "
                             "output untouched; decoding steps keep their prompt's route"),
         "train_value": (4, "Eq. 2: Adam on the value's parameters only, loss = LM cross-entropy on the target tokens "
                            "(cached activations when cache); return the loss of each step"),
-        "BalancEditor.keys": (4, "the key of each (image, question), (B, D), exactly as the routing hook computes it"),
+        "BalancEditor.keys": (4, "the key of each (image, question), (B, D), exactly as the routing hook computes it "
+                                 "(pooled with self.config.pool)"),
         "BalancEditor.positive": (4, "Pos's question R(t): a training rephrasing, else the backbone's, never one T-Gen scores"),
     },
     "evaluate.py": {
@@ -42,7 +44,8 @@ TASKS = {  # file -> function ("Class.method") -> (task, what to implement)
 DOCS = {  # docstrings for the stubs of hooks that have none in the project
     "Router.route": "The forward hook of layer l (Eq. 1): returns None (keep ``out``) or the new output.\n\n"
                     "Sets ``self.last_index`` (B,) and ``self.last_query`` (B, D); ``self.mask`` is the backbone's\n"
-                    "prompt mask (B, T) or None; ``self.held`` is yours, to hold routes while decoding.",
+                    "prompt mask (B, T) or None; ``self.pool`` the key's pooling (\"mean\" or \"last\");\n"
+                    "``self.held`` is yours, to hold routes while decoding.",
     "GraceRouter.route": "GRACE's forward hook: returns None (keep ``out``) or the new output; sets ``self.last_index``.",
 }
 # Generic lines that a removed body shares with code the students keep and that give nothing away:

@@ -1,4 +1,4 @@
-"""Task 3 (25 points): the key (the mean over the prompt) and the routing hooks of Eq. 1.
+"""Task 3 (25 points): the key (the mean over the prompt, or its last position) and the routing hooks of Eq. 1.
 
     f^l(h) = v_j(h)  if d(q, k_j) <= eps_j, j = argmin_k d(q, k);   else l(h), bit for bit
 
@@ -45,6 +45,25 @@ def test_a_row_without_prompt_positions_has_a_nan_key():
     assert torch.equal(q[0], h[0, 0]) and torch.isnan(q[1]).all(), (
         "a row with no prompt position (a KV-cache decoding step) has no key: 0 / 0 = NaN, which never hits "
         f"(task 2) and must not raise; got {q.tolist()}")
+
+
+def test_prompt_mean_last_is_h_at_each_rows_last_prompt_position():
+    h = torch.arange(30.0).view(3, 5, 2).half()  # fp16 in, float32 out
+    mask = torch.tensor([[False, True, True, False, False],     # row 0: padding, the prompt, then the answer
+                         [False, False, True, True, True],      # row 1: padding, then the prompt
+                         [False, False, False, False, False]])  # row 2: a decoding step, no prompt position
+    q = prompt_mean(h, mask, pool="last")
+    assert isinstance(q, torch.Tensor) and q.shape == (3, 2) and q.dtype == torch.float32, \
+        f"pool='last' still gives one float32 key per row, (B, D) = (3, 2); got {getattr(q, 'shape', q)}"
+    want = h[[0, 1], [2, 4]].float()  # row 0: position 2, row 1: position 4
+    mistakes = {"h at position -1, the last non-padding position (here the answer)": h[0, -1],
+                "the mean over the prompt (pool ignored)": h[0, 1:3].float().mean(dim=0), "the FIRST prompt position": h[0, 1]}
+    seen = next((f"; your row 0 is {name}" for name, w in mistakes.items() if torch.equal(q[0], w.float())), "")
+    assert torch.equal(q[:2], want), (
+        "pool='last': the key is h at each row's LAST PROMPT position (one position: never the padding on its left "
+        f"nor the answer after it); want {want.tolist()}, got {q[:2].tolist()}{seen}")
+    assert torch.isnan(q[2]).all(), \
+        f"a row with no prompt position has no key with pool='last' either: NaN (never hits), got {q[2].tolist()}"
 
 
 # ---------------------------------------------------------------- toy models
@@ -239,6 +258,39 @@ def test_the_route_is_held_while_a_vlm_generates(tiny, records):
             f"chose, held through the KV-cache steps); got {router.last_index.tolist()}")
     assert not torch.equal(edited[0], plain[0]), "row 0 hits: its logits must change"
     assert torch.equal(edited[1:], plain[1:]), "rows 1 and 2 miss: their logits must be bit-identical to the plain model's"
+
+
+def test_attach_with_pool_last_routes_on_the_last_prompt_position():
+    torch.manual_seed(0)
+    model = FlatToy()
+    x = torch.randn(3, 5, 4)
+    mask = torch.tensor([[False, True, True, False, False],  # padding, the prompt, then the answer
+                         [True, True, True, True, False],
+                         [False, False, True, True, True]])
+    plain = model(x, prompt_mask=mask)
+    h = fc2_input(model, x)  # (3, 5, 6)
+    keys = h[[0, 1, 2], [2, 3, 4]]  # (3, 6): each row's last prompt position
+    step = torch.randn(3, 1, 4) * 10  # a decoding step (prompt_mask all False)
+    cb = Codebook("euc")
+    cb.add(keys[0], changed_copy(model.fc2, 1), 1e-4, "a")  # row 0 hits entry 0
+    cb.add(h[1, -1], changed_copy(model.fc2, 2), 1e-4, "row 1's answer position: a wrong query")
+    cb.add(fc2_input(model, step)[2, 0], changed_copy(model.fc2, 3), 1e-4, "row 2's step alone: no query")
+    with attach(model, "fc2", cb, pool="last") as router:
+        out = model(x, prompt_mask=mask)
+        assert router.last_query is not None and router.last_query.shape == (3, 6), \
+            "route must set router.last_query, the (B, D) query of each row"
+        torch.testing.assert_close(router.last_query, keys, msg=lambda m: (
+            "with attach(..., pool='last') the query is the layer's input at each row's last prompt position (not "
+            f"position -1: rows 0 and 1 end with an answer); the mean instead? pass self.pool on to prompt_mean: {m}"))
+        assert router.last_index.tolist() == [0, -1, -1], (
+            "pool='last': row 0's last prompt position is entry 0's key, and no row's is another entry's (entry 1 "
+            f"sits on row 1's answer position, position -1); want last_index [0, -1, -1], got {router.last_index.tolist()}")
+        torch.testing.assert_close(out[0], cb.values[0](h[0]) + x[0])
+        assert torch.equal(out[1:], plain[1:]), "rows 1 and 2 miss: their output must be the plain model's, bit for bit"
+        model(step, prompt_mask=torch.zeros(3, 1, dtype=torch.bool))
+        assert router.last_index.tolist() == [0, -1, -1], (
+            "a decoding step holds the route its prompt chose with pool='last' too: the new token is no prompt "
+            f"position (its query is NaN); want [0, -1, -1], got {router.last_index.tolist()}")
 
 
 def test_a_mask_that_does_not_fit_the_layer_input_is_an_error():

@@ -135,6 +135,25 @@ def test_keys_are_the_queries_of_the_routing_hook(tiny, records):
                                msg=lambda m: f"a key must not depend on the other samples of the batch (padding): {m}")
 
 
+def test_keys_with_pool_last_are_the_layer_input_at_the_last_prompt_position(tiny, records):
+    images, questions = [records[0].image, records[1].image], [records[0].question, "what colour is this?"]
+    answered = tiny.encode(images, questions, [r.target for r in records[:2]])  # the prompt, then the answer
+    inputs = []
+    layer = tiny.get_submodule(tiny.target_layer)
+    with layer.register_forward_hook(lambda m, args, out: inputs.append(args[0])), torch.no_grad():
+        tiny(**answered)
+    mask = answered["prompt_mask"]  # (B, T): padding on the left, the answer after the prompt
+    last = [int(row.nonzero().max()) for row in mask]
+    assert last[0] < mask.shape[1] - 1, "the test needs an answer after the prompt"
+    want = inputs[0].reshape(*mask.shape, -1)[[0, 1], last].float()  # (2, D)
+    keys = BalancEditor(tiny, BalancEditConfig(steps=1, pool="last")).keys(images, questions)
+    assert isinstance(keys, torch.Tensor) and keys.shape == want.shape, f"keys returns (B, D) = {tuple(want.shape)}"
+    torch.testing.assert_close(keys, want, rtol=1e-5, atol=1e-6, msg=lambda m: (
+        "with BalancEditConfig(pool='last') a key is layer l's input at the sample's last prompt position (the "
+        "last question token), as the routing hook computes it: pass self.config.pool on (the default pools the "
+        f"mean over the prompt): {m}"))
+
+
 def test_the_positive_is_a_training_rephrasing_never_a_scored_one(tiny, records, monkeypatch):
     editor = BalancEditor(tiny, BalancEditConfig(steps=1))
     record = records[0]

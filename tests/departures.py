@@ -14,6 +14,7 @@ import balancedit as be  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import models  # noqa: E402
+import study  # noqa: E402
 
 backbone, records = models.TinyVLM.from_pretrained(), data.load_sample()
 refs = evaluate.references(backbone, records, progress=False)
@@ -32,25 +33,7 @@ def measure(protocol: str, *patches) -> dict:
 
 
 # The authors' key: the mean over every position, the teacher-forced answer included.
-encode, edit, target = models.Backbone.encode, be.BalancEditor.edit, {}
-
-
-def encode_every_position(self, images, questions, answers=None, template=models.PROMPT):
-    answers = answers or ([target["y"]] * len(questions) if target.get("y") else None)  # the editor's keys too
-    batch = encode(self, images, questions, answers, template)
-    batch["prompt_mask"] = batch["attention_mask"].bool()
-    return batch
-
-
-def edit_with_answer(self, record):
-    target["y"] = record.target
-    try:
-        return edit(self, record)
-    finally:
-        target["y"] = None
-
-
-every_position = [(models.Backbone, "encode", encode_every_position), (be.BalancEditor, "edit", edit_with_answer)]
+every_position = [(evaluate, "BalancEditor", study.EveryPosition)]
 
 # The authors' loss target has no EOS.
 train = be.train_value
@@ -78,8 +61,8 @@ def cold_value(layer, form="full", rank=8):
 add = be.Codebook.add
 
 
-def add_overwriting_radii(self, key, value, radius, target):
-    j = add(self, key, value, radius, target)
+def add_overwriting_radii(self, *args):
+    j = add(self, *args)
     self.radii[:] = float(radius)
     return j
 
