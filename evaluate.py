@@ -624,16 +624,17 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Parse the command line; with no command, ``run``."""
     argv = list(argv)
+    if argv and argv[0] in STUDIES:  # their own options
+        return __import__("study").parse_args(argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["run"] + argv  # run is the default command
     return build_parser().parse_args(argv)  # bad options: one error line, exit 2
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in STUDIES:
-        return __import__("study").main(argv)
-    args = parse_args(argv)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command in STUDIES:
+        return __import__("study").main(args)
     try:
         s = setup(args)
     except (UsageError, data.DataError, OSError, ValueError, RuntimeError) as e:

@@ -51,7 +51,7 @@ def plot_study(result: dict, path: Path) -> None:
         ax.set(xscale="log", xticks=sizes, xticklabels=sizes, xlabel="edits in the codebook", title=label, ylim=(-2, 102))
         ax.minorticks_off()
     axes[0].set_ylabel("% (mean +- std over test worlds)")
-    axes[-1].legend(fontsize="small")
+    axes[0].legend(fontsize="small", loc="lower left")
     _save(fig, path)
 
 

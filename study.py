@@ -151,8 +151,8 @@ HELP = {"study": "FT, GRACE and BalancEdit (both keys) on fresh TinyVLM worlds, 
                       "token), alpha tuned as in study: single and 40 sequential edits"}
 
 
-def main(argv: list[str]) -> int:
-    """``python evaluate.py study | ablate-key [options]``: parse, check, run, write JSON, .md (and .png)."""
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """``study | ablate-key [options]``: bad options are one error line, exit 2."""
     command = argv[0]
     p = ev._Parser(prog=f"evaluate.py {command}", description=HELP[command] + ".\n\n" + __doc__.split("\n\n")[1],
                    allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -168,14 +168,21 @@ def main(argv: list[str]) -> int:
         if option not in ("alpha", "pool"):
             c.add_argument(f"--{option}", **kwargs)
     args = p.parse_args(argv[1:])
-    args.backbone, out = "tiny", Path(args.out)
+    args.command, args.backbone = command, "tiny"
+    return args
+
+
+def main(args: argparse.Namespace) -> int:
+    """Check the options, run the comparison, write the JSON, the .md (and, for study, the .png)."""
+    command, out = args.command, Path(args.out)
+    prog = f"evaluate.py {command}"
     try:
         ev.check_writable(out)
         ev.check_environment(args)
         cfg = ev.make_config(args)
         backbone = ev.load_backbone(args)
     except (ev.UsageError, OSError, ValueError, RuntimeError) as e:
-        p.exit(2, f"{p.prog}: error: {e}\n")
+        ev.build_parser().exit(2, f"{prog}: error: {e}\n")
     torch.manual_seed(cfg.seed)
     rows, sizes = (STUDY, SIZES) if command == "study" else (KEYS, SIZES[-1:])
     result = {"model": args.model, "config": asdict(cfg),

@@ -61,8 +61,8 @@ def cold_value(layer, form="full", rank=8):
 add = be.Codebook.add
 
 
-def add_overwriting_radii(self, *args):
-    j = add(self, *args)
+def add_overwriting_radii(self, key, value, radius, *rest):
+    j = add(self, key, value, radius, *rest)
     self.radii[:] = float(radius)
     return j
 

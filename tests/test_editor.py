@@ -198,7 +198,7 @@ def test_load_refuses_what_add_refuses(tiny, records, tmp_path, name, change):
 
 def test_config_rejects_unknown_values():
     for bad in ({"alpha": 1.5}, {"distance": "l1"}, {"negative": "grey"}, {"value": "half"}, {"steps": 0},
-                {"lr": -1.0}, {"rank": 0}, {"steps": 2.5}):
+                {"lr": -1.0}, {"rank": 0}, {"steps": 2.5}, {"pool": "max"}):
         with pytest.raises(ValueError, match=list(bad)[0]):
             be.BalancEditConfig(**bad)
     with pytest.raises(TypeError, match="beta"):
@@ -291,3 +291,19 @@ def test_a_layer_that_is_not_linear_is_one_clear_error(tiny, layer):
     for value in ("full", "lora"):
         with pytest.raises(ValueError, match="not an nn.Linear"):
             be.BalancEditor(tiny, be.BalancEditConfig(layer=layer, value=value))
+
+
+def test_the_last_token_key_tells_questions_about_the_edited_image_apart(shipped):
+    """The sample's record 1 (a shape's word): with the paper's prompt-mean key the edit also changes
+    answers to other questions about its images (q_loc: 5 of 6); with pool="last" none, and the edit holds."""
+    record = data.load_sample(limit=2)[1]
+    images, questions = [s.image for s in record.q_locality], [s.question for s in record.q_locality]
+    before = shipped.generate(images, questions)
+    changed = {}
+    for pool in ("mean", "last"):
+        editor = be.BalancEditor(shipped, be.BalancEditConfig(pool=pool))
+        editor.edit(record)
+        with editor.attached():
+            assert shipped.generate([record.image], [record.question]) == [record.target]
+            changed[pool] = sum(a != b for a, b in zip(shipped.generate(images, questions), before))
+    assert changed["mean"] >= 3 and changed["last"] == 0, changed

@@ -9,7 +9,7 @@ import torch.nn as nn
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from balancedit import Codebook, LoRAValue, attach, distance, new_value, override, radius
+from balancedit import Codebook, LoRAValue, attach, distance, new_value, override, prompt_mean, radius
 from evaluate import GraceRouter, Vector
 
 dists = st.floats(min_value=0.0, max_value=1e6, allow_nan=False, allow_infinity=False)
@@ -331,6 +331,29 @@ def test_key_independent_of_batch_and_padding():
         # Without the mask, the padding would count.
         model(x)
         assert not torch.allclose(handle.last_query[1], q_alone)
+
+
+@FAST
+@given(st.integers(0, 10_000), st.integers(1, 4), st.integers(1, 7))
+def test_last_pool_is_h_at_the_last_prompt_position_whatever_the_rest(seed, B, T):
+    """pool="last": each row's key is h at its last prompt position, whatever the padding before it
+    and the answer after it; "mean" is the prompt's mean. A row with no prompt position: NaN."""
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randint(0, T + 1, (B,), generator=g)  # padding before, then the prompt,
+    stop = start + torch.randint(0, T + 1, (B,), generator=g)  # then the answer from stop on
+    t = torch.arange(T)
+    prompt = (t >= start[:, None]) & (t < stop.clamp(max=T)[:, None])  # (B, T)
+    h = torch.randn(B, T, 3, generator=g)
+    key = prompt_mean(h, prompt, "last")
+    last = prompt & (t[None] == stop.clamp(max=T)[:, None] - 1)  # (B, T): the last prompt position
+    h[~last] = torch.randn(int((~last).sum()), 3, generator=g) * 1e3  # padding, answer, the rest of the prompt
+    torch.testing.assert_close(prompt_mean(h, prompt, "last"), key, equal_nan=True)  # ... do not count
+    for b in range(B):
+        if prompt[b].any():
+            torch.testing.assert_close(key[b], h[b, int(prompt[b].nonzero().max())])
+        else:
+            assert key[b].isnan().all()
+    torch.testing.assert_close(prompt_mean(h, prompt, "mean")[prompt.sum(1) == 1], key[prompt.sum(1) == 1])
 
 
 def test_held_route_during_kv_cache_decoding():
