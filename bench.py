@@ -13,6 +13,7 @@
 Timings use time.perf_counter with warm-up turns and medians; the variants compared take turns
 in one loop, so noise on a shared machine hits them alike. The figures go to stdout and JSON.
 """
+
 import argparse
 import dataclasses
 import json
@@ -30,17 +31,21 @@ import evaluate
 import models
 
 OPT_2_7B_FC2 = (10240, 2560)  # BLIP-2 OPT-2.7B's target layer fc2: in_features, out_features
-BLIP2_DEPTH = dict(layers=32, hidden=64, ffn=256)  # OPT-2.7B's and Vicuna-7B's 32 decoder layers, at a small width
+BLIP2_DEPTH = dict(
+    layers=32, hidden=64, ffn=256
+)  # OPT-2.7B's and Vicuna-7B's 32 decoder layers, at a small width
 HOOK_SIZES = (1, 100, 1_000, 10_000)
 
 
-def alternate(fns: dict[str, Callable[[], float]], repeats: int, warmup: int = 1) -> dict[str, float]:
+def alternate(
+    fns: dict[str, Callable[[], float]], repeats: int, warmup: int = 1
+) -> dict[str, float]:
     """Median seconds of each variant; each ``fn()`` times one run of its work and returns the
     seconds. The variants take turns (A B, B A, ...); the first ``warmup`` turns do not count."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     names = list(fns)
     for turn in range(warmup + repeats):
-        for name in (names if turn % 2 == 0 else names[::-1]):
+        for name in names if turn % 2 == 0 else names[::-1]:
             seconds = fns[name]()
             if turn >= warmup:
                 times[name].append(seconds)
@@ -50,12 +55,19 @@ def alternate(fns: dict[str, Callable[[], float]], repeats: int, warmup: int = 1
 def entry_bytes(value: torch.nn.Module, key_dim: int) -> int:
     """Bytes one codebook entry really holds: the value's parameters, any gradients left on
     them, its buffers (a LoRA value's base layer is shared, not held), its key and radius."""
-    tensors = [*value.parameters(), *(p.grad for p in value.parameters() if p.grad is not None), *value.buffers()]
+    tensors = [
+        *value.parameters(),
+        *(p.grad for p in value.parameters() if p.grad is not None),
+        *value.buffers(),
+    ]
     return sum(t.numel() * t.element_size() for t in tensors) + key_dim * 4 + 4
 
 
-def bytes_per_entry(in_features: int = OPT_2_7B_FC2[0], out_features: int = OPT_2_7B_FC2[1],
-                    ranks: Sequence[int] = (4, 8, 16)) -> dict[str, dict]:
+def bytes_per_entry(
+    in_features: int = OPT_2_7B_FC2[0],
+    out_features: int = OPT_2_7B_FC2[1],
+    ranks: Sequence[int] = (4, 8, 16),
+) -> dict[str, dict]:
     """Value and entry bytes of a full value and of LoRA values of each rank, for an fp16
     ``nn.Linear(in_features, out_features)`` on the meta device (nothing is allocated)."""
     layer = torch.nn.Linear(in_features, out_features, device="meta", dtype=torch.float16)
@@ -63,8 +75,14 @@ def bytes_per_entry(in_features: int = OPT_2_7B_FC2[0], out_features: int = OPT_
     values.update({f"lora{r}": balancedit.new_value(layer, "lora", r) for r in ranks})
     full = entry_bytes(values["full"], in_features)
     key = in_features * 4 + 4
-    return {name: {"value_bytes": entry_bytes(v, in_features) - key, "entry_bytes": entry_bytes(v, in_features),
-                   "ratio_to_full": entry_bytes(v, in_features) / full} for name, v in values.items()}
+    return {
+        name: {
+            "value_bytes": entry_bytes(v, in_features) - key,
+            "entry_bytes": entry_bytes(v, in_features),
+            "ratio_to_full": entry_bytes(v, in_features) / full,
+        }
+        for name, v in values.items()
+    }
 
 
 def bench_edit_speed(backbone, record: data.EditRecord, cfg, repeats: int, warmup: int = 1) -> dict:
@@ -80,13 +98,19 @@ def bench_edit_speed(backbone, record: data.EditRecord, cfg, repeats: int, warmu
             seconds = time.perf_counter() - start
             trained[cache] = [p.detach().clone() for p in editor.codebook.values[0].parameters()]
             return seconds
+
         return run
 
     s = alternate({"naive": one_edit(False), "cached": one_edit(True)}, repeats, warmup)
     diff = max(float((a - b).abs().max()) for a, b in zip(trained[True], trained[False]))
     scale = max(float(b.abs().max()) for b in trained[False])
-    return {"naive_s": s["naive"], "cached_s": s["cached"], "speedup": s["naive"] / s["cached"],
-            "weights_max_rel_diff": diff / scale, "steps": cfg.steps}
+    return {
+        "naive_s": s["naive"],
+        "cached_s": s["cached"],
+        "speedup": s["naive"] / s["cached"],
+        "weights_max_rel_diff": diff / scale,
+        "steps": cfg.steps,
+    }
 
 
 def far_keys(queries: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
@@ -94,16 +118,23 @@ def far_keys(queries: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
     positive noise -> (n, D). OPT's fc2 input is a ReLU output (>= 0), so every query is at cosine
     distance >= 1 from these keys."""
     g = torch.Generator().manual_seed(seed)
-    q = queries.detach().float().cpu()                                     # (B, D)
-    pick = torch.randint(0, q.shape[0], (n,), generator=g)                 # (n,)
-    scale = 0.5 + torch.rand(n, 1, generator=g)                            # (n, 1)
+    q = queries.detach().float().cpu()  # (B, D)
+    pick = torch.randint(0, q.shape[0], (n,), generator=g)  # (n,)
+    scale = 0.5 + torch.rand(n, 1, generator=g)  # (n, 1)
     noise = 0.1 * q.abs().mean() * torch.rand(n, q.shape[1], generator=g)  # (n, D)
-    return -(q[pick] * scale + noise)                                      # (n, D)
+    return -(q[pick] * scale + noise)  # (n, D)
 
 
-def bench_hook_overhead(backbone, records: Sequence[data.EditRecord], cfg, sizes: Sequence[int] = HOOK_SIZES,
-                        repeats: int = 21, warmup: int = 1, batch_size: int = 32,
-                        progress: bool = True) -> dict[int, dict]:
+def bench_hook_overhead(
+    backbone,
+    records: Sequence[data.EditRecord],
+    cfg,
+    sizes: Sequence[int] = HOOK_SIZES,
+    repeats: int = 21,
+    warmup: int = 1,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> dict[int, dict]:
     """A forward of ``batch_size`` samples with the routing hook (N entries whose keys are far from
     every sample, radius 0) against no hook; every turn checks that all rows miss and the logits
     are bit-identical. The entries share one rank-1 value, so 10,000 of them fit in memory."""
@@ -111,7 +142,9 @@ def bench_hook_overhead(backbone, records: Sequence[data.EditRecord], cfg, sizes
     images, questions = [r.image for r in chunk], [r.question for r in chunk]
     batch = backbone.to_device(backbone.encode(images, questions, [r.target for r in chunk]))
     layer_path = backbone.target_layer
-    keys = far_keys(balancedit.BalancEditor(backbone, cfg).keys(images, questions), max(sizes), seed=cfg.seed)
+    keys = far_keys(
+        balancedit.BalancEditor(backbone, cfg).keys(images, questions), max(sizes), seed=cfg.seed
+    )
     value = balancedit.new_value(backbone.get_submodule(layer_path), "lora", 1)
     codebook = balancedit.Codebook(cfg.distance)
     with torch.no_grad():
@@ -119,7 +152,7 @@ def bench_hook_overhead(backbone, records: Sequence[data.EditRecord], cfg, sizes
     out = {}
     for n in evaluate.progress_bar(sorted(sizes), progress, "hook overhead"):
         start = time.perf_counter()
-        for key in keys[len(codebook):n]:  # grow the same codebook to n entries
+        for key in keys[len(codebook) : n]:  # grow the same codebook to n entries
             codebook.add(key, value, 0.0, "far")
         build = time.perf_counter() - start
 
@@ -135,15 +168,24 @@ def bench_hook_overhead(backbone, records: Sequence[data.EditRecord], cfg, sizes
                 logits = backbone(**batch).logits
                 seconds = time.perf_counter() - start
             if not bool((router.last_index == -1).all()) or not torch.equal(logits, plain_logits):
-                raise AssertionError(f"hook overhead: a row was routed, or out-of-scope logits changed ({n} entries)")
+                raise AssertionError(
+                    f"hook overhead: a row was routed, or out-of-scope logits changed ({n} entries)"
+                )
             return seconds
 
         s = alternate({"plain": plain, "hooked": hooked}, repeats, warmup)
-        out[n] = {"plain_s": s["plain"], "hooked_s": s["hooked"], "ratio": s["hooked"] / s["plain"], "build_s": build}
+        out[n] = {
+            "plain_s": s["plain"],
+            "hooked_s": s["hooked"],
+            "ratio": s["hooked"] / s["plain"],
+            "build_s": build,
+        }
     return out
 
 
-def bench_sequential(backbone, records: Sequence[data.EditRecord], cfg, window: int, progress: bool = True) -> dict:
+def bench_sequential(
+    backbone, records: Sequence[data.EditRecord], cfg, window: int, progress: bool = True
+) -> dict:
     """Edits ``records`` in order on one codebook: mean seconds per edit over the first and the
     last ``window`` edits, and their ratio."""
     editor = balancedit.BalancEditor(backbone, cfg)
@@ -154,8 +196,16 @@ def bench_sequential(backbone, records: Sequence[data.EditRecord], cfg, window: 
         seconds.append(time.perf_counter() - start)
         actions[report.action] = actions.get(report.action, 0) + 1
     first, last = statistics.mean(seconds[:window]), statistics.mean(seconds[-window:])
-    return {"n_edits": len(records), "window": window, "steps": cfg.steps, "first_s": first, "last_s": last,
-            "ratio": last / first, "entries_at_end": len(editor), "actions": actions}
+    return {
+        "n_edits": len(records),
+        "window": window,
+        "steps": cfg.steps,
+        "first_s": first,
+        "last_s": last,
+        "ratio": last / first,
+        "entries_at_end": len(editor),
+        "actions": actions,
+    }
 
 
 def run(quick: bool = False, progress: bool = True) -> dict:
@@ -167,47 +217,85 @@ def run(quick: bool = False, progress: bool = True) -> dict:
     n_seq, window = (200, 20) if quick else (1000, 100)
     hm_records = records[:4] if quick else records
     fig: dict = {}
-    details: dict = {"tinyvlm": tiny_name, "quick": quick, "threads": torch.get_num_threads(),
-                     "config": dataclasses.asdict(cfg)}
-    print(f"# bench{' --quick' if quick else ''}: {torch.get_num_threads()} threads; "
-          f"{cfg.steps} steps/edit, lr {cfg.lr}\n")
+    details: dict = {
+        "tinyvlm": tiny_name,
+        "quick": quick,
+        "threads": torch.get_num_threads(),
+        "config": dataclasses.asdict(cfg),
+    }
+    print(
+        f"# bench{' --quick' if quick else ''}: {torch.get_num_threads()} threads; "
+        f"{cfg.steps} steps/edit, lr {cfg.lr}\n"
+    )
 
-    blip2_name = "random BLIP-2 OPT, {layers} decoder layers (hidden {hidden}, ffn {ffn})".format(**BLIP2_DEPTH)
-    llama_name = "random MiniGPT-4, {layers} LLaMA layers (hidden {hidden}, ffn {ffn})".format(**BLIP2_DEPTH)
-    rows = {tiny_name: bench_edit_speed(tiny, records[0], cfg, edit_reps),
-            blip2_name: bench_edit_speed(models.random_blip2(**BLIP2_DEPTH, seed=cfg.seed), records[0], cfg, edit_reps),
-            llama_name: bench_edit_speed(models.random_minigpt4(**BLIP2_DEPTH, seed=cfg.seed), records[0], cfg,
-                                         edit_reps)}
+    blip2_name = "random BLIP-2 OPT, {layers} decoder layers (hidden {hidden}, ffn {ffn})".format(
+        **BLIP2_DEPTH
+    )
+    llama_name = "random MiniGPT-4, {layers} LLaMA layers (hidden {hidden}, ffn {ffn})".format(
+        **BLIP2_DEPTH
+    )
+    rows = {
+        tiny_name: bench_edit_speed(tiny, records[0], cfg, edit_reps),
+        blip2_name: bench_edit_speed(
+            models.random_blip2(**BLIP2_DEPTH, seed=cfg.seed), records[0], cfg, edit_reps
+        ),
+        llama_name: bench_edit_speed(
+            models.random_minigpt4(**BLIP2_DEPTH, seed=cfg.seed), records[0], cfg, edit_reps
+        ),
+    }
     fig["edit_speedup_blip2_depth"] = rows[blip2_name]["speedup"]
     fig["edit_speedup_llama_depth"] = rows[llama_name]["speedup"]
     fig["edit_weights_max_rel_diff"] = max(r["weights_max_rel_diff"] for r in rows.values())
-    print(f"## One edit: the plain loop vs cached activations ({cfg.steps} steps, median of {edit_reps})\n")
-    print("| backbone | plain loop s/edit | cached s/edit | speedup | max rel. weight diff |\n|---|---|---|---|---|")
+    print(
+        f"## One edit: the plain loop vs cached activations ({cfg.steps} steps, median of {edit_reps})\n"
+    )
+    print(
+        "| backbone | plain loop s/edit | cached s/edit | speedup | max rel. weight diff |\n|---|---|---|---|---|"
+    )
     for name, r in rows.items():
-        print(f"| {name} | {r['naive_s']:.3f} | {r['cached_s']:.3f} | {r['speedup']:.1f}x | "
-              f"{r['weights_max_rel_diff']:.2e} |")
+        print(
+            f"| {name} | {r['naive_s']:.3f} | {r['cached_s']:.3f} | {r['speedup']:.1f}x | "
+            f"{r['weights_max_rel_diff']:.2e} |"
+        )
     details["edit_speed"] = rows
 
     hook = bench_hook_overhead(tiny, records, cfg, HOOK_SIZES, hook_reps, progress=progress)
     fig["hook_overhead_1000"] = hook[1000]["ratio"]
-    print(f"\n## Hook overhead: TinyVLM forward, batch of 32, every row out of scope (median of {hook_reps})\n")
+    print(
+        f"\n## Hook overhead: TinyVLM forward, batch of 32, every row out of scope (median of {hook_reps})\n"
+    )
     print("| entries | no hook ms | hooked ms | ratio | codebook build s |\n|---|---|---|---|---|")
     for n, r in hook.items():
-        print(f"| {n:,} | {1e3 * r['plain_s']:.2f} | {1e3 * r['hooked_s']:.2f} | {r['ratio']:.3f} | {r['build_s']:.2f} |")
+        print(
+            f"| {n:,} | {1e3 * r['plain_s']:.2f} | {1e3 * r['hooked_s']:.2f} | {r['ratio']:.3f} | {r['build_s']:.2f} |"
+        )
     details["hook_overhead"] = {str(n): r for n, r in hook.items()}
 
     sizes = bytes_per_entry()
     fig["lora8_bytes_ratio"] = sizes["lora8"]["ratio_to_full"]
-    print("\n## Bytes per entry: OPT-2.7B's fc2, nn.Linear(10240, 2560) in fp16; values are float32, "
-          "and each entry also holds its key (10240 float32) and radius\n")
+    print(
+        "\n## Bytes per entry: OPT-2.7B's fc2, nn.Linear(10240, 2560) in fp16; values are float32, "
+        "and each entry also holds its key (10240 float32) and radius\n"
+    )
     print("| value | value bytes | entry bytes | ratio to full |\n|---|---|---|---|")
     for name, r in sizes.items():
         label = "full (weight + bias)" if name == "full" else f"LoRA rank {name[4:]} (A + B)"
-        print(f"| {label} | {r['value_bytes']:,} | {r['entry_bytes']:,} | 1/{1 / r['ratio_to_full']:.0f} |")
+        print(
+            f"| {label} | {r['value_bytes']:,} | {r['entry_bytes']:,} | 1/{1 / r['ratio_to_full']:.0f} |"
+        )
     refs = evaluate.references(tiny, hm_records, progress)
-    hm_results = {name: evaluate.evaluate("balancedit", tiny, hm_records, dataclasses.replace(cfg, value=value),
-                                          "single", refs, progress)
-                  for name, value in (("full", "full"), ("lora rank 8", "lora"))}
+    hm_results = {
+        name: evaluate.evaluate(
+            "balancedit",
+            tiny,
+            hm_records,
+            dataclasses.replace(cfg, value=value),
+            "single",
+            refs,
+            progress,
+        )
+        for name, value in (("full", "full"), ("lora rank 8", "lora"))
+    }
     fig["lora8_hm_delta"] = hm_results["full"]["hm"] - hm_results["lora rank 8"]["hm"]
     print(f"\nBalancEdit, single edits, {len(hm_records)} records of the sample:\n")
     print(evaluate.table(hm_results, first="value"))
@@ -215,21 +303,37 @@ def run(quick: bool = False, progress: bool = True) -> dict:
 
     seq = bench_sequential(tiny, data.make_records(cfg.seed, n_seq), cfg, window, progress)
     fig["seq_last_first_ratio"] = seq["ratio"]
-    print(f"\n## {n_seq:,} sequential edits on TinyVLM ({seq['entries_at_end']} entries at the end; "
-          f"actions {seq['actions']})\n")
-    print(f"| edits | s/edit |\n|---|---|\n| first {window} | {seq['first_s']:.4f} |\n"
-          f"| last {window} | {seq['last_s']:.4f} |\n\nlast / first = {seq['ratio']:.2f}")
+    print(
+        f"\n## {n_seq:,} sequential edits on TinyVLM ({seq['entries_at_end']} entries at the end; "
+        f"actions {seq['actions']})\n"
+    )
+    print(
+        f"| edits | s/edit |\n|---|---|\n| first {window} | {seq['first_s']:.4f} |\n"
+        f"| last {window} | {seq['last_s']:.4f} |\n\nlast / first = {seq['ratio']:.2f}"
+    )
     details["sequential"] = seq
     return {**fig, "details": details}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    parser.add_argument("--json", metavar="PATH", default="results/bench.json",
-                        help="where to write the figures (default results/bench.json)")
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions, 4 records for the HM "
-                        "comparison, 200 sequential edits (windows of 20): about a minute")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    parser = argparse.ArgumentParser(
+        prog="bench.py", description=__doc__.split("\n\n")[0], allow_abbrev=False
+    )
+    parser.add_argument(
+        "--json",
+        metavar="PATH",
+        default="results/bench.json",
+        help="where to write the figures (default results/bench.json)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer repetitions, 4 records for the HM "
+        "comparison, 200 sequential edits (windows of 20): about a minute",
+    )
+    parser.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="no progress bars"
+    )
     return parser
 
 

@@ -59,6 +59,7 @@ from PIL import Image, ImageDraw
 @dataclass
 class Sample:
     """One scored (image, question, answer) triple; image None = text-only."""
+
     image: Optional[Image.Image]
     question: str
     answer: str
@@ -67,18 +68,21 @@ class Sample:
 @dataclass
 class EditRecord:
     """One edit and everything needed to score it."""
+
     id: str
     image: Image.Image
     question: str
-    answer: str                              # y^o, the old answer
-    target: str                              # y^n, the new answer
-    rephrases: list[str]                     # scoring T-Gen (Eq. 5)
-    train_rephrases: list[str]               # positives for Eq. 3; may be empty
-    rephrase_images: list[Image.Image]       # scoring I-Gen (Eq. 6)
-    locality: list[Sample]                   # scoring Loc (Eq. 7)
-    m_locality: list[Sample]                 # unrelated multimodal locality
+    answer: str  # y^o, the old answer
+    target: str  # y^n, the new answer
+    rephrases: list[str]  # scoring T-Gen (Eq. 5)
+    train_rephrases: list[str]  # positives for Eq. 3; may be empty
+    rephrase_images: list[Image.Image]  # scoring I-Gen (Eq. 6)
+    locality: list[Sample]  # scoring Loc (Eq. 7)
+    m_locality: list[Sample]  # unrelated multimodal locality
     category: str = ""
-    q_locality: list[Sample] = field(default_factory=list)  # the edit's images, the other questions (q_loc)
+    q_locality: list[Sample] = field(
+        default_factory=list
+    )  # the edit's images, the other questions (q_loc)
 
 
 class DataError(ValueError):
@@ -103,7 +107,9 @@ def anchor_image(kind: str, size: Union[int, tuple[int, int]] = 64, seed: int = 
     elif kind == "noise":
         pixels = np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
     else:
-        raise ValueError(f"anchor_image: unknown kind {kind!r}; allowed kinds: {', '.join(ANCHOR_KINDS)}")
+        raise ValueError(
+            f"anchor_image: unknown kind {kind!r}; allowed kinds: {', '.join(ANCHOR_KINDS)}"
+        )
     return Image.fromarray(pixels, mode="RGB")
 
 
@@ -160,8 +166,15 @@ _KINDS = {
 }
 
 
-def _field(obj: dict, name: str, kind: str, file: Any, record: str,
-           default: Any = _MISSING, nonempty: bool = True) -> Any:
+def _field(
+    obj: dict,
+    name: str,
+    kind: str,
+    file: Any,
+    record: str,
+    default: Any = _MISSING,
+    nonempty: bool = True,
+) -> Any:
     """obj[name], checked: present (unless a default is given), of `kind`, and
     (if `nonempty`) not an empty string / empty list / list with an empty string."""
     if name not in obj:
@@ -206,8 +219,9 @@ def _inside(root: Path, rel: str, file: Any, record: str, field: str) -> Path:
     Symlinks inside root are followed: the folder's owner made them, not the file."""
     parts = PureWindowsPath(rel)  # parses both separators, drives and UNC names
     if parts.drive or parts.root or ".." in parts.parts:
-        raise _err(file, record, field, f"must be a relative path inside {root} "
-                   f"without '..', got {rel!r}")
+        raise _err(
+            file, record, field, f"must be a relative path inside {root} without '..', got {rel!r}"
+        )
     return root / rel
 
 
@@ -241,8 +255,10 @@ def _open_image(path: Path, record: str, field: str) -> Image.Image:
             im.load()  # force full decoding: truncated pixel data fails here
             rgb = _to_rgb(im)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"{path}: record {record}: field '{field}': "
-                        f"cannot read image (truncated or not an image: {e})") from e
+        raise DataError(
+            f"{path}: record {record}: field '{field}': "
+            f"cannot read image (truncated or not an image: {e})"
+        ) from e
     rgb.info = {}
     return rgb
 
@@ -278,7 +294,9 @@ def _okedit_answers(ann: dict, file: Path, rid: str) -> list[str]:
     """`answers` as a list of str; also accepts VQA's [{"answer": str}, ...]."""
     raw = ann.get("answers")
     if isinstance(raw, list) and raw and all(isinstance(a, dict) for a in raw):  # VQA form
-        return [_field(a, "answer", "str", file, f"{rid} (answers item {i})") for i, a in enumerate(raw)]
+        return [
+            _field(a, "answer", "str", file, f"{rid} (answers item {i})") for i, a in enumerate(raw)
+        ]
     return _field(ann, "answers", "str_list", file, rid)
 
 
@@ -295,10 +313,13 @@ def _question_index(path: Path) -> dict[str, dict]:
     return index
 
 
-def load_okedit(root: Union[str, os.PathLike], image_root: Union[str, os.PathLike, None] = None,
-                rephrase_root: Union[str, os.PathLike, None] = None,
-                locality_root: Union[str, os.PathLike, None] = None,
-                limit: Optional[int] = None) -> list[EditRecord]:
+def load_okedit(
+    root: Union[str, os.PathLike],
+    image_root: Union[str, os.PathLike, None] = None,
+    rephrase_root: Union[str, os.PathLike, None] = None,
+    locality_root: Union[str, os.PathLike, None] = None,
+    limit: Optional[int] = None,
+) -> list[EditRecord]:
     """Read an OKEDIT dataset folder into EditRecords (id = str(question_id)).
 
     image_root is the folder containing `val2014` (default: root); rephrase_root
@@ -318,33 +339,58 @@ def load_okedit(root: Union[str, os.PathLike], image_root: Union[str, os.PathLik
     seen: set[str] = set()
     for i, ann in enumerate(annotations[:limit] if limit is not None else annotations):
         if not isinstance(ann, dict):
-            raise DataError(f"{ann_path}: record at index {i} should be an object, got {type(ann).__name__}")
+            raise DataError(
+                f"{ann_path}: record at index {i} should be an object, got {type(ann).__name__}"
+            )
         rid = str(_field(ann, "question_id", "id", ann_path, f"at index {i}"))
         if rid in seen:
             raise _err(ann_path, rid, "question_id", "is duplicated")
         seen.add(rid)
-        records.append(_okedit_record(ann, rid, questions, ann_path, q_path,
-                                      root, image_root, rephrase_root, locality_root))
+        records.append(
+            _okedit_record(
+                ann,
+                rid,
+                questions,
+                ann_path,
+                q_path,
+                root,
+                image_root,
+                rephrase_root,
+                locality_root,
+            )
+        )
     return records
 
 
-def _okedit_record(ann: dict, rid: str, questions: dict, ann_path: Path, q_path: Path,
-                   root: Path, image_root: Path, rephrase_root: Path, locality_root: Path) -> EditRecord:
+def _okedit_record(
+    ann: dict,
+    rid: str,
+    questions: dict,
+    ann_path: Path,
+    q_path: Path,
+    root: Path,
+    image_root: Path,
+    rephrase_root: Path,
+    locality_root: Path,
+) -> EditRecord:
     # --- text fields
     image_id = _field(ann, "image_id", "int", ann_path, rid)
     answers = _okedit_answers(ann, ann_path, rid)
     target = _field(ann, "counterfact_answer", "str", ann_path, rid)
     loc_answer = _field(ann, "locality_answer", "str_or_str_list", ann_path, rid)
     _field(ann, "image_object", "str", ann_path, rid, default=None, nonempty=False)
-    _field(ann, "locality_image_object", "str_or_str_list", ann_path, rid, default=None, nonempty=False)
+    _field(
+        ann, "locality_image_object", "str_or_str_list", ann_path, rid, default=None, nonempty=False
+    )
     category = _field(ann, "category", "str", ann_path, rid, default="", nonempty=False)
     if rid not in questions:
         raise _err(ann_path, rid, "question_id", f"has no entry in {q_path}")
     q = questions[rid]
     question = _field(q, "question", "str", q_path, rid)
     rephrases = _field(q, "rephrased_questions", "str_list", q_path, rid)
-    train_rephrases = _field(q, "rephrased_questions_train", "str_list", q_path, rid,
-                             default=[], nonempty=False)
+    train_rephrases = _field(
+        q, "rephrased_questions_train", "str_list", q_path, rid, default=[], nonempty=False
+    )
 
     # --- the edit image: COCO name, .jpg as the authors ship it, or lossless .png
     stem = image_root / "val2014" / f"COCO_val2014_{image_id:012d}"
@@ -357,30 +403,43 @@ def _okedit_record(ann: dict, rid: str, questions: dict, ann_path: Path, q_path:
     rdir = _inside(rephrase_root, rid, ann_path, rid, "question_id")
     if not rdir.is_dir():
         raise DataError(f"{rdir}: record {rid}: field 'rephrase_images': folder not found")
-    names = sorted((p.name for p in rdir.iterdir() if p.is_file() and not p.name.startswith(".")),
-                   key=lambda n: (_natural_key(n), n))
+    names = sorted(
+        (p.name for p in rdir.iterdir() if p.is_file() and not p.name.startswith(".")),
+        key=lambda n: (_natural_key(n), n),
+    )
     if not names:
         raise DataError(f"{rdir}: record {rid}: field 'rephrase_images': folder holds no images")
     rephrase_images = [_open_image(rdir / n, rid, "rephrase_images") for n in names]
 
     # --- locality: locality/{qid}/{k}.png, one answer (and question) per image
     loc_answers = [loc_answer] if isinstance(loc_answer, str) else loc_answer
-    loc_questions = _field(ann, "locality_questions", "str_list", ann_path, rid,
-                           default=[question] * len(loc_answers))
+    loc_questions = _field(
+        ann, "locality_questions", "str_list", ann_path, rid, default=[question] * len(loc_answers)
+    )
     if len(loc_questions) != len(loc_answers):
-        raise _err(ann_path, rid, "locality_questions",
-                   f"has {len(loc_questions)} items but 'locality_answer' has {len(loc_answers)}")
+        raise _err(
+            ann_path,
+            rid,
+            "locality_questions",
+            f"has {len(loc_questions)} items but 'locality_answer' has {len(loc_answers)}",
+        )
     ldir = _inside(locality_root, rid, ann_path, rid, "question_id")
     extra = ldir / f"{len(loc_answers)}.png"
     if extra.is_file():
-        raise DataError(f"{extra}: record {rid}: field 'locality_answer': there are more locality "
-                        f"images than the {len(loc_answers)} answer(s) in {ann_path}")
-    locality = [Sample(_open_image(ldir / f"{k}.png", rid, "locality"), lq, la)
-                for k, (lq, la) in enumerate(zip(loc_questions, loc_answers))]
+        raise DataError(
+            f"{extra}: record {rid}: field 'locality_answer': there are more locality "
+            f"images than the {len(loc_answers)} answer(s) in {ann_path}"
+        )
+    locality = [
+        Sample(_open_image(ldir / f"{k}.png", rid, "locality"), lq, la)
+        for k, (lq, la) in enumerate(zip(loc_questions, loc_answers))
+    ]
 
     # --- m_loc (our extension): images relative to the dataset folder
     m_locality = []
-    for k, m in enumerate(_field(ann, "m_loc", "dict_list", ann_path, rid, default=[], nonempty=False)):
+    for k, m in enumerate(
+        _field(ann, "m_loc", "dict_list", ann_path, rid, default=[], nonempty=False)
+    ):
         where = f"{rid} (m_loc item {k})"
         m_image = _field(m, "image", "str", ann_path, where)
         m_q = _field(m, "question", "str", ann_path, where)
@@ -390,16 +449,33 @@ def _okedit_record(ann: dict, rid: str, questions: dict, ann_path: Path, q_path:
 
     # --- q_locality (our extension): the record's own images asked other questions
     q_locality = []
-    for k, q in enumerate(_field(ann, "q_locality", "dict_list", ann_path, rid, default=[], nonempty=False)):
+    for k, q in enumerate(
+        _field(ann, "q_locality", "dict_list", ann_path, rid, default=[], nonempty=False)
+    ):
         where = f"{rid} (q_locality item {k})"
         q_path = _inside(root, _field(q, "image", "str", ann_path, where), ann_path, where, "image")
-        q_locality.append(Sample(_open_image(q_path, rid, f"q_locality item {k}"),
-                                 _field(q, "question", "str", ann_path, where), _field(q, "answer", "str", ann_path, where)))
+        q_locality.append(
+            Sample(
+                _open_image(q_path, rid, f"q_locality item {k}"),
+                _field(q, "question", "str", ann_path, where),
+                _field(q, "answer", "str", ann_path, where),
+            )
+        )
 
-    return EditRecord(id=rid, image=image, question=question, answer=answers[0], target=target,
-                      rephrases=list(rephrases), train_rephrases=list(train_rephrases),
-                      rephrase_images=rephrase_images, locality=locality,
-                      m_locality=m_locality, category=category, q_locality=q_locality)
+    return EditRecord(
+        id=rid,
+        image=image,
+        question=question,
+        answer=answers[0],
+        target=target,
+        rephrases=list(rephrases),
+        train_rephrases=list(train_rephrases),
+        rephrase_images=rephrase_images,
+        locality=locality,
+        m_locality=m_locality,
+        category=category,
+        q_locality=q_locality,
+    )
 
 
 def _check_owned_dir(folder: Path, names: set[str], rid: str, field: str) -> None:
@@ -408,44 +484,64 @@ def _check_owned_dir(folder: Path, names: set[str], rid: str, field: str) -> Non
     if folder.is_dir():
         stale = sorted(p.name for p in folder.iterdir() if p.name not in names)
         if stale:
-            raise DataError(f"{folder}: record {rid}: field '{field}': folder already holds "
-                            f"files this write would not produce ({', '.join(stale[:5])}); "
-                            f"write into an empty directory")
+            raise DataError(
+                f"{folder}: record {rid}: field '{field}': folder already holds "
+                f"files this write would not produce ({', '.join(stale[:5])}); "
+                f"write into an empty directory"
+            )
 
 
-def write_okedit(records: list[EditRecord], out_dir: Union[str, os.PathLike],
-                 image_ids: Optional[list[int]] = None) -> list[Path]:
+def write_okedit(
+    records: list[EditRecord],
+    out_dir: Union[str, os.PathLike],
+    image_ids: Optional[list[int]] = None,
+) -> list[Path]:
     """Write records in the OKEDIT layout (deterministic; load_okedit reads it back
     equal) and return the paths written. image_id defaults to 1..N in order; ids
     must be int-like strings."""
     out = Path(out_dir)
     if image_ids is None:
         image_ids = list(range(1, len(records) + 1))
-    if len(image_ids) != len(records) or len(set(image_ids)) != len(image_ids) \
-            or not all(_is_int(x) and x >= 0 for x in image_ids):
-        raise DataError(f"write_okedit: image_ids must be {len(records)} distinct non-negative ints")
+    if (
+        len(image_ids) != len(records)
+        or len(set(image_ids)) != len(image_ids)
+        or not all(_is_int(x) and x >= 0 for x in image_ids)
+    ):
+        raise DataError(
+            f"write_okedit: image_ids must be {len(records)} distinct non-negative ints"
+        )
     annotations, questions, seen, written = [], [], set(), []
     for r, image_id in zip(records, image_ids):
-        if not (isinstance(r.id, str) and re.fullmatch(r"-?[0-9]+", r.id) and str(int(r.id)) == r.id):
-            raise DataError(f"write_okedit: record {r.id!r}: field 'id' must be an int-like string "
-                            f"such as '17' (OKEDIT's question_id is an int)")
+        if not (
+            isinstance(r.id, str) and re.fullmatch(r"-?[0-9]+", r.id) and str(int(r.id)) == r.id
+        ):
+            raise DataError(
+                f"write_okedit: record {r.id!r}: field 'id' must be an int-like string "
+                f"such as '17' (OKEDIT's question_id is an int)"
+            )
         if r.id in seen:
             raise DataError(f"write_okedit: record {r.id}: field 'id' is duplicated")
         seen.add(r.id)
         for name, items in (("rephrase_images", r.rephrase_images), ("locality", r.locality)):
             if not items:
-                raise DataError(f"write_okedit: record {r.id}: field '{name}' is empty; "
-                                f"OKEDIT needs at least one")
+                raise DataError(
+                    f"write_okedit: record {r.id}: field '{name}' is empty; "
+                    f"OKEDIT needs at least one"
+                )
         for name, samples in (("locality", r.locality), ("m_locality", r.m_locality)):
             if any(s.image is None for s in samples):
-                raise DataError(f"write_okedit: record {r.id}: field '{name}' has a text-only "
-                                f"sample; OKEDIT stores an image for each")
+                raise DataError(
+                    f"write_okedit: record {r.id}: field '{name}' has a text-only "
+                    f"sample; OKEDIT stores an image for each"
+                )
         qid = int(r.id)
 
         stem = out / "val2014" / f"COCO_val2014_{image_id:012d}"
         if stem.with_suffix(".jpg").exists():  # the loader would read it instead
-            raise DataError(f"{stem.with_suffix('.jpg')}: record {r.id}: field 'image': a stale "
-                            f".jpg would shadow the .png written here; write into an empty directory")
+            raise DataError(
+                f"{stem.with_suffix('.jpg')}: record {r.id}: field 'image': a stale "
+                f".jpg would shadow the .png written here; write into an empty directory"
+            )
         written.append(_save_png(r.image, stem.with_suffix(".png")))
         rep_names = [f"{k}.png" for k in range(len(r.rephrase_images))]
         _check_owned_dir(out / "rephrase" / r.id, set(rep_names), r.id, "rephrase_images")
@@ -460,27 +556,42 @@ def write_okedit(records: list[EditRecord], out_dir: Union[str, os.PathLike],
             rel = f"m_loc/{r.id}/{k}.png"
             written.append(_save_png(s.image, out / rel))
             m_loc.append({"image": rel, "question": s.question, "answer": s.answer})
-        own = {r.image.tobytes(): f"val2014/{stem.name}.png",  # q_locality asks the record's own images
-               **{im.tobytes(): f"rephrase/{r.id}/{n}" for n, im in zip(rep_names, r.rephrase_images)}}
+        own = {
+            r.image.tobytes(): f"val2014/{stem.name}.png",  # q_locality asks the record's own images
+            **{im.tobytes(): f"rephrase/{r.id}/{n}" for n, im in zip(rep_names, r.rephrase_images)},
+        }
         q_loc = []
         for k, s in enumerate(r.q_locality):
             if s.image is None or s.image.tobytes() not in own:
-                raise DataError(f"write_okedit: record {r.id}: field 'q_locality' item {k}: its image must be "
-                                f"the record's image or one of its rephrase images")
-            q_loc.append({"image": own[s.image.tobytes()], "question": s.question, "answer": s.answer})
+                raise DataError(
+                    f"write_okedit: record {r.id}: field 'q_locality' item {k}: its image must be "
+                    f"the record's image or one of its rephrase images"
+                )
+            q_loc.append(
+                {"image": own[s.image.tobytes()], "question": s.question, "answer": s.answer}
+            )
 
-        annotations.append({
-            "question_id": qid, "image_id": image_id, "answers": [r.answer],
-            "counterfact_answer": r.target,
-            "locality_answer": [s.answer for s in r.locality],
-            "locality_questions": [s.question for s in r.locality],
-            "m_loc": m_loc, "category": r.category, **({"q_locality": q_loc} if q_loc else {}),
-        })
-        questions.append({
-            "question_id": qid, "question": r.question,
-            "rephrased_questions": list(r.rephrases),
-            "rephrased_questions_train": list(r.train_rephrases),
-        })
+        annotations.append(
+            {
+                "question_id": qid,
+                "image_id": image_id,
+                "answers": [r.answer],
+                "counterfact_answer": r.target,
+                "locality_answer": [s.answer for s in r.locality],
+                "locality_questions": [s.question for s in r.locality],
+                "m_loc": m_loc,
+                "category": r.category,
+                **({"q_locality": q_loc} if q_loc else {}),
+            }
+        )
+        questions.append(
+            {
+                "question_id": qid,
+                "question": r.question,
+                "rephrased_questions": list(r.rephrases),
+                "rephrased_questions_train": list(r.train_rephrases),
+            }
+        )
     written.append(_write_json(annotations, out / "annotations.json"))
     written.append(_write_json({"questions": questions}, out / "questions.json"))
     return written
@@ -492,8 +603,11 @@ def write_okedit(records: list[EditRecord], out_dir: Union[str, os.PathLike],
 _MMEDIT_TEXT = ("src", "pred", "rephrase", "alt", "loc", "loc_ans", "m_loc_q", "m_loc_a")
 
 
-def load_mmedit(json_path: Union[str, os.PathLike], image_root: Union[str, os.PathLike],
-                limit: Optional[int] = None) -> list[EditRecord]:
+def load_mmedit(
+    json_path: Union[str, os.PathLike],
+    image_root: Union[str, os.PathLike],
+    limit: Optional[int] = None,
+) -> list[EditRecord]:
     """Read MMEdit's E-VQA json into EditRecords (id = str(list index))."""
     path, image_root = Path(json_path), Path(image_root)
     if limit is not None and limit < 0:
@@ -505,21 +619,34 @@ def load_mmedit(json_path: Union[str, os.PathLike], image_root: Union[str, os.Pa
         if not isinstance(item, dict):
             raise DataError(f"{path}: record {rid} should be an object, got {type(item).__name__}")
         text = {k: _field(item, k, "str", path, rid) for k in _MMEDIT_TEXT}
-        paths = {k: _inside(image_root, _field(item, k, "str", path, rid), path, rid, k)
-                 for k in ("image", "image_rephrase", "m_loc")}
+        paths = {
+            k: _inside(image_root, _field(item, k, "str", path, rid), path, rid, k)
+            for k in ("image", "image_rephrase", "m_loc")
+        }
         images = {k: _open_image(p, rid, k) for k, p in paths.items()}
-        records.append(EditRecord(
-            id=rid, image=images["image"], question=text["src"], answer=text["pred"],
-            target=text["alt"], rephrases=[text["rephrase"]], train_rephrases=[],
-            rephrase_images=[images["image_rephrase"]],
-            locality=[Sample(None, text["loc"], text["loc_ans"])],
-            m_locality=[Sample(images["m_loc"], text["m_loc_q"], text["m_loc_a"])],
-            category=""))
+        records.append(
+            EditRecord(
+                id=rid,
+                image=images["image"],
+                question=text["src"],
+                answer=text["pred"],
+                target=text["alt"],
+                rephrases=[text["rephrase"]],
+                train_rephrases=[],
+                rephrase_images=[images["image_rephrase"]],
+                locality=[Sample(None, text["loc"], text["loc_ans"])],
+                m_locality=[Sample(images["m_loc"], text["m_loc_q"], text["m_loc_a"])],
+                category="",
+            )
+        )
     return records
 
 
-def write_mmedit(records: list[EditRecord], json_path: Union[str, os.PathLike],
-                 image_root: Union[str, os.PathLike]) -> None:
+def write_mmedit(
+    records: list[EditRecord],
+    json_path: Union[str, os.PathLike],
+    image_root: Union[str, os.PathLike],
+) -> None:
     """Write records of MMEdit's shape as E-VQA json + PNGs named {i}.png,
     {i}_rephrase.png, {i}_m_loc.png under image_root. Raises rather than drop
     anything MMEdit cannot hold (ids other than list positions, train rephrases,
@@ -541,17 +668,31 @@ def write_mmedit(records: list[EditRecord], json_path: Union[str, os.PathLike],
             raise DataError(
                 f"write_mmedit: record {r.id}: field '{bad[0]}' does not fit MMEdit's shape "
                 f"(id = list position '{i}', exactly one rephrase, one rephrase image, one "
-                f"text-only locality, one m_loc with an image, no train rephrases, no category)")
-        names = {"image": f"{i}.png", "image_rephrase": f"{i}_rephrase.png", "m_loc": f"{i}_m_loc.png"}
+                f"text-only locality, one m_loc with an image, no train rephrases, no category)"
+            )
+        names = {
+            "image": f"{i}.png",
+            "image_rephrase": f"{i}_rephrase.png",
+            "m_loc": f"{i}_m_loc.png",
+        }
         _save_png(r.image, image_root / names["image"])
         _save_png(r.rephrase_images[0], image_root / names["image_rephrase"])
         _save_png(r.m_locality[0].image, image_root / names["m_loc"])
-        items.append({
-            "src": r.question, "pred": r.answer, "rephrase": r.rephrases[0], "alt": r.target,
-            "loc": r.locality[0].question, "loc_ans": r.locality[0].answer,
-            "m_loc_q": r.m_locality[0].question, "m_loc_a": r.m_locality[0].answer, **names,
-        })
+        items.append(
+            {
+                "src": r.question,
+                "pred": r.answer,
+                "rephrase": r.rephrases[0],
+                "alt": r.target,
+                "loc": r.locality[0].question,
+                "loc_ans": r.locality[0].answer,
+                "m_loc_q": r.m_locality[0].question,
+                "m_loc_a": r.m_locality[0].answer,
+                **names,
+            }
+        )
     _write_json(items, path)
+
 
 # ---------------------------------------------------------------------------
 # The world: a tiny, fully known visual domain.
@@ -587,33 +728,55 @@ def _made_up_words(n: int, seed: int, avoid: set[str] = frozenset()) -> list[str
     rng = random.Random(seed)
     words: list[str] = []
     while len(words) < n:
-        w = "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(2)) + rng.choice("knrsx")
+        w = "".join(
+            rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(2)
+        ) + rng.choice("knrsx")
         if w not in words and w not in avoid:
             words.append(w)
     return words
 
 
-KIND_NAMES = dict(zip(KINDS, _made_up_words(len(KINDS), seed=1)))   # what each kind is called
-NEW_WORDS = _made_up_words(64, seed=2, avoid=set(KIND_NAMES.values()))  # edit targets y^n, never trained on
+KIND_NAMES = dict(zip(KINDS, _made_up_words(len(KINDS), seed=1)))  # what each kind is called
+NEW_WORDS = _made_up_words(
+    64, seed=2, avoid=set(KIND_NAMES.values())
+)  # edit targets y^n, never trained on
 
 QUESTIONS = {  # family -> ten paraphrases
     "shape": [
-        "what shape is this?", "what shape is the object?", "which shape is shown?",
-        "what is the shape of the object?", "what shape do you see?", "what shape is in the picture?",
-        "which shape is in the image?", "tell me the shape of this thing.", "what geometric shape is this?",
+        "what shape is this?",
+        "what shape is the object?",
+        "which shape is shown?",
+        "what is the shape of the object?",
+        "what shape do you see?",
+        "what shape is in the picture?",
+        "which shape is in the image?",
+        "tell me the shape of this thing.",
+        "what geometric shape is this?",
         "what is the form of this object?",
     ],
     "colour": [
-        "what colour is this?", "what colour is the object?", "which colour is shown?",
-        "what is the colour of the object?", "what colour do you see?", "what colour is in the picture?",
-        "which colour does the object have?", "tell me the colour of this thing.", "what hue is this object?",
+        "what colour is this?",
+        "what colour is the object?",
+        "which colour is shown?",
+        "what is the colour of the object?",
+        "what colour do you see?",
+        "what colour is in the picture?",
+        "which colour does the object have?",
+        "tell me the colour of this thing.",
+        "what hue is this object?",
         "what is the colour of this thing?",
     ],
     "name": [
-        "what is this called?", "what is the name of this thing?", "what do people call this?",
-        "how is this object named?", "what is this object called?", "what name does this have?",
-        "tell me the name of this object.", "what is the name of the object in the picture?",
-        "what do we call this thing?", "which name does this object have?",
+        "what is this called?",
+        "what is the name of this thing?",
+        "what do people call this?",
+        "how is this object named?",
+        "what is this object called?",
+        "what name does this have?",
+        "tell me the name of this object.",
+        "what is the name of the object in the picture?",
+        "what do we call this thing?",
+        "which name does this object have?",
     ],
 }
 FAMILY_OF = {q: f for f, qs in QUESTIONS.items() for q in qs}
@@ -653,8 +816,13 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     if shape == "diamond":
         return [(cx, cy - r), (cx + r * 0.8, cy), (cx, cy + r), (cx - r * 0.8, cy)]
     if shape == "star":
-        return [(cx + (r if i % 2 == 0 else r * 0.45) * math.sin(i * math.pi / 5),
-                 cy - (r if i % 2 == 0 else r * 0.45) * math.cos(i * math.pi / 5)) for i in range(10)]
+        return [
+            (
+                cx + (r if i % 2 == 0 else r * 0.45) * math.sin(i * math.pi / 5),
+                cy - (r if i % 2 == 0 else r * 0.45) * math.cos(i * math.pi / 5),
+            )
+            for i in range(10)
+        ]
     raise ValueError(shape)
 
 
@@ -672,7 +840,7 @@ def _centre(rng: random.Random, r: int, split: str) -> tuple[int, int]:
 def render(kind: tuple[str, str], rng: random.Random, split: str) -> Image.Image:
     """One 64x64 rendering of `kind`; split "train" puts the centre on cx+cy even, "eval" on odd."""
     shape, colour = kind
-    r = rng.randint(14, 21)                              # object half-size
+    r = rng.randint(14, 21)  # object half-size
     cx, cy = _centre(rng, r, split)
     grey = rng.randint(190, 235)  # light backgrounds: every colour is darker than its background
     background = tuple(min(255, grey + rng.randint(-12, 12)) for _ in range(3))
@@ -722,13 +890,22 @@ def _edited_kinds(rng: random.Random, n_locality: int, limit: int) -> list[tuple
     chosen: list[tuple[str, str]] = []
     for kind in rng.sample(KINDS, len(KINDS)):
         trial = chosen + [kind]
-        if len(chosen) < limit and all(len(set(_near_misses(k)) - set(trial)) >= n_locality for k in trial):
+        if len(chosen) < limit and all(
+            len(set(_near_misses(k)) - set(trial)) >= n_locality for k in trial
+        ):
             chosen = trial
     return chosen
 
 
-def make_records(seed: int, n: int = 40, n_rephrases: int = 5, n_train_rephrases: int = 2,
-                 n_images: int = 5, n_locality: int = 3, n_unrelated: int = 2) -> list[EditRecord]:
+def make_records(
+    seed: int,
+    n: int = 40,
+    n_rephrases: int = 5,
+    n_train_rephrases: int = 2,
+    n_images: int = 5,
+    n_locality: int = 3,
+    n_unrelated: int = 2,
+) -> list[EditRecord]:
     """`n` edit records, alternately of scope "kind" (a kind's name) and "shape" (a shape's word).
 
     Every rendering is from the "eval" split. The records are consistent with each other, so
@@ -743,19 +920,22 @@ def make_records(seed: int, n: int = 40, n_rephrases: int = 5, n_train_rephrases
     if n_locality > len(SHAPES) // 2:
         raise ValueError(f"n_locality must be at most {len(SHAPES) // 2}, got {n_locality}")
     rng = random.Random(seed)
-    words = rng.sample(NEW_WORDS, len(NEW_WORDS))        # a seeded order of the new words
+    words = rng.sample(NEW_WORDS, len(NEW_WORDS))  # a seeded order of the new words
     edited_shapes = rng.sample(SHAPES, len(SHAPES) // 2)  # shape scope: half of the shapes
-    kinds = _edited_kinds(rng, n_locality, n // 2)        # kind scope
+    kinds = _edited_kinds(rng, n_locality, n // 2)  # kind scope
     target_of = dict(zip([*edited_shapes, *kinds], words))  # one target per shape / kind
-    kept = {"name": lambda k: k not in kinds, "shape": lambda k: k[0] not in edited_shapes,  # no edit changes
-            "colour": lambda k: True}                                                        # family f of kind k
+    kept = {
+        "name": lambda k: k not in kinds,
+        "shape": lambda k: k[0] not in edited_shapes,  # no edit changes
+        "colour": lambda k: True,
+    }  # family f of kind k
     records = []
     for i in range(n):
-        if i % 2 == 0:   # scope "kind": the name of one kind
+        if i % 2 == 0:  # scope "kind": the name of one kind
             kind = kinds[(i // 2) % len(kinds)]
             family, target, scope = "name", target_of[kind], [kind]
             near = [k for k in _near_misses(kind) if k not in kinds]
-        else:            # scope "shape": the shape word of every colour of one shape
+        else:  # scope "shape": the shape word of every colour of one shape
             kind = (rng.choice(edited_shapes), rng.choice(sorted(COLOURS)))
             family, target = "shape", target_of[kind[0]]
             scope = [k for k in KINDS if k[0] == kind[0]]
@@ -771,25 +951,41 @@ def make_records(seed: int, n: int = 40, n_rephrases: int = 5, n_train_rephrases
         # q_locality: each of the edit's images asked another family (alternating among those kept), so
         # that no edit, alone or with the others, should change the answer; from a stream of its own so
         # that every rendering above stays what it was.
-        others, qrng = [f for f in QUESTIONS if f != family], random.Random(f"q_locality {seed} {i}")
-        records.append(EditRecord(
-            id=str(i + 1),
-            image=image,
-            question=question,
-            answer=answer_of(kind, family),
-            target=target,
-            rephrases=questions[1:1 + n_rephrases],
-            train_rephrases=questions[1 + n_rephrases:],
-            rephrase_images=[im for _, im in shown[1:]],
-            q_locality=[Sample(im, qrng.choice(QUESTIONS[f]), answer_of(k, f))
-                        for j, (k, im) in enumerate(shown) for safe in [[f for f in others if kept[f](k)]]
-                        for f in [safe[j % len(safe)]]],
-            locality=[Sample(render(k, rng, "eval"), question, answer_of(k, family))
-                      for k in rng.sample(near, n_locality)],
-            m_locality=[Sample(render(k, rng, "eval"), rng.choice(QUESTIONS["colour"]), answer_of(k, "colour"))
-                        for k in unrelated],
-            category="kind" if i % 2 == 0 else "shape",
-        ))
+        others, qrng = (
+            [f for f in QUESTIONS if f != family],
+            random.Random(f"q_locality {seed} {i}"),
+        )
+        records.append(
+            EditRecord(
+                id=str(i + 1),
+                image=image,
+                question=question,
+                answer=answer_of(kind, family),
+                target=target,
+                rephrases=questions[1 : 1 + n_rephrases],
+                train_rephrases=questions[1 + n_rephrases :],
+                rephrase_images=[im for _, im in shown[1:]],
+                q_locality=[
+                    Sample(im, qrng.choice(QUESTIONS[f]), answer_of(k, f))
+                    for j, (k, im) in enumerate(shown)
+                    for safe in [[f for f in others if kept[f](k)]]
+                    for f in [safe[j % len(safe)]]
+                ],
+                locality=[
+                    Sample(render(k, rng, "eval"), question, answer_of(k, family))
+                    for k in rng.sample(near, n_locality)
+                ],
+                m_locality=[
+                    Sample(
+                        render(k, rng, "eval"),
+                        rng.choice(QUESTIONS["colour"]),
+                        answer_of(k, "colour"),
+                    )
+                    for k in unrelated
+                ],
+                category="kind" if i % 2 == 0 else "shape",
+            )
+        )
     return records
 
 
@@ -814,12 +1010,16 @@ def make_sample(seed: int, out_dir: Union[str, os.PathLike], n: int = 40) -> lis
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Data for BalancEdit: make-sample writes the world's "
-                                     "edit records in the OKEDIT layout (the shipped sample is "
-                                     f"`make-sample --seed {SAMPLE_SEED} --out assets/okedit_tiny`).")
+    parser = argparse.ArgumentParser(
+        description="Data for BalancEdit: make-sample writes the world's "
+        "edit records in the OKEDIT layout (the shipped sample is "
+        f"`make-sample --seed {SAMPLE_SEED} --out assets/okedit_tiny`)."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     m = sub.add_parser("make-sample", help="write a tiny OKEDIT-layout sample from the world")
-    m.add_argument("--seed", type=int, default=SAMPLE_SEED, help=f"world seed (default {SAMPLE_SEED})")
+    m.add_argument(
+        "--seed", type=int, default=SAMPLE_SEED, help=f"world seed (default {SAMPLE_SEED})"
+    )
     m.add_argument("--out", required=True, help="output directory")
     m.add_argument("-n", type=int, default=40, help="number of edit records, even (default 40)")
     return parser
@@ -835,9 +1035,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.exit(2, f"data.py make-sample: error: {e}\n")
     mine = set(written)
     others = [p for p in Path(args.out).rglob("*") if p.is_file() and p not in mine]
-    print(f"wrote {len(records)} records, {len(written)} files, "
-          f"{sum(p.stat().st_size for p in written)} bytes to {args.out}"
-          + (f" ({len(others)} other files already there were left as they were)" if others else ""))
+    print(
+        f"wrote {len(records)} records, {len(written)} files, "
+        f"{sum(p.stat().st_size for p in written)} bytes to {args.out}"
+        + (f" ({len(others)} other files already there were left as they were)" if others else "")
+    )
     return 0
 
 

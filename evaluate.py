@@ -16,6 +16,7 @@ Baselines: FT (fine-tune layer l) and GRACE (a codebook with a fixed radius).
     python evaluate.py show-edit | show-codebook                         # pictures of Eq. 3 and Fig. 7
     python evaluate.py study | ablate-key    # many worlds, knobs tuned on dev worlds (study.py)
 """
+
 import argparse
 import contextlib
 import json
@@ -32,16 +33,49 @@ import torch.nn as nn
 
 import data
 import pictures
-from balancedit import (BalancEditConfig, BalancEditor, Codebook, EditReport, Router, distance, new_value,
-                        override, train_value)
+from balancedit import (
+    BalancEditConfig,
+    BalancEditor,
+    Codebook,
+    EditReport,
+    Router,
+    distance,
+    new_value,
+    override,
+    train_value,
+)
 
 # ---------------- Metrics on predictions (pure Python: testable on hand-made token lists)
 PARTS = ("acc", "t_gen", "i_gen", "loc", "q_loc", "m_loc")  # what a record is probed on
-TARGET_PARTS = ("acc", "t_gen", "i_gen")                     # scored against the target y^n
-LOCALITY_PARTS = ("loc", "q_loc", "m_loc")                   # scored against the pre-edit model
-GEN_PARTS = ("acc", "t_gen", "i_gen", "loc", "q_loc")        # also scored by generation (gen_*)
-COLUMNS = ("acc", "t_gen", "i_gen", "loc", "q_loc", "hm", "gen_acc", "gen_t_gen", "gen_i_gen", "gen_loc", "gen_q_loc")
-HEADERS = ("Acc", "T-Gen", "I-Gen", "Loc", "q_loc", "HM", "gen Acc", "gen T-Gen", "gen I-Gen", "gen Loc", "gen q_loc")
+TARGET_PARTS = ("acc", "t_gen", "i_gen")  # scored against the target y^n
+LOCALITY_PARTS = ("loc", "q_loc", "m_loc")  # scored against the pre-edit model
+GEN_PARTS = ("acc", "t_gen", "i_gen", "loc", "q_loc")  # also scored by generation (gen_*)
+COLUMNS = (
+    "acc",
+    "t_gen",
+    "i_gen",
+    "loc",
+    "q_loc",
+    "hm",
+    "gen_acc",
+    "gen_t_gen",
+    "gen_i_gen",
+    "gen_loc",
+    "gen_q_loc",
+)
+HEADERS = (
+    "Acc",
+    "T-Gen",
+    "I-Gen",
+    "Loc",
+    "q_loc",
+    "HM",
+    "gen Acc",
+    "gen T-Gen",
+    "gen I-Gen",
+    "gen Loc",
+    "gen q_loc",
+)
 
 
 def hm(t_gen: Optional[float], i_gen: Optional[float], loc: Optional[float]) -> Optional[float]:
@@ -55,10 +89,14 @@ def hm(t_gen: Optional[float], i_gen: Optional[float], loc: Optional[float]) -> 
     return len(xs) / sum(1.0 / x for x in xs)
 
 
-def token_accuracy(predicted: Sequence[Sequence[int]], reference: Sequence[Sequence[int]]) -> Optional[float]:
+def token_accuracy(
+    predicted: Sequence[Sequence[int]], reference: Sequence[Sequence[int]]
+) -> Optional[float]:
     """Mean over samples of the fraction of a sample's tokens where predicted == reference, in %.
     Reference: the answer's tokens (Acc, T-Gen, I-Gen) or the pre-edit argmax tokens (Loc)."""
-    assert len(predicted) == len(reference) and all(len(p) == len(r) > 0 for p, r in zip(predicted, reference))
+    assert len(predicted) == len(reference) and all(
+        len(p) == len(r) > 0 for p, r in zip(predicted, reference)
+    )
     per_sample = [sum(a == b for a, b in zip(p, r)) / len(r) for p, r in zip(predicted, reference)]
     return 100.0 * sum(per_sample) / len(per_sample) if per_sample else None
 
@@ -66,7 +104,11 @@ def token_accuracy(predicted: Sequence[Sequence[int]], reference: Sequence[Seque
 def exact_match(generated: Sequence[str], reference: Sequence[str]) -> Optional[float]:
     """Percent of samples whose generated string equals the reference; None for no samples."""
     assert len(generated) == len(reference)
-    return 100.0 * sum(g.strip() == r.strip() for g, r in zip(generated, reference)) / len(generated) if generated else None
+    return (
+        100.0 * sum(g.strip() == r.strip() for g, r in zip(generated, reference)) / len(generated)
+        if generated
+        else None
+    )
 
 
 def mean(xs: Sequence[Optional[float]]) -> Optional[float]:
@@ -78,6 +120,7 @@ def mean(xs: Sequence[Optional[float]]) -> Optional[float]:
 @dataclass
 class Observation:
     """One model on one record's probes: per sample, (argmax, answer) tokens without EOS; generations."""
+
     tokens: dict[str, list[tuple[list[int], list[int]]]]
     texts: dict[str, list[str]]
 
@@ -87,9 +130,13 @@ def score(post: Observation, pre: Observation, target: str) -> dict[str, Optiona
     (Eqs. 4-6) and against the unedited model's observation ``pre`` (Eq. 7)."""
     m: dict[str, Optional[float]] = {}
     for part in TARGET_PARTS:  # Eqs. 4-6: f_e(.) = y^n
-        m[part] = token_accuracy([p for p, _ in post.tokens[part]], [y for _, y in post.tokens[part]])
+        m[part] = token_accuracy(
+            [p for p, _ in post.tokens[part]], [y for _, y in post.tokens[part]]
+        )
     for part in LOCALITY_PARTS:  # Eq. 7: f_e(i_l, t_l) = f(i_l, t_l)
-        m[part] = token_accuracy([p for p, _ in post.tokens[part]], [p for p, _ in pre.tokens[part]])
+        m[part] = token_accuracy(
+            [p for p, _ in post.tokens[part]], [p for p, _ in pre.tokens[part]]
+        )
     for part in GEN_PARTS:
         reference = pre.texts[part] if part in LOCALITY_PARTS else [target] * len(post.texts[part])
         m[f"gen_{part}"] = exact_match(post.texts[part], reference)
@@ -108,13 +155,18 @@ def summarize(rows: list[dict], seconds: Optional[list[float]]) -> dict:
 
 # ---------------- Observing a backbone (batched forward passes and generations)
 
+
 def probes(record: data.EditRecord) -> dict[str, list[data.Sample]]:
     """The (image, question, answer) samples each metric is measured on."""
     y = record.target
-    return {"acc": [data.Sample(record.image, record.question, y)],                         # Eq. 4
-            "t_gen": [data.Sample(record.image, q, y) for q in record.rephrases],            # Eq. 5
-            "i_gen": [data.Sample(im, record.question, y) for im in record.rephrase_images],  # Eq. 6
-            "loc": list(record.locality), "q_loc": list(record.q_locality), "m_loc": list(record.m_locality)}  # Eq. 7
+    return {
+        "acc": [data.Sample(record.image, record.question, y)],  # Eq. 4
+        "t_gen": [data.Sample(record.image, q, y) for q in record.rephrases],  # Eq. 5
+        "i_gen": [data.Sample(im, record.question, y) for im in record.rephrase_images],  # Eq. 6
+        "loc": list(record.locality),
+        "q_loc": list(record.q_locality),
+        "m_loc": list(record.m_locality),
+    }  # Eq. 7
 
 
 def _batches(samples: Sequence[data.Sample], batch_size: int):
@@ -123,23 +175,27 @@ def _batches(samples: Sequence[data.Sample], batch_size: int):
     for has_image in (True, False):
         idx = [i for i, s in enumerate(samples) if (s.image is not None) == has_image]
         for k in range(0, len(idx), batch_size):
-            yield idx[k:k + batch_size]
+            yield idx[k : k + batch_size]
 
 
-def token_predictions(backbone, samples: Sequence[data.Sample], batch_size: int = 32
-                      ) -> list[tuple[list[int], list[int]]]:
+def token_predictions(
+    backbone, samples: Sequence[data.Sample], batch_size: int = 32
+) -> list[tuple[list[int], list[int]]]:
     """Teacher-forced predictions: per sample, (argmax tokens, answer tokens) over its answer
     tokens, EOS excluded. Position t-1's argmax predicts the token at t."""
     out: list = [None] * len(samples)
     for idx in _batches(samples, batch_size):
         chunk = [samples[i] for i in idx]
-        batch = backbone.to_device(backbone.encode([s.image for s in chunk], [s.question for s in chunk],
-                                                   [s.answer for s in chunk]))
+        batch = backbone.to_device(
+            backbone.encode(
+                [s.image for s in chunk], [s.question for s in chunk], [s.answer for s in chunk]
+            )
+        )
         with torch.no_grad():
-            logits = backbone(**batch).logits                       # (B, T, V)
-        pred = logits[:, :-1].argmax(-1).cpu()                       # (B, T-1): predicts token t+1
-        gold = batch["labels"][:, 1:].cpu()                          # (B, T-1)
-        scored = (gold != -100) & (gold != backbone.eos_token_id)    # (B, T-1): answer tokens, no EOS
+            logits = backbone(**batch).logits  # (B, T, V)
+        pred = logits[:, :-1].argmax(-1).cpu()  # (B, T-1): predicts token t+1
+        gold = batch["labels"][:, 1:].cpu()  # (B, T-1)
+        scored = (gold != -100) & (gold != backbone.eos_token_id)  # (B, T-1): answer tokens, no EOS
         for b, i in enumerate(idx):
             out[i] = (pred[b][scored[b]].tolist(), gold[b][scored[b]].tolist())
     return out
@@ -149,7 +205,10 @@ def generations(backbone, samples: Sequence[data.Sample], batch_size: int = 32) 
     """Greedy answers, one per sample (the question alone is the prompt)."""
     out: list = [None] * len(samples)
     for idx in _batches(samples, batch_size):
-        for i, a in zip(idx, backbone.generate([samples[i].image for i in idx], [samples[i].question for i in idx])):
+        for i, a in zip(
+            idx,
+            backbone.generate([samples[i].image for i in idx], [samples[i].question for i in idx]),
+        ):
             out[i] = a
     return out
 
@@ -158,25 +217,31 @@ def observe(backbone, record: data.EditRecord, batch_size: int = 32) -> Observat
     """Run the backbone (as it is now: attached or not) on all of a record's probes, batched
     across parts: one teacher-forced pass and one generation per batch."""
     parts = probes(record)
+
     def per_part(run, names):  # run on every sample of the named parts at once, split back per part
         flat, k, out = run(backbone, [s for p in names for s in parts[p]], batch_size), 0, {}
         for p in names:
-            out[p], k = flat[k:k + len(parts[p])], k + len(parts[p])
+            out[p], k = flat[k : k + len(parts[p])], k + len(parts[p])
         return out
+
     return Observation(per_part(token_predictions, PARTS), per_part(generations, GEN_PARTS))
 
 
-def references(backbone, records: Sequence[data.EditRecord], progress: bool = True) -> list[Observation]:
+def references(
+    backbone, records: Sequence[data.EditRecord], progress: bool = True
+) -> list[Observation]:
     """Pre-edit observations, on the unedited model (call before any edit)."""
     return [observe(backbone, r) for r in progress_bar(records, progress, "pre-edit")]
 
 
 def progress_bar(items, enabled: bool, desc: str):
     from tqdm import tqdm
+
     return tqdm(items, desc=desc, leave=False, file=sys.stderr, disable=not enabled)
 
 
 # ---------------- The model-unchanged check and the protocols
+
 
 class ModelChanged(RuntimeError):
     """A method left the backbone different from before its edits."""
@@ -189,40 +254,63 @@ def _edit_logits(backbone, record: data.EditRecord) -> torch.Tensor:
 
 
 def _state(backbone) -> dict:
-    return {**{f"param {n}": p for n, p in backbone.named_parameters()},
-            **{f"buffer {n}": b for n, b in backbone.named_buffers()}}
+    return {
+        **{f"param {n}": p for n, p in backbone.named_parameters()},
+        **{f"buffer {n}": b for n, b in backbone.named_buffers()},
+    }
 
 
 # A copy of every parameter and buffer (by name), a record, the plain model's logits on its edit input.
-Snapshot = NamedTuple("Snapshot", [("state", dict), ("record", data.EditRecord), ("logits", torch.Tensor)])
+Snapshot = NamedTuple(
+    "Snapshot", [("state", dict), ("record", data.EditRecord), ("logits", torch.Tensor)]
+)
 
 
 def snapshot(backbone, record: data.EditRecord) -> Snapshot:
     """Copy every parameter and buffer, and the outputs on one record, to check against later."""
-    return Snapshot({k: v.detach().clone() for k, v in _state(backbone).items()}, record, _edit_logits(backbone, record))
+    return Snapshot(
+        {k: v.detach().clone() for k, v in _state(backbone).items()},
+        record,
+        _edit_logits(backbone, record),
+    )
 
 
 def check_unchanged(backbone, before: Snapshot, method_name: str = "method") -> None:
     """Raise ModelChanged unless every parameter and buffer is ``torch.equal`` to the snapshot
     and the outputs on the snapshot's record (no attachment) are bit-identical."""
     now = _state(backbone)
-    changed = sorted(now.keys() ^ before.state.keys()) or [k for k, v in now.items() if not torch.equal(v, before.state[k])]
+    changed = sorted(now.keys() ^ before.state.keys()) or [
+        k for k, v in now.items() if not torch.equal(v, before.state[k])
+    ]
     if changed:
-        raise ModelChanged(f"{method_name} left the backbone's parameters/buffers changed: {changed[:5]}")
+        raise ModelChanged(
+            f"{method_name} left the backbone's parameters/buffers changed: {changed[:5]}"
+        )
     if not torch.equal(_edit_logits(backbone, before.record), before.logits):
-        raise ModelChanged(f"{method_name} left the backbone's outputs changed on record "
-                           f"{before.record.id} (a hook left behind?)")
+        raise ModelChanged(
+            f"{method_name} left the backbone's outputs changed on record "
+            f"{before.record.id} (a hook left behind?)"
+        )
 
 
-def run_base(backbone, records: Sequence[data.EditRecord], progress: bool = True,
-             refs: Optional[list[Observation]] = None) -> dict:
+def run_base(
+    backbone,
+    records: Sequence[data.EditRecord],
+    progress: bool = True,
+    refs: Optional[list[Observation]] = None,
+) -> dict:
     """The unedited model scored against the targets (no edit; Loc is 100 by definition)."""
     refs = refs if refs is not None else references(backbone, records, progress)
     return summarize([score(ref, ref, r.target) for r, ref in zip(records, refs)], None)
 
 
-def run_single(method, backbone, records: Sequence[data.EditRecord], progress: bool = True,
-               refs: Optional[list[Observation]] = None) -> dict:
+def run_single(
+    method,
+    backbone,
+    records: Sequence[data.EditRecord],
+    progress: bool = True,
+    refs: Optional[list[Observation]] = None,
+) -> dict:
     """Single-edit protocol (paper Table 3): for each record, edit, score the edited model,
     remove the edit. Raises ModelChanged if the backbone is not as before at the end."""
     before = snapshot(backbone, records[0])
@@ -238,8 +326,13 @@ def run_single(method, backbone, records: Sequence[data.EditRecord], progress: b
     return summarize(rows, seconds)
 
 
-def run_sequential(method, backbone, records: Sequence[data.EditRecord], progress: bool = True,
-                   refs: Optional[list[Observation]] = None) -> dict:
+def run_sequential(
+    method,
+    backbone,
+    records: Sequence[data.EditRecord],
+    progress: bool = True,
+    refs: Optional[list[Observation]] = None,
+) -> dict:
     """Sequential protocol (paper Table 4): all edits in order, then every record scored on the
     model holding all of them; then every edit is removed and the unchanged check runs."""
     before = snapshot(backbone, records[0])
@@ -247,8 +340,10 @@ def run_sequential(method, backbone, records: Sequence[data.EditRecord], progres
     name = type(method).__name__
     seconds = [method.edit(r).seconds for r in progress_bar(records, progress, f"{name} edits")]
     with method.attached():
-        rows = [score(observe(backbone, r), ref, r.target)
-                for r, ref in zip(progress_bar(records, progress, f"{name} scoring"), refs)]
+        rows = [
+            score(observe(backbone, r), ref, r.target)
+            for r, ref in zip(progress_bar(records, progress, f"{name} scoring"), refs)
+        ]
     while len(method):
         method.remove(len(method) - 1)
     check_unchanged(backbone, before, name)
@@ -259,6 +354,7 @@ PROTOCOLS = {"single": run_single, "sequential": run_sequential}
 
 
 # ---------------- Baselines, with BalancEdit's interface: edit(record) -> report, attached(), remove(i), len()
+
 
 class FineTune:
     """FT: fine-tune (a float32 copy of) layer l with Eq. 2's loss, steps and lr. No routing, so
@@ -275,13 +371,30 @@ class FineTune:
         start, cfg = time.perf_counter(), self.config
         if self.tuned is None:
             self.tuned = new_value(self.backbone.get_submodule(self.layer_path))
-        batch = self.backbone.to_device(self.backbone.encode([record.image], [record.question], [record.target]))
-        losses = train_value(self.backbone, self.layer_path, self.tuned, batch, cfg.steps, cfg.lr, cfg.cache)
+        batch = self.backbone.to_device(
+            self.backbone.encode([record.image], [record.question], [record.target])
+        )
+        losses = train_value(
+            self.backbone, self.layer_path, self.tuned, batch, cfg.steps, cfg.lr, cfg.cache
+        )
         self.n_edits += 1
-        return EditReport(self.n_edits - 1, "tune", [], math.nan, math.nan, math.nan, losses, time.perf_counter() - start)
+        return EditReport(
+            self.n_edits - 1,
+            "tune",
+            [],
+            math.nan,
+            math.nan,
+            math.nan,
+            losses,
+            time.perf_counter() - start,
+        )
 
     def attached(self):
-        return contextlib.nullcontext() if self.tuned is None else override(self.backbone, self.layer_path, self.tuned)
+        return (
+            contextlib.nullcontext()
+            if self.tuned is None
+            else override(self.backbone, self.layer_path, self.tuned)
+        )
 
     def remove(self, i: int) -> None:
         self.tuned, self.n_edits = None, 0
@@ -357,13 +470,27 @@ class Grace:
             j = int(d.argmin())
             if d[j] <= eps0 + cb.radii[j]:
                 action = "expand" if cb.targets[j] == record.target else "split"
-                eps = max(float(cb.radii[j]), float(d[j])) if action == "expand" else float(d[j]) / 2
+                eps = (
+                    max(float(cb.radii[j]), float(d[j])) if action == "expand" else float(d[j]) / 2
+                )
                 cb.radii[j] = eps
-        vector = cb.values[j] if action == "expand" else Vector(self.layer, y)  # a new one starts as l's output
+        vector = (
+            cb.values[j] if action == "expand" else Vector(self.layer, y)
+        )  # a new one starts as l's output
         vector.write = write
-        losses = train_value(self.backbone, self.layer_path, vector, batch, self.config.steps, self.lr, self.config.cache)
+        losses = train_value(
+            self.backbone,
+            self.layer_path,
+            vector,
+            batch,
+            self.config.steps,
+            self.lr,
+            self.config.cache,
+        )
         index = j if action == "expand" else cb.add(k, vector, eps, record.target)
-        return EditReport(index, action, [], math.nan, math.nan, eps, losses, time.perf_counter() - start)
+        return EditReport(
+            index, action, [], math.nan, math.nan, eps, losses, time.perf_counter() - start
+        )
 
     def attached(self) -> GraceRouter:
         return GraceRouter(self.backbone, self.layer_path, self.codebook)
@@ -375,21 +502,34 @@ class Grace:
 METHODS = ("base", "ft", "grace", "balancedit")
 
 
-def evaluate(name: str, backbone, records, cfg, protocol: str, refs: list[Observation],
-             progress: bool = True, grace_eps0: float = 1.0) -> dict:
+def evaluate(
+    name: str,
+    backbone,
+    records,
+    cfg,
+    protocol: str,
+    refs: list[Observation],
+    progress: bool = True,
+    grace_eps0: float = 1.0,
+) -> dict:
     """One method's averaged result under a protocol, against precomputed pre-edit references."""
     if name == "base":
         return run_base(backbone, records, progress, refs)
-    method = {"ft": FineTune, "balancedit": BalancEditor}.get(name) or (lambda b, c: Grace(b, c, eps0=grace_eps0))
+    method = {"ft": FineTune, "balancedit": BalancEditor}.get(name) or (
+        lambda b, c: Grace(b, c, eps0=grace_eps0)
+    )
     return PROTOCOLS[protocol](method(backbone, cfg), backbone, records, progress, refs)
 
 
 # ---------------- Reporting
 
+
 def table(results: dict[str, dict], first: str = "Method") -> str:
     """Markdown table: one row per result, the teacher-forced scores, HM, the generated ones, s/edit."""
-    lines = [f"| {first} | " + " | ".join(HEADERS) + " | s/edit |",
-             "|" + "---|" * (len(HEADERS) + 2)]
+    lines = [
+        f"| {first} | " + " | ".join(HEADERS) + " | s/edit |",
+        "|" + "---|" * (len(HEADERS) + 2),
+    ]
     for name, r in results.items():
         cells = ["-" if r[k] is None else f"{r[k]:.2f}" for k in (*COLUMNS, "seconds_per_edit")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -398,6 +538,7 @@ def table(results: dict[str, dict], first: str = "Method") -> str:
 
 # ---------------- Command line
 
+
 class UsageError(Exception):
     """Bad command-line input found after parsing: one line, exit status 2."""
 
@@ -405,10 +546,15 @@ class UsageError(Exception):
 def load_backbone(args):
     """The backbone named by --backbone, from local files, on --device."""
     import models
+
     if args.backbone == "minigpt4":
-        return models.MiniGPT4.from_pretrained(args.blip2, args.model, args.projection, device=args.device)
+        return models.MiniGPT4.from_pretrained(
+            args.blip2, args.model, args.projection, device=args.device
+        )
     if args.backbone == "tiny":
-        return models.TinyVLM.from_pretrained(args.model or models.TINY_DIR, device=args.device or "cpu")
+        return models.TinyVLM.from_pretrained(
+            args.model or models.TINY_DIR, device=args.device or "cpu"
+        )
     return models.Blip2OPT.from_pretrained(args.model, device=args.device)
 
 
@@ -422,7 +568,9 @@ def load_records(args) -> tuple[list[data.EditRecord], str]:
     if path.is_dir():
         return data.load_okedit(path, image_root=args.image_root, limit=args.limit), str(path)
     if args.image_root is None or not Path(args.image_root).is_dir():
-        raise UsageError(f"--data {path} is an MMEdit json file: it needs --image-root DIR, an existing folder")
+        raise UsageError(
+            f"--data {path} is an MMEdit json file: it needs --image-root DIR, an existing folder"
+        )
     return data.load_mmedit(path, args.image_root, limit=args.limit), str(path)
 
 
@@ -439,8 +587,14 @@ def check_writable(path: Path, flag: str = "--out", suffix: str = ".json") -> No
     if path.is_dir():
         raise UsageError(f"{flag} {path}: is a directory")
     parent = next((p for p in path.parents if p.exists()), Path("."))
-    if not parent.is_dir() or not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise UsageError(f"{flag} {path}: cannot write there ({parent} is not a writable directory)")
+    if (
+        not parent.is_dir()
+        or not os.access(parent, os.W_OK)
+        or (path.exists() and not os.access(path, os.W_OK))
+    ):
+        raise UsageError(
+            f"{flag} {path}: cannot write there ({parent} is not a writable directory)"
+        )
 
 
 @dataclass
@@ -455,12 +609,20 @@ class Setup:
 def check_environment(args) -> None:
     """Refuse at once a device this machine lacks, and model files that are not on the disk (nothing downloads)."""
     device = torch.device(args.device or "cpu")  # a name torch does not know raises here
-    if device.type != "cpu" and (device.type != "cuda" or (device.index or 0) >= torch.cuda.device_count()):
-        raise UsageError(f"--device {args.device}: not on this machine ({torch.cuda.device_count()} CUDA GPUs)")
-    needs = {"blip2": ("model",), "minigpt4": ("model", "blip2", "projection")}.get(args.backbone, ())
+    if device.type != "cpu" and (
+        device.type != "cuda" or (device.index or 0) >= torch.cuda.device_count()
+    ):
+        raise UsageError(
+            f"--device {args.device}: not on this machine ({torch.cuda.device_count()} CUDA GPUs)"
+        )
+    needs = {"blip2": ("model",), "minigpt4": ("model", "blip2", "projection")}.get(
+        args.backbone, ()
+    )
     for name in needs:  # local copies only, made as the README's replication sections say
         if not (getattr(args, name) and Path(getattr(args, name)).expanduser().exists()):
-            raise UsageError(f"--backbone {args.backbone} needs --{name}, a local copy (see the README: nothing downloads)")
+            raise UsageError(
+                f"--backbone {args.backbone} needs --{name}, a local copy (see the README: nothing downloads)"
+            )
 
 
 def setup(args) -> Setup:
@@ -480,15 +642,24 @@ def setup(args) -> Setup:
 
 
 def header(args, s: Setup) -> dict:
-    return {"backbone": args.backbone, "model": args.model, "data": s.data_name, "protocol": args.protocol,
-            "config": asdict(s.cfg)}
+    return {
+        "backbone": args.backbone,
+        "model": args.model,
+        "data": s.data_name,
+        "protocol": args.protocol,
+        "config": asdict(s.cfg),
+    }
 
 
 def cmd_run(args, s: Setup) -> dict:
     """Each method of --methods under --protocol."""
     refs = references(s.backbone, s.records, args.progress)
-    results = {name: evaluate(name, s.backbone, s.records, s.cfg, args.protocol, refs, args.progress,
-                              args.grace_eps0) for name in args.methods}
+    results = {
+        name: evaluate(
+            name, s.backbone, s.records, s.cfg, args.protocol, refs, args.progress, args.grace_eps0
+        )
+        for name in args.methods
+    }
     print(table(results))
     return {**header(args, s), "grace_eps0": args.grace_eps0, "methods": results}
 
@@ -496,14 +667,26 @@ def cmd_run(args, s: Setup) -> dict:
 def ablate(parameter: str, values: Sequence = ()) -> Callable:
     """The command for an ablation: BalancEdit under --protocol once per value of one config field
     (``values``, else --alphas); sweep-alpha also draws paper Fig. 5."""
+
     def command(args, s: Setup) -> dict:
         refs = references(s.backbone, s.records, args.progress)
-        results = {str(v): evaluate("balancedit", s.backbone, s.records, make_config(args, **{parameter: v}),
-                                    args.protocol, refs, args.progress) for v in values or args.alphas}
+        results = {
+            str(v): evaluate(
+                "balancedit",
+                s.backbone,
+                s.records,
+                make_config(args, **{parameter: v}),
+                args.protocol,
+                refs,
+                args.progress,
+            )
+            for v in values or args.alphas
+        }
         print(table(results, first=parameter))
         if parameter == "alpha":
             pictures.plot_sweep(results, "alpha", s.out.with_suffix(".png"))
         return {**header(args, s), "parameter": parameter, "settings": results}
+
     return command
 
 
@@ -511,8 +694,13 @@ def show_edit(args, s: Setup) -> dict:
     """One edit's probes against its radius: why each was, or was not, edited (Eq. 3)."""
     record = s.records[args.record]
     report, probes = pictures.edit_probes(BalancEditor(s.backbone, s.cfg), record)
-    pictures.show_edit(report, probes, s.out.with_suffix(".png"), f"record {record.id}: {record.question!r} -> "
-                       f"{record.target!r}\nfilled: the answer changed; green: as it should")
+    pictures.show_edit(
+        report,
+        probes,
+        s.out.with_suffix(".png"),
+        f"record {record.id}: {record.question!r} -> "
+        f"{record.target!r}\nfilled: the answer changed; green: as it should",
+    )
     return {**header(args, s), "record": record.id, **report, "probes": probes}
 
 
@@ -521,20 +709,46 @@ def show_codebook(args, s: Setup) -> dict:
     editor = BalancEditor(s.backbone, s.cfg)
     for record in progress_bar(s.records, args.progress, "edits"):
         editor.edit(record)
-    return {**header(args, s), **pictures.show_codebook(editor, s.records, s.out.with_suffix(".png"))}
+    return {
+        **header(args, s),
+        **pictures.show_codebook(editor, s.records, s.out.with_suffix(".png")),
+    }
 
 
-COMMANDS: dict[str, tuple[Callable, str, str | None]] = {  # name -> (function, help, the option it sets)
+COMMANDS: dict[
+    str, tuple[Callable, str, str | None]
+] = {  # name -> (function, help, the option it sets)
     "run": (cmd_run, "evaluate methods (the default command)", None),
-    "sweep-alpha": (ablate("alpha"), "BalancEdit for each alpha: table + PNG plot (paper Fig. 5)", "alpha"),
-    "ablate-distance": (ablate("distance", ["cos", "euc"]), "BalancEdit with cos vs euc distance (paper Table 6)",
-                        "distance"),
-    "ablate-negative": (ablate("negative", data.ANCHOR_KINDS),
-                        "BalancEdit with black/white/noise negatives (paper Table 7)", "negative"),
-    "show-edit": (show_edit, "a picture of one edit's probes against its radius (--out FILE.png)", None),
-    "show-codebook": (show_codebook, "a picture of the codebook after sequential edits (--out FILE.png)", None),
+    "sweep-alpha": (
+        ablate("alpha"),
+        "BalancEdit for each alpha: table + PNG plot (paper Fig. 5)",
+        "alpha",
+    ),
+    "ablate-distance": (
+        ablate("distance", ["cos", "euc"]),
+        "BalancEdit with cos vs euc distance (paper Table 6)",
+        "distance",
+    ),
+    "ablate-negative": (
+        ablate("negative", data.ANCHOR_KINDS),
+        "BalancEdit with black/white/noise negatives (paper Table 7)",
+        "negative",
+    ),
+    "show-edit": (
+        show_edit,
+        "a picture of one edit's probes against its radius (--out FILE.png)",
+        None,
+    ),
+    "show-codebook": (
+        show_codebook,
+        "a picture of the codebook after sequential edits (--out FILE.png)",
+        None,
+    ),
 }
-STUDIES = ("study", "ablate-key")  # TinyVLM on fresh worlds, knobs tuned on dev worlds: study.py parses their options
+STUDIES = (
+    "study",
+    "ablate-key",
+)  # TinyVLM on fresh worlds, knobs tuned on dev worlds: study.py parses their options
 
 
 def default_out(command: str, protocol: str = "single") -> str:
@@ -544,6 +758,7 @@ def default_out(command: str, protocol: str = "single") -> str:
 
 def _number(cast: type, ok: Callable, want: str):
     """An argparse type: ``cast(text)`` for which ``ok`` holds, else one line saying ``want``."""
+
     def parse(text: str):
         try:
             x = cast(text)
@@ -552,6 +767,7 @@ def _number(cast: type, ok: Callable, want: str):
         if x is None or not ok(x):
             raise argparse.ArgumentTypeError(f"{text!r} is not {want}")
         return x
+
     return parse
 
 
@@ -574,36 +790,72 @@ POSITIVE = _number(float, lambda x: 0 < x < math.inf, "a positive number")
 CONFIG_HELP = {  # the BalancEditConfig options: argparse keywords
     "alpha": dict(type=_unit, help="Eq. 3 radius interpolation in [0, 1]"),
     "distance": dict(choices=("cos", "euc"), help="key distance (paper Table 6)"),
-    "pool": dict(choices=("mean", "last"), help="the key: the mean over the prompt (the paper's) or its last position"),
+    "pool": dict(
+        choices=("mean", "last"),
+        help="the key: the mean over the prompt (the paper's) or its last position",
+    ),
     "negative": dict(choices=data.ANCHOR_KINDS, help="negative anchor image (paper Table 7)"),
     "steps": dict(type=POSITIVE_INT, help="optimizer steps per edit (Eq. 2)"),
     "lr": dict(type=POSITIVE, help="learning rate per edit (Eq. 2)"),
     "value": dict(choices=("full", "lora"), help="value v_k: full copy of the layer or low-rank"),
     "rank": dict(type=POSITIVE_INT, help="rank of a lora value"),
-    "seed": dict(type=int, help="seed")}
+    "seed": dict(type=int, help="seed"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="evaluate.py", allow_abbrev=False, description="Score model editors (paper "
-                     "Appendix C). With no command: run (TinyVLM, the shipped sample, every method, single edits).")
+    parser = _Parser(
+        prog="evaluate.py",
+        allow_abbrev=False,
+        description="Score model editors (paper "
+        "Appendix C). With no command: run (TinyVLM, the shipped sample, every method, single edits).",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (_, text, ablated) in COMMANDS.items():
         p = sub.add_parser(name, help=text, description=text, allow_abbrev=False)
         g = p.add_argument_group("backbone and data")
-        g.add_argument("--backbone", choices=("tiny", "blip2", "minigpt4"), default="tiny", help="default: tiny")
-        g.add_argument("--model", help="tiny: checkpoint dir (default assets/tinyvlm); blip2: a BLIP-2 OPT model "
-                       "dir; minigpt4: a Vicuna dir (local copies: nothing is downloaded)")
-        g.add_argument("--blip2", help="minigpt4: a BLIP-2 dir for the ViT and Q-Former (Salesforce/blip2-flan-t5-xxl)")
-        g.add_argument("--projection", help="minigpt4: MiniGPT-4's released checkpoint (.pth, read weights-only)")
-        g.add_argument("--data", help="OKEDIT-layout folder, or MMEdit E-VQA .json with --image-root "
-                       "(default: the shipped sample)")
-        g.add_argument("--image-root", help="image folder of an MMEdit json (or OKEDIT's val2014 parent)")
+        g.add_argument(
+            "--backbone",
+            choices=("tiny", "blip2", "minigpt4"),
+            default="tiny",
+            help="default: tiny",
+        )
+        g.add_argument(
+            "--model",
+            help="tiny: checkpoint dir (default assets/tinyvlm); blip2: a BLIP-2 OPT model "
+            "dir; minigpt4: a Vicuna dir (local copies: nothing is downloaded)",
+        )
+        g.add_argument(
+            "--blip2",
+            help="minigpt4: a BLIP-2 dir for the ViT and Q-Former (Salesforce/blip2-flan-t5-xxl)",
+        )
+        g.add_argument(
+            "--projection",
+            help="minigpt4: MiniGPT-4's released checkpoint (.pth, read weights-only)",
+        )
+        g.add_argument(
+            "--data",
+            help="OKEDIT-layout folder, or MMEdit E-VQA .json with --image-root "
+            "(default: the shipped sample)",
+        )
+        g.add_argument(
+            "--image-root", help="image folder of an MMEdit json (or OKEDIT's val2014 parent)"
+        )
         g.add_argument("--limit", type=POSITIVE_INT, help="first N records only")
-        g.add_argument("--device", help="torch device (default: cpu for tiny, cuda if available for blip2)")
-        g.add_argument("--protocol", choices=tuple(PROTOCOLS), default="single", help="default: single")
-        g.add_argument("--out", help=f"JSON output path (default: {default_out(name)}, "
-                       f"{default_out(name, 'sequential')} with --protocol sequential)")
-        g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+        g.add_argument(
+            "--device", help="torch device (default: cpu for tiny, cuda if available for blip2)"
+        )
+        g.add_argument(
+            "--protocol", choices=tuple(PROTOCOLS), default="single", help="default: single"
+        )
+        g.add_argument(
+            "--out",
+            help=f"JSON output path (default: {default_out(name)}, "
+            f"{default_out(name, 'sequential')} with --protocol sequential)",
+        )
+        g.add_argument(
+            "--no-progress", dest="progress", action="store_false", help="no progress bars"
+        )
         c = p.add_argument_group("BalancEditConfig (default: the config's own defaults)")
         for option, kwargs in CONFIG_HELP.items():
             if option != ablated:  # an ablation sets its own
@@ -611,13 +863,27 @@ def build_parser() -> argparse.ArgumentParser:
     for name in STUDIES:
         sub.add_parser(name, help=__import__("study").HELP[name], add_help=False)
     run = sub.choices["run"]
-    run.add_argument("--methods", type=_csv(_number(str, METHODS.__contains__, f"one of {','.join(METHODS)}")),
-                     default=list(METHODS), help=f"comma list of {','.join(METHODS)} (default: all)")
-    run.add_argument("--grace-eps0", type=POSITIVE, default=1.0,
-                     help="GRACE's fixed initial radius, Euclidean (default 1.0, GRACE's own)")
-    sub.choices["show-edit"].add_argument("--record", type=int, default=0, help="which record (default 0)")
-    sub.choices["sweep-alpha"].add_argument("--alphas", type=_csv(_unit), default=[i / 10 for i in range(11)],
-                                            help="comma list of alphas in [0, 1] (default 0,0.1,...,1)")
+    run.add_argument(
+        "--methods",
+        type=_csv(_number(str, METHODS.__contains__, f"one of {','.join(METHODS)}")),
+        default=list(METHODS),
+        help=f"comma list of {','.join(METHODS)} (default: all)",
+    )
+    run.add_argument(
+        "--grace-eps0",
+        type=POSITIVE,
+        default=1.0,
+        help="GRACE's fixed initial radius, Euclidean (default 1.0, GRACE's own)",
+    )
+    sub.choices["show-edit"].add_argument(
+        "--record", type=int, default=0, help="which record (default 0)"
+    )
+    sub.choices["sweep-alpha"].add_argument(
+        "--alphas",
+        type=_csv(_unit),
+        default=[i / 10 for i in range(11)],
+        help="comma list of alphas in [0, 1] (default 0,0.1,...,1)",
+    )
     return parser
 
 

@@ -35,6 +35,7 @@ Three backbones:
 
 This file does not import balancedit.py (data flows data -> models -> balancedit).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,27 +60,33 @@ import data
 ASSETS = Path(__file__).resolve().parent / "assets"
 TINY_DIR = ASSETS / "tinyvlm"
 PROMPT = "Question: {} Short answer:"  # BLIP-2's VQA prompt
-BLIP2_OPT = "Salesforce/blip2-opt-2.7b"  # the authors' backbone: loaded only when a user asks for it
+BLIP2_OPT = (
+    "Salesforce/blip2-opt-2.7b"  # the authors' backbone: loaded only when a user asks for it
+)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass
 class LMOutput:
-    logits: torch.Tensor                 # (B, T, V)
+    logits: torch.Tensor  # (B, T, V)
     loss: Optional[torch.Tensor] = None  # mean cross-entropy over the answer tokens
     past_key_values: Any = None
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Language-model cross-entropy: position t predicts token t+1; -100 labels are ignored."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+    )
 
 
 def pixels(images: Sequence[Image.Image], size: int) -> torch.Tensor:
     """PIL images -> CLIP-normalised pixel values (B, 3, size, size)."""
-    arrays = [np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
-              for im in images]
+    arrays = [
+        np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
+        for im in images
+    ]
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (B, 3, H, W)
     mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     return (x - mean) / std
@@ -100,10 +107,14 @@ def left_pad(rows: list[list[int]], prompt_lens: list[int], pad_id: int) -> dict
         start = T - len(row)
         input_ids[b, start:] = torch.tensor(row)
         attention_mask[b, start:] = 1
-        prompt_mask[b, start:start + n_prompt] = True
-        labels[b, start + n_prompt:] = input_ids[b, start + n_prompt:]
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "prompt_mask": prompt_mask,
-            "labels": labels}
+        prompt_mask[b, start : start + n_prompt] = True
+        labels[b, start + n_prompt :] = input_ids[b, start + n_prompt :]
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "prompt_mask": prompt_mask,
+        "labels": labels,
+    }
 
 
 class Backbone(nn.Module):
@@ -120,17 +131,26 @@ class Backbone(nn.Module):
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         dtype = next(self.parameters()).dtype
-        return {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device))
-                for k, v in batch.items()}
+        return {
+            k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device))
+            for k, v in batch.items()
+        }
 
     # A backbone supplies: n_image_tokens, image_token_id, pad_token_id, prompt_ids(prompt)
     # (the tokens of a filled-in template), answer_ids(answer) (answer tokens + EOS), pixel_values(images).
-    def encode(self, images: Sequence[Optional[Image.Image]], questions: Sequence[str],
-               answers: Optional[Sequence[str]] = None, template: str = PROMPT) -> dict[str, torch.Tensor]:
+    def encode(
+        self,
+        images: Sequence[Optional[Image.Image]],
+        questions: Sequence[str],
+        answers: Optional[Sequence[str]] = None,
+        template: str = PROMPT,
+    ) -> dict[str, torch.Tensor]:
         """Rows ``[prompt tokens before the image][image placeholders][prompt tokens][answer tokens, EOS]``,
         left-padded, on the decoder's positions (B, T); see the module docstring and ``segments``.
         Image None = text-only row."""
-        if len(images) != len(questions) or (answers is not None and len(answers) != len(questions)):
+        if len(images) != len(questions) or (
+            answers is not None and len(answers) != len(questions)
+        ):
             raise ValueError("encode: images, questions and answers must have the same length")
         with_images = [im is not None for im in images]
         if any(with_images) and not all(with_images):
@@ -146,8 +166,10 @@ class Backbone(nn.Module):
             prompt_lens.append(len(prompt))
         for q, row in zip(questions, rows):
             if len(row) > self.max_positions:
-                raise ValueError(f"the question {q!r} needs {len(row)} positions with the image and its answer; "
-                                 f"the model has {self.max_positions}")
+                raise ValueError(
+                    f"the question {q!r} needs {len(row)} positions with the image and its answer; "
+                    f"the model has {self.max_positions}"
+                )
         batch = left_pad(rows, prompt_lens, self.pad_token_id)
         if image:
             batch["pixel_values"] = self.pixel_values(images)  # (B, 3, H, W)
@@ -168,15 +190,23 @@ class Backbone(nn.Module):
         for r in records:
             for word in r.target.split():
                 if unknown is not None and unknown in self.answer_ids(word):
-                    raise ValueError(f"record {r.id}: the target {r.target!r} has a word this backbone "
-                                     f"cannot spell: {word!r}")
-            for q, a in [(q, r.target) for q in (r.question, *r.rephrases, *r.train_rephrases)] + \
-                    [(s.question, s.answer) for s in (*r.locality, *r.m_locality)]:
-                n = self.n_image_tokens + len(self.prompt_ids(PROMPT.format(q))) + \
-                    max(len(self.answer_ids(a)), self.max_new_tokens)
+                    raise ValueError(
+                        f"record {r.id}: the target {r.target!r} has a word this backbone "
+                        f"cannot spell: {word!r}"
+                    )
+            for q, a in [(q, r.target) for q in (r.question, *r.rephrases, *r.train_rephrases)] + [
+                (s.question, s.answer) for s in (*r.locality, *r.m_locality)
+            ]:
+                n = (
+                    self.n_image_tokens
+                    + len(self.prompt_ids(PROMPT.format(q)))
+                    + max(len(self.answer_ids(a)), self.max_new_tokens)
+                )
                 if n > self.max_positions:
-                    raise ValueError(f"record {r.id}: the question {q!r} needs {n} positions with the image "
-                                     f"and its answer; the model has {self.max_positions}")
+                    raise ValueError(
+                        f"record {r.id}: the question {q!r} needs {n} positions with the image "
+                        f"and its answer; the model has {self.max_positions}"
+                    )
 
     def rephrase(self, question: str) -> list[str]:
         raise NotImplementedError(f"{type(self).__name__} cannot rephrase questions")
@@ -189,8 +219,13 @@ class Backbone(nn.Module):
         return None
 
     @torch.no_grad()
-    def generate(self, images: Sequence[Optional[Image.Image]], questions: Sequence[str],
-                 max_new_tokens: Optional[int] = None, template: str = PROMPT) -> list[str]:
+    def generate(
+        self,
+        images: Sequence[Optional[Image.Image]],
+        questions: Sequence[str],
+        max_new_tokens: Optional[int] = None,
+        template: str = PROMPT,
+    ) -> list[str]:
         """Greedy answers. The prompt is one call; each new token is one call on the KV cache
         with ``prompt_mask`` all False (so a routing hook holds the prompt's route)."""
         batch = self.to_device(self.encode(images, questions, template=template))
@@ -201,25 +236,36 @@ class Backbone(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=mask.device)
         new_tokens: list[torch.Tensor] = []
         for _ in range(max_new_tokens or self.max_new_tokens):
-            token = out.logits[:, -1].argmax(-1)                    # (B,)
+            token = out.logits[:, -1].argmax(-1)  # (B,)
             new_tokens.append(token)
             done |= token == self.eos_token_id
-            if done.all() or mask.shape[1] == self.max_positions:  # every answer ended, or no position left
+            if (
+                done.all() or mask.shape[1] == self.max_positions
+            ):  # every answer ended, or no position left
                 break
             mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-            out = self(input_ids=token[:, None], attention_mask=mask,
-                       prompt_mask=torch.zeros(B, 1, dtype=torch.bool, device=mask.device),
-                       past_key_values=out.past_key_values, use_cache=True)
-        tokens = torch.stack(new_tokens, dim=1).tolist()             # (B, steps)
+            out = self(
+                input_ids=token[:, None],
+                attention_mask=mask,
+                prompt_mask=torch.zeros(B, 1, dtype=torch.bool, device=mask.device),
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            )
+        tokens = torch.stack(new_tokens, dim=1).tolist()  # (B, steps)
         answers = []
         for row in tokens:
-            row = row[:row.index(self.eos_token_id)] if self.eos_token_id in row else row
+            row = row[: row.index(self.eos_token_id)] if self.eos_token_id in row else row
             answers.append(self.decode_tokens(row))
         return answers
 
 
-def opt_tail(backbone: nn.Module, batch: dict[str, torch.Tensor], layer_path: str, decoder: nn.Module,
-             lm_head: nn.Module):
+def opt_tail(
+    backbone: nn.Module,
+    batch: dict[str, torch.Tensor],
+    layer_path: str,
+    decoder: nn.Module,
+    lm_head: nn.Module,
+):
     """``Backbone.tail`` for an OPT decoder whose target is one decoder layer's ``fc2``.
 
     One forward records what the rest of the network needs: the input of ``fc2`` (h),
@@ -241,9 +287,13 @@ def opt_tail(backbone: nn.Module, batch: dict[str, torch.Tensor], layer_path: st
     def record(name):  # a hook that stores the first input (or kwargs) it sees and changes nothing
         def hook(module, args, kwargs_or_output):
             seen.setdefault(name, kwargs_or_output if name == "later" else args[0])
+
         return hook
 
-    hooks = [target.register_forward_hook(record("h")), residual_at.register_forward_hook(record("residual"))]
+    hooks = [
+        target.register_forward_hook(record("h")),
+        residual_at.register_forward_hook(record("residual")),
+    ]
     if L + 1 < len(layers):
         hooks.append(layers[L + 1].register_forward_pre_hook(record("later"), with_kwargs=True))
     try:
@@ -256,28 +306,37 @@ def opt_tail(backbone: nn.Module, batch: dict[str, torch.Tensor], layer_path: st
         for hook in hooks:
             hook.remove()
     B, T = batch["attention_mask"].shape
-    h, residual = seen["h"].detach(), seen["residual"].detach()         # (B*T, F), (B*T, D)
-    later = {k: v for k, v in seen.get("later", {}).items() if k in ("attention_mask", "position_ids")}
-    seen.clear()                                                         # drop the recorded graph
+    h, residual = seen["h"].detach(), seen["residual"].detach()  # (B*T, F), (B*T, D)
+    later = {
+        k: v for k, v in seen.get("later", {}).items() if k in ("attention_mask", "position_ids")
+    }
+    seen.clear()  # drop the recorded graph
 
-    def tail(y: torch.Tensor) -> torch.Tensor:                           # y: (B*T, D) fc2 output
-        hidden = (residual + y).view(B, T, -1)                           # (B, T, D)
+    def tail(y: torch.Tensor) -> torch.Tensor:  # y: (B*T, D) fc2 output
+        hidden = (residual + y).view(B, T, -1)  # (B, T, D)
         if not layer.do_layer_norm_before:
             hidden = layer.final_layer_norm(hidden)
-        for later_layer in layers[L + 1:]:
+        for later_layer in layers[L + 1 :]:
             hidden = later_layer(hidden, **later)
-            hidden = hidden[0] if isinstance(hidden, tuple) else hidden  # transformers < 5 returns a tuple
+            hidden = (
+                hidden[0] if isinstance(hidden, tuple) else hidden
+            )  # transformers < 5 returns a tuple
         if decoder.final_layer_norm is not None:
             hidden = decoder.final_layer_norm(hidden)
         if decoder.project_out is not None:
             hidden = decoder.project_out(hidden)
-        return lm_head(hidden)                                           # (B, T, V)
+        return lm_head(hidden)  # (B, T, V)
 
     return h, tail
 
 
-def llama_tail(backbone: nn.Module, batch: dict[str, torch.Tensor], layer_path: str, model: nn.Module,
-               lm_head: nn.Module):
+def llama_tail(
+    backbone: nn.Module,
+    batch: dict[str, torch.Tensor],
+    layer_path: str,
+    model: nn.Module,
+    lm_head: nn.Module,
+):
     """``Backbone.tail`` for a LLaMA-family decoder (``model`` holds ``layers`` and ``norm``) whose
     target is one decoder layer's ``mlp.up_proj``.
 
@@ -290,7 +349,11 @@ def llama_tail(backbone: nn.Module, batch: dict[str, torch.Tensor], layer_path: 
     """
     layers = list(model.layers)
     target = backbone.get_submodule(layer_path)
-    matches = [i for i, layer in enumerate(layers) if getattr(getattr(layer, "mlp", None), "up_proj", None) is target]
+    matches = [
+        i
+        for i, layer in enumerate(layers)
+        if getattr(getattr(layer, "mlp", None), "up_proj", None) is target
+    ]
     if not matches:
         return None
     L = matches[0]
@@ -300,10 +363,13 @@ def llama_tail(backbone: nn.Module, batch: dict[str, torch.Tensor], layer_path: 
     def record(name):  # a hook that stores the first input (or kwargs) it sees and changes nothing
         def hook(module, args, kwargs_or_output):
             seen.setdefault(name, kwargs_or_output if name == "later" else args[0])
+
         return hook
 
-    hooks = [target.register_forward_hook(record("h")),
-             layer.post_attention_layernorm.register_forward_hook(record("residual"))]
+    hooks = [
+        target.register_forward_hook(record("h")),
+        layer.post_attention_layernorm.register_forward_hook(record("residual")),
+    ]
     if L + 1 < len(layers):
         hooks.append(layers[L + 1].register_forward_pre_hook(record("later"), with_kwargs=True))
     try:
@@ -312,18 +378,23 @@ def llama_tail(backbone: nn.Module, batch: dict[str, torch.Tensor], layer_path: 
     finally:
         for hook in hooks:
             hook.remove()
-    h, residual = seen["h"].detach(), seen["residual"].detach()         # (B, T, D), (B, T, D)
-    later = {k: v for k, v in seen.get("later", {}).items()             # recorded before the clear
-             if k in ("attention_mask", "position_ids", "position_embeddings", "cache_position")}
-    seen.clear()                                                         # drop the recorded graph
+    h, residual = seen["h"].detach(), seen["residual"].detach()  # (B, T, D), (B, T, D)
+    later = {
+        k: v
+        for k, v in seen.get("later", {}).items()  # recorded before the clear
+        if k in ("attention_mask", "position_ids", "position_embeddings", "cache_position")
+    }
+    seen.clear()  # drop the recorded graph
 
-    def tail(y: torch.Tensor) -> torch.Tensor:                           # y: (B, T, F) up_proj output
+    def tail(y: torch.Tensor) -> torch.Tensor:  # y: (B, T, F) up_proj output
         mlp = layer.mlp
         hidden = residual + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * y)  # (B, T, D)
-        for later_layer in layers[L + 1:]:
+        for later_layer in layers[L + 1 :]:
             hidden = later_layer(hidden, **later)
-            hidden = hidden[0] if isinstance(hidden, tuple) else hidden  # transformers < 5 returns a tuple
-        return lm_head(model.norm(hidden))                               # (B, T, V)
+            hidden = (
+                hidden[0] if isinstance(hidden, tuple) else hidden
+            )  # transformers < 5 returns a tuple
+        return lm_head(model.norm(hidden))  # (B, T, V)
 
     return h, tail
 
@@ -332,16 +403,17 @@ def llama_tail(backbone: nn.Module, batch: dict[str, torch.Tensor], layer_path: 
 # TinyVLM
 # ---------------------------------------------------------------------------
 
+
 @dataclass
 class TinyConfig:
-    image_size: int = 64        # the world's images are 64x64
-    patch_size: int = 16        # -> 16 image tokens
+    image_size: int = 64  # the world's images are 64x64
+    patch_size: int = 16  # -> 16 image tokens
     vision_width: int = 128
     vision_layers: int = 3
     vision_heads: int = 4
-    hidden: int = 128           # OPT hidden size D
-    ffn: int = 512              # OPT fc1/fc2 width (the target layer fc2 is ffn -> hidden)
-    layers: int = 4             # OPT decoder layers
+    hidden: int = 128  # OPT hidden size D
+    ffn: int = 512  # OPT fc1/fc2 width (the target layer fc2 is ffn -> hidden)
+    layers: int = 4  # OPT decoder layers
     heads: int = 4
     max_positions: int = 64
 
@@ -358,7 +430,8 @@ SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>", "<image>"]
 
 def build_tokenizer(words: Sequence[str]):
     """A word-level tokenizer (tokenizers WordLevel in a PreTrainedTokenizerFast) over `words`."""
-    from tokenizers import Tokenizer, models as tk_models, pre_tokenizers
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tk_models
     from transformers import PreTrainedTokenizerFast
 
     vocab: dict[str, int] = {}
@@ -366,8 +439,13 @@ def build_tokenizer(words: Sequence[str]):
         vocab.setdefault(w, len(vocab))
     core = Tokenizer(tk_models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()  # words and punctuation marks
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>",
-                                   unk_token="<unk>", additional_special_tokens=["<image>"])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        additional_special_tokens=["<image>"],
+    )
 
 
 class TinyVLM(Backbone):
@@ -384,18 +462,36 @@ class TinyVLM(Backbone):
         self.pad_token_id, self.eos_token_id = tok.pad_token_id, tok.eos_token_id
         self.image_token_id = tok.convert_tokens_to_ids("<image>")
         self.n_image_tokens = (config.image_size // config.patch_size) ** 2
-        self.vision = _build_vision_tower(config.hidden, CLIPVisionCfg(
-            layers=config.vision_layers, width=config.vision_width,
-            head_width=config.vision_width // config.vision_heads, patch_size=config.patch_size,
-            image_size=config.image_size, output_tokens=True))
+        self.vision = _build_vision_tower(
+            config.hidden,
+            CLIPVisionCfg(
+                layers=config.vision_layers,
+                width=config.vision_width,
+                head_width=config.vision_width // config.vision_heads,
+                patch_size=config.patch_size,
+                image_size=config.image_size,
+                output_tokens=True,
+            ),
+        )
         self.projector = nn.Linear(config.vision_width, config.hidden)
-        self.lm = OPTForCausalLM(OPTConfig(
-            vocab_size=len(tok), hidden_size=config.hidden, num_hidden_layers=config.layers,
-            ffn_dim=config.ffn, num_attention_heads=config.heads,
-            max_position_embeddings=config.max_positions, word_embed_proj_dim=config.hidden,
-            pad_token_id=self.pad_token_id, bos_token_id=self.eos_token_id,
-            eos_token_id=self.eos_token_id, dropout=0.0, attention_dropout=0.0,
-            activation_dropout=0.0, layerdrop=0.0))
+        self.lm = OPTForCausalLM(
+            OPTConfig(
+                vocab_size=len(tok),
+                hidden_size=config.hidden,
+                num_hidden_layers=config.layers,
+                ffn_dim=config.ffn,
+                num_attention_heads=config.heads,
+                max_position_embeddings=config.max_positions,
+                word_embed_proj_dim=config.hidden,
+                pad_token_id=self.pad_token_id,
+                bos_token_id=self.eos_token_id,
+                eos_token_id=self.eos_token_id,
+                dropout=0.0,
+                attention_dropout=0.0,
+                activation_dropout=0.0,
+                layerdrop=0.0,
+            )
+        )
         self.target_layer = f"lm.model.decoder.layers.{config.layers - 1}.fc2"
         self.max_positions = config.max_positions
 
@@ -409,18 +505,28 @@ class TinyVLM(Backbone):
     def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return pixels(images, self.config.image_size)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                pixel_values: Optional[torch.Tensor] = None, prompt_mask: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None, past_key_values: Any = None,
-                use_cache: bool = False) -> LMOutput:
-        embeds = self.lm.get_input_embeddings()(input_ids)                  # (B, T, D)
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: Optional[torch.Tensor] = None,
+        prompt_mask: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        past_key_values: Any = None,
+        use_cache: bool = False,
+    ) -> LMOutput:
+        embeds = self.lm.get_input_embeddings()(input_ids)  # (B, T, D)
         if pixel_values is not None:
-            _, patches = self.vision(pixel_values)                          # (B, P, W)
-            image_embeds = self.projector(patches).to(embeds.dtype)         # (B, P, D)
-            at_image = (input_ids == self.image_token_id)[..., None]        # (B, T, 1)
+            _, patches = self.vision(pixel_values)  # (B, P, W)
+            image_embeds = self.projector(patches).to(embeds.dtype)  # (B, P, D)
+            at_image = (input_ids == self.image_token_id)[..., None]  # (B, T, 1)
             embeds = embeds.masked_scatter(at_image, image_embeds)
-        out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask,
-                      past_key_values=past_key_values, use_cache=use_cache)
+        out = self.lm(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+        )
         loss = lm_loss(out.logits, labels) if labels is not None else None
         return LMOutput(out.logits, loss, out.past_key_values if use_cache else None)
 
@@ -444,10 +550,15 @@ class TinyVLM(Backbone):
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().clone() for k, v in self.state_dict().items()
-                 if k != "lm.lm_head.weight"}  # tied to the input embeddings
+        state = {
+            k: v.detach().contiguous().clone()
+            for k, v in self.state_dict().items()
+            if k != "lm.lm_head.weight"
+        }  # tied to the input embeddings
         save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-        (out / "config.json").write_text(json.dumps(asdict(self.config), indent=1, sort_keys=True) + "\n")
+        (out / "config.json").write_text(
+            json.dumps(asdict(self.config), indent=1, sort_keys=True) + "\n"
+        )
         self.tokenizer.backend_tokenizer.save(str(out / "tokenizer.json"))
 
     @classmethod
@@ -458,16 +569,26 @@ class TinyVLM(Backbone):
         path = Path(path)
         for name in ("config.json", "tokenizer.json", "model.safetensors"):
             if not (path / name).is_file():
-                raise FileNotFoundError(f"TinyVLM checkpoint {path}: missing {name} "
-                                        f"(train one with `python models.py train-tiny --out {path}`)")
+                raise FileNotFoundError(
+                    f"TinyVLM checkpoint {path}: missing {name} "
+                    f"(train one with `python models.py train-tiny --out {path}`)"
+                )
         config = TinyConfig.from_dict(json.loads((path / "config.json").read_text()))
-        tok = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), pad_token="<pad>",
-                                      eos_token="</s>", unk_token="<unk>",
-                                      additional_special_tokens=["<image>"])
+        tok = PreTrainedTokenizerFast(
+            tokenizer_file=str(path / "tokenizer.json"),
+            pad_token="<pad>",
+            eos_token="</s>",
+            unk_token="<unk>",
+            additional_special_tokens=["<image>"],
+        )
         model = cls(config, tok)
-        missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
+        missing, unexpected = model.load_state_dict(
+            load_file(str(path / "model.safetensors")), strict=False
+        )
         if unexpected or set(missing) - {"lm.lm_head.weight"}:
-            raise ValueError(f"TinyVLM checkpoint {path}: missing {missing}, unexpected {unexpected}")
+            raise ValueError(
+                f"TinyVLM checkpoint {path}: missing {missing}, unexpected {unexpected}"
+            )
         model.lm.tie_weights()
         return model.to(device).eval()
 
@@ -475,6 +596,7 @@ class TinyVLM(Backbone):
 # ---------------------------------------------------------------------------
 # BLIP-2 OPT
 # ---------------------------------------------------------------------------
+
 
 class Blip2OPT(Backbone):
     """``transformers.Blip2ForConditionalGeneration`` with an OPT decoder (the authors' backbone).
@@ -492,13 +614,19 @@ class Blip2OPT(Backbone):
         super().__init__()
         config = model.config
         if config.text_config.model_type != "opt":
-            raise ValueError(f"Blip2OPT needs a BLIP-2 with an OPT decoder, "
-                             f"got {config.text_config.model_type!r}")
+            raise ValueError(
+                f"Blip2OPT needs a BLIP-2 with an OPT decoder, "
+                f"got {config.text_config.model_type!r}"
+            )
         if config.image_token_id is None:
-            raise ValueError("Blip2OPT: the BLIP-2 config has no image_token_index (a pre-4.46 checkpoint?)")
+            raise ValueError(
+                "Blip2OPT: the BLIP-2 config has no image_token_index (a pre-4.46 checkpoint?)"
+            )
         if processor.num_query_tokens not in (None, config.num_query_tokens):
-            raise ValueError(f"Blip2OPT: processor has {processor.num_query_tokens} query tokens, "
-                             f"model {config.num_query_tokens}")
+            raise ValueError(
+                f"Blip2OPT: processor has {processor.num_query_tokens} query tokens, "
+                f"model {config.num_query_tokens}"
+            )
         self.model, self.processor = model, processor
         self.tokenizer = tok = processor.tokenizer
         self.pad_token_id, self.eos_token_id = tok.pad_token_id, tok.eos_token_id
@@ -509,8 +637,12 @@ class Blip2OPT(Backbone):
         self.max_positions = config.text_config.max_position_embeddings
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike = BLIP2_OPT,
-                        dtype: Optional[torch.dtype] = None, device: Optional[str] = None) -> "Blip2OPT":
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike = BLIP2_OPT,
+        dtype: Optional[torch.dtype] = None,
+        device: Optional[str] = None,
+    ) -> "Blip2OPT":
         """Load model and processor (a hub id, or a local directory; offline with HF_HUB_OFFLINE=1).
         Defaults: CUDA if available; fp16 on CUDA, fp32 on CPU."""
         from transformers import Blip2ForConditionalGeneration, Blip2Processor
@@ -522,9 +654,13 @@ class Blip2OPT(Backbone):
             dtype = torch.float16 if device.type == "cuda" else torch.float32
         path = Path(name_or_path).expanduser()
         if (path.is_absolute() or str(name_or_path).startswith((".", "~"))) and not path.is_dir():
-            raise FileNotFoundError(f"{path}: no such model directory (download {BLIP2_OPT} there first)")
+            raise FileNotFoundError(
+                f"{path}: no such model directory (download {BLIP2_OPT} there first)"
+            )
         processor = Blip2Processor.from_pretrained(path if path.is_dir() else name_or_path)
-        model = Blip2ForConditionalGeneration.from_pretrained(path if path.is_dir() else name_or_path, dtype=dtype)
+        model = Blip2ForConditionalGeneration.from_pretrained(
+            path if path.is_dir() else name_or_path, dtype=dtype
+        )
         return cls(model, processor).to(device).eval()
 
     # -- interface ---------------------------------------------------------
@@ -544,25 +680,41 @@ class Blip2OPT(Backbone):
         return [text] if text and text != question else []
 
     def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        return self.processor.image_processor([im.convert("RGB") for im in images],
-                                              return_tensors="pt")["pixel_values"]  # (B, 3, H, W)
+        return self.processor.image_processor(
+            [im.convert("RGB") for im in images], return_tensors="pt"
+        )["pixel_values"]  # (B, 3, H, W)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                pixel_values: Optional[torch.Tensor] = None, prompt_mask: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None, past_key_values: Any = None,
-                use_cache: bool = False) -> LMOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: Optional[torch.Tensor] = None,
+        prompt_mask: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        past_key_values: Any = None,
+        use_cache: bool = False,
+    ) -> LMOutput:
         if pixel_values is not None:
             # BLIP-2 proper: ViT -> Q-Former -> projection, scattered into the image positions.
-            out = self.model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
-                             past_key_values=past_key_values, use_cache=use_cache)
+            out = self.model(
+                pixel_values=pixel_values,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+            )
             cache = out.language_model_outputs.past_key_values
         else:
             # Text-only batches and decoding steps (the image is already in the KV cache); the
             # BLIP-2 forward requires pixel_values, so call its OPT directly.
             if past_key_values is None and (input_ids == self.image_token_id).any():
                 raise ValueError("Blip2OPT.forward: image tokens in input_ids but no pixel_values")
-            out = self.model.language_model(input_ids=input_ids, attention_mask=attention_mask,
-                                            past_key_values=past_key_values, use_cache=use_cache)
+            out = self.model.language_model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+            )
             cache = out.past_key_values
         loss = lm_loss(out.logits, labels) if labels is not None else None
         return LMOutput(out.logits, loss, cache if use_cache else None)
@@ -587,13 +739,19 @@ def offline_blip2_processor(n_query: int = 4, image_size: int = 32):
 
     tok = build_tokenizer(data.vocabulary())
     tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="</s> $A", special_tokens=[("</s>", tok.convert_tokens_to_ids("</s>"))])
+        single="</s> $A", special_tokens=[("</s>", tok.convert_tokens_to_ids("</s>"))]
+    )
     tok.bos_token = "</s>"
-    return Blip2Processor(BlipImageProcessor(size={"height": image_size, "width": image_size}), tok,
-                          num_query_tokens=n_query)
+    return Blip2Processor(
+        BlipImageProcessor(size={"height": image_size, "width": image_size}),
+        tok,
+        num_query_tokens=n_query,
+    )
 
 
-def random_blip2(layers: int = 2, hidden: int = 32, ffn: int = 64, n_query: int = 4, seed: int = 0) -> Blip2OPT:
+def random_blip2(
+    layers: int = 2, hidden: int = 32, ffn: int = 64, n_query: int = 4, seed: int = 0
+) -> Blip2OPT:
     """A randomly initialised BLIP-2 OPT built in memory from a ``Blip2Config`` (nothing downloads):
     a 1-layer ViT (32x32 images, 8x8 patches) and a 1-layer Q-Former of width 32, ``n_query``
     query tokens, and an OPT decoder of ``layers`` layers, width ``hidden``, FFN width ``ffn``.
@@ -603,15 +761,38 @@ def random_blip2(layers: int = 2, hidden: int = 32, ffn: int = 64, n_query: int 
     processor = offline_blip2_processor(n_query)
     tok = processor.tokenizer
     config = Blip2Config(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=2, image_size=32, patch_size=8),
-        qformer_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                            num_attention_heads=2, encoder_hidden_size=32, vocab_size=64),
-        text_config=dict(model_type="opt", vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
-                         ffn_dim=ffn, num_attention_heads=2, word_embed_proj_dim=hidden,
-                         max_position_embeddings=64, pad_token_id=tok.pad_token_id,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
-        num_query_tokens=n_query, image_token_index=tok.convert_tokens_to_ids("<image>"))
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        qformer_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            encoder_hidden_size=32,
+            vocab_size=64,
+        ),
+        text_config=dict(
+            model_type="opt",
+            vocab_size=len(tok),
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            ffn_dim=ffn,
+            num_attention_heads=2,
+            word_embed_proj_dim=hidden,
+            max_position_embeddings=64,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        ),
+        num_query_tokens=n_query,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+    )
     torch.manual_seed(seed)
     model = Blip2ForConditionalGeneration(config)
     with torch.no_grad():  # make the images matter in a random model:
@@ -626,9 +807,11 @@ def random_blip2(layers: int = 2, hidden: int = 32, ffn: int = 64, n_query: int 
 # MiniGPT-4 (Vicuna v0)
 # ---------------------------------------------------------------------------
 
-MINIGPT4_PROMPT = "###Human: <Img><ImageHere></Img> {} ###Assistant: "  # stage 2's prompt_template, one image
-MINIGPT4_TEXT_PROMPT = "###Human: {} ###Assistant: "                     # the same conversation, no image
-IMAGE_HERE = "<ImageHere>"                                               # the image placeholder token
+MINIGPT4_PROMPT = (
+    "###Human: <Img><ImageHere></Img> {} ###Assistant: "  # stage 2's prompt_template, one image
+)
+MINIGPT4_TEXT_PROMPT = "###Human: {} ###Assistant: "  # the same conversation, no image
+IMAGE_HERE = "<ImageHere>"  # the image placeholder token
 
 
 class MiniGPT4(Backbone):
@@ -650,31 +833,58 @@ class MiniGPT4(Backbone):
 
     REPHRASE = Blip2OPT.REPHRASE
 
-    def __init__(self, vision_model: nn.Module, qformer: nn.Module, query_tokens: nn.Parameter,
-                 llama_proj: nn.Linear, llama_model: nn.Module, tokenizer):
+    def __init__(
+        self,
+        vision_model: nn.Module,
+        qformer: nn.Module,
+        query_tokens: nn.Parameter,
+        llama_proj: nn.Linear,
+        llama_model: nn.Module,
+        tokenizer,
+    ):
         super().__init__()
         config = llama_model.config
-        if (llama_proj.in_features, llama_proj.out_features) != (qformer.config.hidden_size, config.hidden_size):
-            raise ValueError(f"MiniGPT4: llama_proj maps {llama_proj.in_features} -> {llama_proj.out_features}, "
-                             f"needs Q-Former {qformer.config.hidden_size} -> LLaMA {config.hidden_size}")
-        self.vision_model, self.qformer, self.query_tokens = vision_model, qformer, query_tokens  # (1, Q, H)
+        if (llama_proj.in_features, llama_proj.out_features) != (
+            qformer.config.hidden_size,
+            config.hidden_size,
+        ):
+            raise ValueError(
+                f"MiniGPT4: llama_proj maps {llama_proj.in_features} -> {llama_proj.out_features}, "
+                f"needs Q-Former {qformer.config.hidden_size} -> LLaMA {config.hidden_size}"
+            )
+        self.vision_model, self.qformer, self.query_tokens = (
+            vision_model,
+            qformer,
+            query_tokens,
+        )  # (1, Q, H)
         self.llama_proj, self.llama_model = llama_proj, llama_model
-        self.vision_model.post_layernorm.eps = 1e-5  # ln_vision is a default nn.LayerNorm (HF's BLIP-2: 1e-6)
+        self.vision_model.post_layernorm.eps = (
+            1e-5  # ln_vision is a default nn.LayerNorm (HF's BLIP-2: 1e-6)
+        )
         self.tokenizer = tok = tokenizer
         self.image_token_id = tok.convert_tokens_to_ids(IMAGE_HERE)
         if self.image_token_id is None or self.image_token_id == tok.unk_token_id:
             raise ValueError(f"MiniGPT4: the tokenizer has no {IMAGE_HERE} token")
-        self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id  # as MiniGPT-4
+        self.pad_token_id = (
+            tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        )  # as MiniGPT-4
         self.eos_token_id = tok.eos_token_id
         self.n_image_tokens = query_tokens.shape[1]
         self.image_size = vision_model.config.image_size
-        self.target_layer = f"llama_model.model.layers.{config.num_hidden_layers - 1}.mlp.up_proj"  # Vicuna-7B: 31
+        self.target_layer = (
+            f"llama_model.model.layers.{config.num_hidden_layers - 1}.mlp.up_proj"  # Vicuna-7B: 31
+        )
         self.max_positions = config.max_position_embeddings
 
     @classmethod
-    def from_pretrained(cls, blip2_dir: str | os.PathLike, vicuna_dir: str | os.PathLike,
-                        projection_file: str | os.PathLike, device: Optional[str] = None,
-                        dtype: Optional[torch.dtype] = None) -> "MiniGPT4":
+    def from_pretrained(
+        cls,
+        blip2_dir: str | os.PathLike,
+        vicuna_dir: str | os.PathLike,
+        projection_file: str | os.PathLike,
+        device: Optional[str] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> "MiniGPT4":
         """Assemble MiniGPT-4 from local files only (nothing downloads):
 
         - ``blip2_dir``: a Hugging Face BLIP-2 directory (config.json, safetensors); only its vision
@@ -685,11 +895,21 @@ class MiniGPT4(Backbone):
 
         Defaults: CUDA if available; fp16 on CUDA, fp32 on CPU."""
         from safetensors import safe_open
-        from transformers import AutoTokenizer, Blip2Config, Blip2QFormerModel, Blip2VisionModel, LlamaForCausalLM
+        from transformers import (
+            AutoTokenizer,
+            Blip2Config,
+            Blip2QFormerModel,
+            Blip2VisionModel,
+            LlamaForCausalLM,
+        )
 
-        blip2_dir, vicuna_dir, projection_file = (Path(p).expanduser()
-                                                   for p in (blip2_dir, vicuna_dir, projection_file))
-        for path, what in ((blip2_dir, "BLIP-2 checkpoint directory"), (vicuna_dir, "Vicuna directory")):
+        blip2_dir, vicuna_dir, projection_file = (
+            Path(p).expanduser() for p in (blip2_dir, vicuna_dir, projection_file)
+        )
+        for path, what in (
+            (blip2_dir, "BLIP-2 checkpoint directory"),
+            (vicuna_dir, "Vicuna directory"),
+        ):
             if not path.is_dir():
                 raise FileNotFoundError(f"{path}: no such {what} (MiniGPT4 reads local files only)")
             if not (path / "config.json").is_file():
@@ -702,21 +922,33 @@ class MiniGPT4(Backbone):
         # BLIP-2: the vision tower, Q-Former and query tokens, from the safetensors shards.
         config = Blip2Config.from_pretrained(blip2_dir, local_files_only=True)
         index = blip2_dir / "model.safetensors.index.json"
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+        shards = (
+            sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            if index.is_file()
             else ["model.safetensors"]
+        )
         state, wanted = {}, ("vision_model.", "qformer.", "query_tokens")
         for shard in shards:
             if not (blip2_dir / shard).is_file():
-                raise FileNotFoundError(f"{blip2_dir / shard}: missing (MiniGPT4 reads BLIP-2 weights as safetensors)")
+                raise FileNotFoundError(
+                    f"{blip2_dir / shard}: missing (MiniGPT4 reads BLIP-2 weights as safetensors)"
+                )
             with safe_open(str(blip2_dir / shard), framework="pt") as f:
                 state.update({k: f.get_tensor(k) for k in f.keys() if k.startswith(wanted)})
         with torch.device("meta"):  # no random init: every tensor comes from the checkpoint
-            vision, qformer = Blip2VisionModel(config.vision_config), Blip2QFormerModel(config.qformer_config)
+            vision, qformer = (
+                Blip2VisionModel(config.vision_config),
+                Blip2QFormerModel(config.qformer_config),
+            )
         for prefix, module in (("vision_model.", vision), ("qformer.", qformer)):
             missing = [prefix + k for k in module.state_dict() if prefix + k not in state]
             if missing:
-                raise ValueError(f"{blip2_dir}: no {missing[0]!r} (and {len(missing) - 1} more) in the BLIP-2 weights")
-            module.load_state_dict({k: state[prefix + k].to(dtype) for k in module.state_dict()}, assign=True)
+                raise ValueError(
+                    f"{blip2_dir}: no {missing[0]!r} (and {len(missing) - 1} more) in the BLIP-2 weights"
+                )
+            module.load_state_dict(
+                {k: state[prefix + k].to(dtype) for k in module.state_dict()}, assign=True
+            )
         if "query_tokens" not in state:
             raise ValueError(f"{blip2_dir}: no 'query_tokens' in the BLIP-2 weights")
         query_tokens = nn.Parameter(state["query_tokens"].to(dtype))  # (1, 32, 768)
@@ -726,14 +958,20 @@ class MiniGPT4(Backbone):
             ckpt = torch.load(projection_file, map_location="cpu", weights_only=True)
         except Exception as e:
             first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ValueError(f"{projection_file}: cannot read as a MiniGPT-4 checkpoint: {first_line}") from None
+            raise ValueError(
+                f"{projection_file}: cannot read as a MiniGPT-4 checkpoint: {first_line}"
+            ) from None
         weights = ckpt.get("model", {}) if isinstance(ckpt, dict) else {}
         for key in ("llama_proj.weight", "llama_proj.bias"):
             if key not in weights:
-                raise ValueError(f"{projection_file}: no model[{key!r}] (not a MiniGPT-4 checkpoint?)")
+                raise ValueError(
+                    f"{projection_file}: no model[{key!r}] (not a MiniGPT-4 checkpoint?)"
+                )
         out_features, in_features = weights["llama_proj.weight"].shape  # (4096, 768)
         llama_proj = nn.Linear(in_features, out_features, dtype=dtype)
-        llama_proj.load_state_dict({"weight": weights["llama_proj.weight"], "bias": weights["llama_proj.bias"]})
+        llama_proj.load_state_dict(
+            {"weight": weights["llama_proj.weight"], "bias": weights["llama_proj.bias"]}
+        )
 
         # Vicuna, with the image placeholder added to its tokenizer (never embedded: forward replaces it).
         llama = LlamaForCausalLM.from_pretrained(vicuna_dir, dtype=dtype, local_files_only=True)
@@ -749,7 +987,9 @@ class MiniGPT4(Backbone):
         if not image:
             return self.tokenizer(MINIGPT4_TEXT_PROMPT.format(prompt))["input_ids"], []
         before, after = MINIGPT4_PROMPT.split(IMAGE_HERE)
-        return self.tokenizer(before)["input_ids"], self._ids(after.format(prompt))  # BOS with the first, as MiniGPT-4
+        return self.tokenizer(before)["input_ids"], self._ids(
+            after.format(prompt)
+        )  # BOS with the first, as MiniGPT-4
 
     def prompt_ids(self, prompt: str) -> list[int]:
         before, after = self.segments(prompt)
@@ -759,34 +999,57 @@ class MiniGPT4(Backbone):
         return self._ids(answer) + [self.eos_token_id]
 
     def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        return pixels(images, self.image_size)  # MiniGPT-4's eval processor: bicubic resize, CLIP mean/std
+        return pixels(
+            images, self.image_size
+        )  # MiniGPT-4's eval processor: bicubic resize, CLIP mean/std
 
     def image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """MiniGPT-4's encode_img: (B, 3, H, W) -> (B, Q, D) inputs of the language model."""
-        image = self.vision_model(pixel_values=pixel_values).last_hidden_state     # (B, 1+P, W), after ln_vision
-        queries = self.query_tokens.expand(image.shape[0], -1, -1)                 # (B, Q, H)
+        image = self.vision_model(
+            pixel_values=pixel_values
+        ).last_hidden_state  # (B, 1+P, W), after ln_vision
+        queries = self.query_tokens.expand(image.shape[0], -1, -1)  # (B, Q, H)
         ones = torch.ones(image.shape[:-1], dtype=torch.long, device=image.device)  # (B, 1+P)
-        out = self.qformer(query_embeds=queries, encoder_hidden_states=image, encoder_attention_mask=ones)
+        out = self.qformer(
+            query_embeds=queries, encoder_hidden_states=image, encoder_attention_mask=ones
+        )
         return self.llama_proj(out.last_hidden_state.to(self.llama_proj.weight.dtype))  # (B, Q, D)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                pixel_values: Optional[torch.Tensor] = None, prompt_mask: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None, past_key_values: Any = None,
-                use_cache: bool = False) -> LMOutput:
-        at_image = input_ids == self.image_token_id                     # (B, T)
-        token_ids = input_ids.masked_fill(at_image, self.pad_token_id)  # the placeholder is never embedded
-        embeds = self.llama_model.get_input_embeddings()(token_ids)     # (B, T, D)
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: Optional[torch.Tensor] = None,
+        prompt_mask: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        past_key_values: Any = None,
+        use_cache: bool = False,
+    ) -> LMOutput:
+        at_image = input_ids == self.image_token_id  # (B, T)
+        token_ids = input_ids.masked_fill(
+            at_image, self.pad_token_id
+        )  # the placeholder is never embedded
+        embeds = self.llama_model.get_input_embeddings()(token_ids)  # (B, T, D)
         if pixel_values is not None:
             if at_image.sum() != len(input_ids) * self.n_image_tokens:
-                raise ValueError(f"MiniGPT4.forward: each row needs {self.n_image_tokens} image tokens")
+                raise ValueError(
+                    f"MiniGPT4.forward: each row needs {self.n_image_tokens} image tokens"
+                )
             image_embeds = self.image_embeds(pixel_values).to(embeds.dtype)  # (B, Q, D)
             embeds = embeds.masked_scatter(at_image[..., None], image_embeds)
         elif past_key_values is None and at_image.any():
             raise ValueError("MiniGPT4.forward: image tokens in input_ids but no pixel_values")
         # LLaMA numbers positions 0, 1, ... whatever the mask; count real tokens only, as generate does.
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]  # (B, T)
-        out = self.llama_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions,
-                               past_key_values=past_key_values, use_cache=use_cache)
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[
+            :, -input_ids.shape[1] :
+        ]  # (B, T)
+        out = self.llama_model(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+        )
         loss = lm_loss(out.logits, labels) if labels is not None else None
         return LMOutput(out.logits, loss, out.past_key_values if use_cache else None)
 
@@ -812,32 +1075,70 @@ def offline_minigpt4_tokenizer():
     from tokenizers import processors
 
     template = MINIGPT4_PROMPT.replace(IMAGE_HERE, " ") + Blip2OPT.REPHRASE
-    tok = build_tokenizer(["<s>", IMAGE_HERE, *re.findall(r"\w+|[^\w\s]+", template), *data.vocabulary()])
-    tok.add_special_tokens({"bos_token": "<s>", "additional_special_tokens": ["<image>", IMAGE_HERE]})
+    tok = build_tokenizer(
+        ["<s>", IMAGE_HERE, *re.findall(r"\w+|[^\w\s]+", template), *data.vocabulary()]
+    )
+    tok.add_special_tokens(
+        {"bos_token": "<s>", "additional_special_tokens": ["<image>", IMAGE_HERE]}
+    )
     tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+        single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)]
+    )
     return tok
 
 
-def random_minigpt4(layers: int = 2, hidden: int = 32, ffn: int = 64, n_query: int = 8, seed: int = 0) -> MiniGPT4:
+def random_minigpt4(
+    layers: int = 2, hidden: int = 32, ffn: int = 64, n_query: int = 8, seed: int = 0
+) -> MiniGPT4:
     """A randomly initialised MiniGPT-4 built in memory (nothing downloads): a 1-layer BLIP-2 ViT
     (32x32 images, 8x8 patches) and a 1-layer Q-Former of width 32 with ``n_query`` query tokens,
     the projection, and a LLaMA of ``layers`` layers, width ``hidden``, MLP width ``ffn``.
     ``random_minigpt4(layers=32)`` has Vicuna-7B's depth (32 decoder layers) at a small width."""
-    from transformers import (Blip2QFormerConfig, Blip2QFormerModel, Blip2VisionConfig, Blip2VisionModel,
-                              LlamaConfig, LlamaForCausalLM)
+    from transformers import (
+        Blip2QFormerConfig,
+        Blip2QFormerModel,
+        Blip2VisionConfig,
+        Blip2VisionModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     tok = offline_minigpt4_tokenizer()
     torch.manual_seed(seed)
-    vision = Blip2VisionModel(Blip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                                num_attention_heads=2, image_size=32, patch_size=8))
-    qformer = Blip2QFormerModel(Blip2QFormerConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                                   num_attention_heads=2, encoder_hidden_size=32))
+    vision = Blip2VisionModel(
+        Blip2VisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        )
+    )
+    qformer = Blip2QFormerModel(
+        Blip2QFormerConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            encoder_hidden_size=32,
+        )
+    )
     query_tokens = nn.Parameter(torch.randn(1, n_query, 32))  # (1, Q, H)
-    llama = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=hidden,
+            intermediate_size=ffn,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    )
     llama_proj = nn.Linear(32, hidden)
     with torch.no_grad():  # as random_blip2: make the images matter in a random model
         for module in (vision, qformer, llama_proj):
@@ -851,9 +1152,17 @@ def random_minigpt4(layers: int = 2, hidden: int = 32, ffn: int = 64, n_query: i
 # Training TinyVLM on the world (python models.py train-tiny)
 # ---------------------------------------------------------------------------
 
-def train_tiny(out_dir: str | os.PathLike, steps: int = 3000, batch_size: int = 64, lr: float = 5e-4,
-               seed: int = 0, config: TinyConfig = TinyConfig(), progress: bool = True,
-               device: str = "cpu") -> list[float]:
+
+def train_tiny(
+    out_dir: str | os.PathLike,
+    steps: int = 3000,
+    batch_size: int = 64,
+    lr: float = 5e-4,
+    seed: int = 0,
+    config: TinyConfig = TinyConfig(),
+    progress: bool = True,
+    device: str = "cpu",
+) -> list[float]:
     """Train TinyVLM on the world's endless training stream (seeded); returns the loss per step."""
     from tqdm import tqdm
 
@@ -863,14 +1172,21 @@ def train_tiny(out_dir: str | os.PathLike, steps: int = 3000, batch_size: int = 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, cosine decay
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+        opt,
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))),
+    )
     stream = data.training_stream(seed)
     losses = []
     bar = tqdm(range(steps), desc="train-tiny", disable=not progress)
     for _ in bar:
         samples = [next(stream) for _ in range(batch_size)]
-        batch = model.to_device(model.encode([s.image for s in samples], [s.question for s in samples],
-                                             [s.answer for s in samples]))
+        batch = model.to_device(
+            model.encode(
+                [s.image for s in samples],
+                [s.question for s in samples],
+                [s.answer for s in samples],
+            )
+        )
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -885,23 +1201,30 @@ def train_tiny(out_dir: str | os.PathLike, steps: int = 3000, batch_size: int = 
     return losses
 
 
-def knowledge(backbone: Backbone, records: Sequence[data.EditRecord], batch_size: int = 64) -> dict[str, float]:
+def knowledge(
+    backbone: Backbone, records: Sequence[data.EditRecord], batch_size: int = 64
+) -> dict[str, float]:
     """What the unedited model knows: exact match (%) of generated answers against the true
     (old) answers, on every part of the records, and on the black / white anchor questions."""
     parts = {
         "edit": [(r.image, r.question, r.answer) for r in records],
         "rephrases": [(r.image, q, r.answer) for r in records for q in r.rephrases],
-        "rephrase_images": [(im, r.question, r.answer) for r in records for im in r.rephrase_images],
+        "rephrase_images": [
+            (im, r.question, r.answer) for r in records for im in r.rephrase_images
+        ],
         "locality": [(s.image, s.question, s.answer) for r in records for s in r.locality],
         "unrelated": [(s.image, s.question, s.answer) for r in records for s in r.m_locality],
-        "black_white": [(data.anchor_image(a, data.SIZE), q, answers[data.FAMILY_OF[q]])
-                        for a, answers in data.ANCHOR_ANSWERS.items() for q in data.FAMILY_OF],
+        "black_white": [
+            (data.anchor_image(a, data.SIZE), q, answers[data.FAMILY_OF[q]])
+            for a, answers in data.ANCHOR_ANSWERS.items()
+            for q in data.FAMILY_OF
+        ],
     }
     result = {}
     for name, triples in parts.items():
         right = 0
         for i in range(0, len(triples), batch_size):
-            chunk = triples[i:i + batch_size]
+            chunk = triples[i : i + batch_size]
             answers = backbone.generate([t[0] for t in chunk], [t[1] for t in chunk])
             right += sum(a == t[2] for a, t in zip(answers, chunk))
         result[name] = 100.0 * right / len(triples)
@@ -909,18 +1232,26 @@ def knowledge(backbone: Backbone, records: Sequence[data.EditRecord], batch_size
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Backbones for BalancEdit. Subcommand train-tiny "
-                                     "trains TinyVLM on the world of data.py and saves a checkpoint.")
+    parser = argparse.ArgumentParser(
+        description="Backbones for BalancEdit. Subcommand train-tiny "
+        "trains TinyVLM on the world of data.py and saves a checkpoint."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train-tiny", help="train TinyVLM (seeded; minutes on a 2-core CPU)")
-    t.add_argument("--out", required=True, help="checkpoint directory (assets/tinyvlm is the shipped one)")
+    t.add_argument(
+        "--out", required=True, help="checkpoint directory (assets/tinyvlm is the shipped one)"
+    )
     t.add_argument("--steps", type=int, default=3000, help="optimizer steps (default 3000)")
     t.add_argument("--batch-size", type=int, default=64, help="samples per step (default 64)")
     t.add_argument("--lr", type=float, default=5e-4, help="peak AdamW learning rate (default 5e-4)")
     t.add_argument("--seed", type=int, default=0, help="seed for weights and the training stream")
     t.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    k = sub.add_parser("check-tiny", help="exact match of a TinyVLM checkpoint on the shipped sample")
-    k.add_argument("--model", default=str(TINY_DIR), help="checkpoint directory (default: assets/tinyvlm)")
+    k = sub.add_parser(
+        "check-tiny", help="exact match of a TinyVLM checkpoint on the shipped sample"
+    )
+    k.add_argument(
+        "--model", default=str(TINY_DIR), help="checkpoint directory (default: assets/tinyvlm)"
+    )
     return parser
 
 
@@ -937,9 +1268,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.steps < 1 or args.batch_size < 1 or not args.lr > 0:
         parser.error("--steps and --batch-size must be >= 1 and --lr > 0")
     start = time.time()
-    losses = train_tiny(args.out, args.steps, args.batch_size, args.lr, args.seed, device=args.device)
-    print(f"trained {args.steps} steps in {time.time() - start:.0f} s; final loss "
-          f"{np.mean(losses[-50:]):.4f}; saved to {args.out}")
+    losses = train_tiny(
+        args.out, args.steps, args.batch_size, args.lr, args.seed, device=args.device
+    )
+    print(
+        f"trained {args.steps} steps in {time.time() - start:.0f} s; final loss "
+        f"{np.mean(losses[-50:]):.4f}; saved to {args.out}"
+    )
     return 0
 
 

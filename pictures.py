@@ -2,6 +2,7 @@
 a codebook's keys and balls in 2-D (paper Fig. 7), and the study's curves. Drawn with matplotlib
 (Agg, to PNG files); ``python evaluate.py sweep-alpha | show-edit | show-codebook | study`` calls them.
 """
+
 import math
 from pathlib import Path
 
@@ -9,13 +10,18 @@ import torch
 
 from balancedit import BalancEditor, distance
 
-COLUMNS, HEADERS = ("acc", "t_gen", "i_gen", "loc", "q_loc", "hm"), ("Acc", "T-Gen", "I-Gen", "Loc", "q_loc", "HM")
+COLUMNS, HEADERS = (
+    ("acc", "t_gen", "i_gen", "loc", "q_loc", "hm"),
+    ("Acc", "T-Gen", "I-Gen", "Loc", "q_loc", "HM"),
+)
 
 
 def _pyplot():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -31,9 +37,18 @@ def plot_sweep(results: dict[str, dict], parameter: str, path: Path) -> None:
     """Paper Fig. 5: each metric against the swept parameter."""
     fig, ax = _pyplot().subplots(figsize=(5, 3.5))
     for key, label in zip(COLUMNS, HEADERS):
-        ax.plot([float(v) for v in results], [math.nan if r[key] is None else r[key] for r in results.values()],
-                marker="o", label=label)
-    ax.set(xlabel=parameter, ylabel="%", ylim=(-2, 102), title=f"BalancEdit against {parameter} (paper Fig. 5)")
+        ax.plot(
+            [float(v) for v in results],
+            [math.nan if r[key] is None else r[key] for r in results.values()],
+            marker="o",
+            label=label,
+        )
+    ax.set(
+        xlabel=parameter,
+        ylabel="%",
+        ylim=(-2, 102),
+        title=f"BalancEdit against {parameter} (paper Fig. 5)",
+    )
     ax.legend(fontsize="small")
     _save(fig, path)
 
@@ -42,13 +57,32 @@ def plot_study(result: dict, path: Path) -> None:
     """The study's curves: each metric against the edits in the codebook (1: single edits), one line
     per method, the mean over the test worlds with +- one standard deviation as error bars."""
     sizes = [1, *map(int, result["sequential"])]
-    runs = [result["single"], *result["sequential"].values()]  # one {method: {column: stats}} per size
-    fig, axes = _pyplot().subplots(1, len(COLUMNS) - 1, figsize=(3 * (len(COLUMNS) - 1), 3.2), sharey=True)
+    runs = [
+        result["single"],
+        *result["sequential"].values(),
+    ]  # one {method: {column: stats}} per size
+    fig, axes = _pyplot().subplots(
+        1, len(COLUMNS) - 1, figsize=(3 * (len(COLUMNS) - 1), 3.2), sharey=True
+    )
     for ax, key, label in zip(axes, COLUMNS[1:], HEADERS[1:]):
         for name in runs[-1]:
             cells = [r[name][key] for r in runs]
-            ax.errorbar(sizes, [c["mean"] for c in cells], [c["std"] for c in cells], marker="o", capsize=3, label=name)
-        ax.set(xscale="log", xticks=sizes, xticklabels=sizes, xlabel="edits in the codebook", title=label, ylim=(-2, 102))
+            ax.errorbar(
+                sizes,
+                [c["mean"] for c in cells],
+                [c["std"] for c in cells],
+                marker="o",
+                capsize=3,
+                label=name,
+            )
+        ax.set(
+            xscale="log",
+            xticks=sizes,
+            xticklabels=sizes,
+            xlabel="edits in the codebook",
+            title=label,
+            ylim=(-2, 102),
+        )
         ax.minorticks_off()
     axes[0].set_ylabel("% (mean +- std over test worlds)")
     axes[0].legend(fontsize="small", loc="lower left")
@@ -60,16 +94,30 @@ def edit_probes(editor: BalancEditor, record) -> tuple[dict, dict]:
     generated answer changed. Returns the edit's report (as a dict) and {group: [(d, changed)]}."""
     backbone, anchor = editor.backbone, editor.config.negative
     import data
+
     groups = {  # group -> (images, questions); in scope: the answer should change
         "positive (a training rephrasing)": ([record.image], [editor.positive(record)]),
         "rephrasings (T-Gen)": ([record.image] * len(record.rephrases), record.rephrases),
-        "other images (I-Gen)": (record.rephrase_images, [record.question] * len(record.rephrase_images)),
-        "near misses (Loc)": ([s.image for s in record.locality], [s.question for s in record.locality]),
-        "same images, other questions (q_loc)": ([s.image for s in record.q_locality],
-                                                 [s.question for s in record.q_locality]),
-        "unrelated (m_loc)": ([s.image for s in record.m_locality], [s.question for s in record.m_locality]),
-        f"negative ({anchor} image)": ([data.anchor_image(anchor, record.image.size, seed=editor.config.seed)],
-                                       [record.question]),
+        "other images (I-Gen)": (
+            record.rephrase_images,
+            [record.question] * len(record.rephrase_images),
+        ),
+        "near misses (Loc)": (
+            [s.image for s in record.locality],
+            [s.question for s in record.locality],
+        ),
+        "same images, other questions (q_loc)": (
+            [s.image for s in record.q_locality],
+            [s.question for s in record.q_locality],
+        ),
+        "unrelated (m_loc)": (
+            [s.image for s in record.m_locality],
+            [s.question for s in record.m_locality],
+        ),
+        f"negative ({anchor} image)": (
+            [data.anchor_image(anchor, record.image.size, seed=editor.config.seed)],
+            [record.question],
+        ),
     }
     groups = {g: v for g, v in groups.items() if v[0] and all(im is not None for im in v[0])}
     before = {g: backbone.generate(*v) for g, v in groups.items()}
@@ -78,11 +126,18 @@ def edit_probes(editor: BalancEditor, record) -> tuple[dict, dict]:
     probes = {}
     with editor.attached():
         for g, (images, questions) in groups.items():
-            d = distance(editor.keys(images, questions), k[None], editor.config.distance)[:, 0].tolist()
+            d = distance(editor.keys(images, questions), k[None], editor.config.distance)[
+                :, 0
+            ].tolist()
             after = backbone.generate(images, questions)
             probes[g] = [(di, a != b) for di, a, b in zip(d, after, before[g])]
-    return {"d_pos": report.d_pos, "d_neg": report.d_neg, "radius": report.radius,
-            "alpha": editor.config.alpha, "target": record.target}, probes
+    return {
+        "d_pos": report.d_pos,
+        "d_neg": report.d_neg,
+        "radius": report.radius,
+        "alpha": editor.config.alpha,
+        "target": record.target,
+    }, probes
 
 
 def show_edit(report: dict, probes: dict, path: Path, title: str) -> None:
@@ -98,10 +153,20 @@ def show_edit(report: dict, probes: dict, path: Path, title: str) -> None:
         in_scope = group.split(" ")[0] in ("positive", "rephrasings", "other")
         for d, changed in points:
             good = changed == in_scope
-            ax.scatter([d], [y], s=60, edgecolors="g" if good else "r", facecolors=("g" if good else "r") if changed
-                       else "none", zorder=3)
+            ax.scatter(
+                [d],
+                [y],
+                s=60,
+                edgecolors="g" if good else "r",
+                facecolors=("g" if good else "r") if changed else "none",
+                zorder=3,
+            )
     ax.set_yticks(range(len(probes)), list(probes))
-    ax.set(xlabel="d(q, k): the probe's distance to the edit's key", title=title, ylim=(-0.7, len(probes) - 0.3))
+    ax.set(
+        xlabel="d(q, k): the probe's distance to the edit's key",
+        title=title,
+        ylim=(-0.7, len(probes) - 0.3),
+    )
     ax.invert_yaxis()
     ax.legend(fontsize="small", loc="center right")
     _save(fig, path)
@@ -113,13 +178,17 @@ def show_codebook(editor: BalancEditor, records, path: Path) -> dict:
     are normalised first (then 1 - cos = |u - v|^2 / 2, so a ball of radius eps has Euclidean radius
     sqrt(2 eps)). A projection only shrinks distances: circles that overlap need not be balls that do."""
     cb = editor.codebook
-    keys = torch.nn.functional.normalize(cb.keys, dim=-1) if cb.distance == "cos" else cb.keys  # (N, D)
+    keys = (
+        torch.nn.functional.normalize(cb.keys, dim=-1) if cb.distance == "cos" else cb.keys
+    )  # (N, D)
     centred = keys - keys.mean(dim=0)
     xy = (centred @ torch.linalg.svd(centred, full_matrices=False)[2][:2].T).cpu()  # (N, 2)
     radii = [math.sqrt(2 * r) if cb.distance == "cos" else r for r in cb.radii.tolist()]
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 6))
-    scope = {(r.question, r.target): r.category or "other" for r in records}  # the edit behind each entry
+    scope = {
+        (r.question, r.target): r.category or "other" for r in records
+    }  # the edit behind each entry
     scopes = [scope.get((asked[1], target), "other") for asked, target in zip(cb.asked, cb.targets)]
     colours = {c: f"C{i}" for i, c in enumerate(sorted(set(scopes)))}
     for (x, y), r, c in zip(xy.tolist(), radii, scopes):
@@ -127,8 +196,12 @@ def show_codebook(editor: BalancEditor, records, path: Path) -> dict:
         ax.scatter([x], [y], s=12, color=colours[c])
     for c, colour in colours.items():
         ax.scatter([], [], color=colour, label=f"{c}-scope edits")
-    ax.set(aspect="equal", title=f"{len(cb)} entries after sequential edits (paper Fig. 7)",
-           xlabel="first principal direction of the keys", ylabel="second")
+    ax.set(
+        aspect="equal",
+        title=f"{len(cb)} entries after sequential edits (paper Fig. 7)",
+        xlabel="first principal direction of the keys",
+        ylabel="second",
+    )
     ax.autoscale_view()
     ax.legend(fontsize="small")
     _save(fig, path)

@@ -4,6 +4,7 @@ models built in memory, and the grade table printed at the end of every run.
     python -m pytest assignments            # every task, then the grade table
     python -m pytest assignments -m task2   # one task
 """
+
 import sys
 from pathlib import Path
 
@@ -15,7 +16,9 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-torch.set_num_threads(1)  # the graders' models are tiny: one thread is the fastest, and never waits on another
+torch.set_num_threads(
+    1
+)  # the graders' models are tiny: one thread is the fastest, and never waits on another
 
 # task -> (title, points). Task 6 (the experiments) is answered in writing and graded by hand.
 TASKS = {
@@ -27,8 +30,8 @@ TASKS = {
 }
 WRITTEN = ("task6", "experiments, answered in writing (graded by hand)", 15)
 
-_task_of: dict[str, str] = {}   # test id -> task
-_outcome: dict[str, str] = {}   # test id -> "passed" / "failed" / "skipped"
+_task_of: dict[str, str] = {}  # test id -> task
+_outcome: dict[str, str] = {}  # test id -> "passed" / "failed" / "skipped"
 
 
 def pytest_configure(config):
@@ -83,13 +86,16 @@ def pytest_terminal_summary(terminalreporter):
 
 # ---------------------------------------------------------------- shared fixtures
 
+
 @pytest.fixture(scope="session")
 def tiny():
     """A small random TinyVLM (2 decoder layers, fc2: 64 -> 32), seeded: fast enough for many edits."""
     import models
 
     torch.manual_seed(0)
-    return models.TinyVLM(models.TinyConfig(vision_layers=1, layers=2, hidden=32, ffn=64, vision_width=32)).eval()
+    return models.TinyVLM(
+        models.TinyConfig(vision_layers=1, layers=2, hidden=32, ffn=64, vision_width=32)
+    ).eval()
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ plumbing with Router.route, so leaving it would hand out half of that solution.
 After writing, every non-trivial line of a removed body is looked for in the starter's .py files;
 one found is an error (exit 1) and the starter is deleted.
 """
+
 import argparse
 import ast
 import re
@@ -20,32 +21,62 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = {  # file -> function ("Class.method") -> (task, what to implement)
     "balancedit.py": {
-        "distance": (1, "d(q, k) for every pair, (B, D), (N, D) -> (B, N) float32: 1 - cos(q, k), clamped at 0, "
-                        "or ||q - k||_2 (exact: d(k, k) == 0)"),
-        "radius": (1, "Eq. 3 as in Appendix D (Eq. 10): eps = alpha * d_pos + (1 - alpha) * d_neg, kept between the two"),
-        "Codebook.lookup": (2, "Eq. 1's decision: j = argmin_k d(q, k), dist = d(q, k_j), hit = dist <= eps_j"),
-        "prompt_mean": (3, "the key: the mean of h over each row's prompt positions (pool='last': h at its last "
-                           "prompt position), (B, T, D), (B, T) -> (B, D) float32"),
-        "Router.route": (3, "Eq. 1 per sample: a row whose query hits entry j gets v_j(h), every other row layer l's "
-                            "output untouched; decoding steps keep their prompt's route"),
-        "train_value": (4, "Eq. 2: Adam on the value's parameters only, loss = LM cross-entropy on the target tokens "
-                           "(cached activations when cache); return the loss of each step"),
-        "BalancEditor.keys": (4, "the key of each (image, question), (B, D), exactly as the routing hook computes it "
-                                 "(pooled with self.config.pool)"),
-        "BalancEditor.positive": (4, "Pos's question R(t): a training rephrasing, else the backbone's, never one T-Gen scores"),
+        "distance": (
+            1,
+            "d(q, k) for every pair, (B, D), (N, D) -> (B, N) float32: 1 - cos(q, k), clamped at 0, "
+            "or ||q - k||_2 (exact: d(k, k) == 0)",
+        ),
+        "radius": (
+            1,
+            "Eq. 3 as in Appendix D (Eq. 10): eps = alpha * d_pos + (1 - alpha) * d_neg, kept between the two",
+        ),
+        "Codebook.lookup": (
+            2,
+            "Eq. 1's decision: j = argmin_k d(q, k), dist = d(q, k_j), hit = dist <= eps_j",
+        ),
+        "prompt_mean": (
+            3,
+            "the key: the mean of h over each row's prompt positions (pool='last': h at its last "
+            "prompt position), (B, T, D), (B, T) -> (B, D) float32",
+        ),
+        "Router.route": (
+            3,
+            "Eq. 1 per sample: a row whose query hits entry j gets v_j(h), every other row layer l's "
+            "output untouched; decoding steps keep their prompt's route",
+        ),
+        "train_value": (
+            4,
+            "Eq. 2: Adam on the value's parameters only, loss = LM cross-entropy on the target tokens "
+            "(cached activations when cache); return the loss of each step",
+        ),
+        "BalancEditor.keys": (
+            4,
+            "the key of each (image, question), (B, D), exactly as the routing hook computes it "
+            "(pooled with self.config.pool)",
+        ),
+        "BalancEditor.positive": (
+            4,
+            "Pos's question R(t): a training rephrasing, else the backbone's, never one T-Gen scores",
+        ),
     },
     "evaluate.py": {
-        "GraceRouter.route": (3, "GRACE's hook: the query is layer l's input at each row's last prompt position; a hit "
-                                 "writes the entry's vector v at that position only"),
-        "token_accuracy": (5, "the mean over samples of the % of a sample's tokens where predicted == reference"),
+        "GraceRouter.route": (
+            3,
+            "GRACE's hook: the query is layer l's input at each row's last prompt position; a hit "
+            "writes the entry's vector v at that position only",
+        ),
+        "token_accuracy": (
+            5,
+            "the mean over samples of the % of a sample's tokens where predicted == reference",
+        ),
         "hm": (5, "HM = 3 / (1/T-Gen + 1/I-Gen + 1/Loc); 0 if any is 0, None if any is None"),
     },
 }
 DOCS = {  # docstrings for the stubs of hooks that have none in the project
     "Router.route": "The forward hook of layer l (Eq. 1): returns None (keep ``out``) or the new output.\n\n"
-                    "Sets ``self.last_index`` (B,) and ``self.last_query`` (B, D); ``self.mask`` is the backbone's\n"
-                    "prompt mask (B, T) or None; ``self.pool`` the key's pooling (\"mean\" or \"last\");\n"
-                    "``self.held`` is yours, to hold routes while decoding.",
+    "Sets ``self.last_index`` (B,) and ``self.last_query`` (B, D); ``self.mask`` is the backbone's\n"
+    'prompt mask (B, T) or None; ``self.pool`` the key\'s pooling ("mean" or "last");\n'
+    "``self.held`` is yours, to hold routes while decoding.",
     "GraceRouter.route": "GRACE's forward hook: returns None (keep ``out``) or the new output; sets ``self.last_index``.",
 }
 # Generic lines that a removed body shares with code the students keep and that give nothing away:
@@ -60,7 +91,9 @@ def functions(tree):
         if isinstance(node, ast.FunctionDef):
             yield node.name, node
         elif isinstance(node, ast.ClassDef):
-            yield from ((f"{node.name}.{f.name}", f) for f in node.body if isinstance(f, ast.FunctionDef))
+            yield from (
+                (f"{node.name}.{f.name}", f) for f in node.body if isinstance(f, ast.FunctionDef)
+            )
 
 
 def stub(source: str, table: dict) -> tuple[str, list[str]]:
@@ -72,16 +105,30 @@ def stub(source: str, table: dict) -> tuple[str, list[str]]:
     for name in sorted(table, key=lambda n: -found[n].lineno):  # bottom up: line numbers stay valid
         node, (task, what) = found[name], table[name]
         first = node.body[0]
-        has_doc = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str)
-        start = first.end_lineno if has_doc else first.lineno - 1  # 0-based index of the first line to replace
+        has_doc = (
+            isinstance(first, ast.Expr)
+            and isinstance(first.value, ast.Constant)
+            and isinstance(first.value.value, str)
+        )
+        start = (
+            first.end_lineno if has_doc else first.lineno - 1
+        )  # 0-based index of the first line to replace
         while not has_doc and lines[start - 1].strip().startswith("#"):
             start -= 1  # comments between the signature and the body go too
         pad = " " * first.col_offset
-        new = [] if has_doc or name not in DOCS else \
-            [pad + '"""' + DOCS[name].replace("\n", "\n" + pad).replace(pad + "\n", "\n") + '"""\n']
+        new = (
+            []
+            if has_doc or name not in DOCS
+            else [
+                pad
+                + '"""'
+                + DOCS[name].replace("\n", "\n" + pad).replace(pad + "\n", "\n")
+                + '"""\n'
+            ]
+        )
         new.append(f"{pad}raise NotImplementedError({f'Task {task}: {what}'!r})\n")
-        removed += lines[start:node.end_lineno]
-        lines[start:node.end_lineno] = new
+        removed += lines[start : node.end_lineno]
+        lines[start : node.end_lineno] = new
     return "".join(lines), removed
 
 
@@ -99,21 +146,34 @@ def leaks(out: Path, removed: list[str]) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Write the BalancEdit assignment's student starter.")
-    parser.add_argument("--out", required=True, type=Path, help="the starter's folder (new or empty)")
+    parser = argparse.ArgumentParser(
+        description="Write the BalancEdit assignment's student starter."
+    )
+    parser.add_argument(
+        "--out", required=True, type=Path, help="the starter's folder (new or empty)"
+    )
     out = parser.parse_args(argv).out
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        print(f"release.py: error: --out {out} exists and is not an empty folder; choose a new one", file=sys.stderr)
+        print(
+            f"release.py: error: --out {out} exists and is not an empty folder; choose a new one",
+            file=sys.stderr,
+        )
         return 2
     out.mkdir(parents=True, exist_ok=True)
     for name in [p.name for p in ROOT.glob("*.py")] + COPY:
         src = ROOT / name
         if src.is_dir():
-            shutil.copytree(src, out / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".hypothesis"))
+            shutil.copytree(
+                src,
+                out / name,
+                ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".hypothesis"),
+            )
         elif src.exists():
             shutil.copy2(src, out / name)
     ini = (ROOT / "pytest.ini").read_text()
-    (out / "pytest.ini").write_text(re.sub(r"(?m)^testpaths\s*=.*$", "testpaths = assignments", ini))
+    (out / "pytest.ini").write_text(
+        re.sub(r"(?m)^testpaths\s*=.*$", "testpaths = assignments", ini)
+    )
     removed = []
     for name, table in TASKS.items():
         text, lines = stub((ROOT / name).read_text(), table)
@@ -122,12 +182,17 @@ def main(argv=None) -> int:
         removed += lines
     if found := leaks(out, removed):
         shutil.rmtree(out)
-        print("release.py: error: solution lines would survive in the starter (deleted it):\n  " + "\n  ".join(found),
-              file=sys.stderr)
+        print(
+            "release.py: error: solution lines would survive in the starter (deleted it):\n  "
+            + "\n  ".join(found),
+            file=sys.stderr,
+        )
         return 1
     n = sum(map(len, TASKS.values()))
-    print(f"wrote the starter to {out}: {n} task functions stubbed in {', '.join(TASKS)}; no solution line survives; "
-          "the project's tests/ are left out (the graders are in assignments/)")
+    print(
+        f"wrote the starter to {out}: {n} task functions stubbed in {', '.join(TASKS)}; no solution line survives; "
+        "the project's tests/ are left out (the graders are in assignments/)"
+    )
     return 0
 
 

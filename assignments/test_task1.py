@@ -1,7 +1,8 @@
 """Task 1 (10 points): the distance d(q, k) and the radius of Eq. 3.
 
-    python -m pytest assignments -m task1
+python -m pytest assignments -m task1
 """
+
 import math
 
 import pytest
@@ -12,32 +13,45 @@ from hypothesis import strategies as st
 from balancedit import distance, radius
 
 pytestmark = pytest.mark.task1
-FEW = settings(max_examples=30, deadline=None, derandomize=True, database=None,
-               phases=[Phase.explicit, Phase.generate, Phase.shrink])
+FEW = settings(
+    max_examples=30,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    phases=[Phase.explicit, Phase.generate, Phase.shrink],
+)
 dists = st.floats(min_value=0.0, max_value=1e6, allow_nan=False, allow_infinity=False)
 alphas = st.floats(min_value=0.0, max_value=1.0, allow_nan=False)
-EQ3 = ("Eq. 3 as Appendix D (Eq. 10) of the paper and the authors' code write it: "
-       "eps = alpha * d(Pos, k) + (1 - alpha) * d(Neg, k)")
+EQ3 = (
+    "Eq. 3 as Appendix D (Eq. 10) of the paper and the authors' code write it: "
+    "eps = alpha * d(Pos, k) + (1 - alpha) * d(Neg, k)"
+)
 
 
 # ---------------------------------------------------------------- distance
+
 
 def test_cosine_distance_on_hand_worked_vectors():
     q = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
     k = torch.tensor([[1.0, 0.0], [2.0, 2.0]])
     d = distance(q, k, "cos")
-    assert isinstance(d, torch.Tensor) and d.shape == (3, 2), \
+    assert isinstance(d, torch.Tensor) and d.shape == (3, 2), (
         f"distance returns one number per (query, key) pair, shape (B, N) = (3, 2); got {getattr(d, 'shape', d)}"
+    )
     s = 1 / math.sqrt(2)
     want = [[0.0, 1 - s], [1.0, 1 - s], [2.0, 1 + s]]
-    assert d.flatten().tolist() == pytest.approx(sum(want, []), abs=1e-6), \
+    assert d.flatten().tolist() == pytest.approx(sum(want, []), abs=1e-6), (
         f"'cos' is 1 - cos(q, k), from 0 (same direction) to 2 (opposite); want {want}, got {d.tolist()}"
+    )
 
 
 def test_euclidean_distance_on_hand_worked_vectors():
-    d = distance(torch.tensor([[0.0, 0.0], [3.0, 4.0]]), torch.tensor([[0.0, 0.0], [3.0, 0.0]]), "euc")
-    assert d.flatten().tolist() == pytest.approx([0.0, 3.0, 5.0, 4.0], abs=1e-6), \
+    d = distance(
+        torch.tensor([[0.0, 0.0], [3.0, 4.0]]), torch.tensor([[0.0, 0.0], [3.0, 0.0]]), "euc"
+    )
+    assert d.flatten().tolist() == pytest.approx([0.0, 3.0, 5.0, 4.0], abs=1e-6), (
         f"'euc' is ||q - k||_2 (paper Table 6); want [[0, 3], [5, 4]], got {d.tolist()}"
+    )
 
 
 def test_euclidean_distance_of_a_key_to_itself_is_exactly_zero():
@@ -46,40 +60,51 @@ def test_euclidean_distance_of_a_key_to_itself_is_exactly_zero():
     assert torch.all(diag == 0), (
         f"d(k, k) must be exactly 0, or a query equal to a key misses a radius-0 entry; got up to {diag.max():.3g}. "
         "torch.cdist's fast matrix-product form rounds for more than 25 vectors: ask for the exact one "
-        "(compute_mode='donot_use_mm_for_euclid_dist') or compute the differences yourself")
+        "(compute_mode='donot_use_mm_for_euclid_dist') or compute the differences yourself"
+    )
 
 
 @FEW
-@given(st.integers(0, 10_000), st.integers(1, 5), st.integers(1, 6), st.integers(1, 8),
-       st.sampled_from([torch.float16, torch.float32, torch.float64]))
+@given(
+    st.integers(0, 10_000),
+    st.integers(1, 5),
+    st.integers(1, 6),
+    st.integers(1, 8),
+    st.sampled_from([torch.float16, torch.float32, torch.float64]),
+)
 def test_distance_matches_its_definition(seed, B, N, D, dtype):
     g = torch.Generator().manual_seed(seed)
     q, k = torch.randn(B, D, generator=g).to(dtype), torch.randn(N, D, generator=g).to(dtype)
     for kind in ("cos", "euc"):
         d = distance(q, k, kind)
-        assert d.shape == (B, N) and d.dtype == torch.float32, \
+        assert d.shape == (B, N) and d.dtype == torch.float32, (
             f"distance({kind!r}) must return (B, N) = {(B, N)} float32 for {dtype} inputs; got {tuple(d.shape)} {d.dtype}"
+        )
         for b in range(B):
             for n in range(N):
                 qb, kn = q[b].double().tolist(), k[n].double().tolist()
                 dot, nq, nk = sum(x * y for x, y in zip(qb, kn)), math.hypot(*qb), math.hypot(*kn)
                 want = max(0.0, 1 - dot / (nq * nk)) if kind == "cos" else math.dist(qb, kn)
-                assert d[b, n].item() == pytest.approx(want, rel=1e-4, abs=1e-4), \
+                assert d[b, n].item() == pytest.approx(want, rel=1e-4, abs=1e-4), (
                     f"distance({kind!r}) of query {b} and key {n}: want {want:.6f}, got {d[b, n].item():.6f}"
+                )
 
 
 def test_cosine_distance_is_never_negative():
     x = torch.randn(50, 16, generator=torch.Generator().manual_seed(1)) * 3
     d = distance(x, x, "cos")
-    assert d.min() >= 0, (f"1 - cos(q, q) rounds to a tiny negative number in float32 (got {d.min().item():.3g}); "
-                          "a distance is never negative: clamp it at 0")
+    assert d.min() >= 0, (
+        f"1 - cos(q, q) rounds to a tiny negative number in float32 (got {d.min().item():.3g}); "
+        "a distance is never negative: clamp it at 0"
+    )
 
 
 def test_a_zero_vector_is_at_cosine_distance_one_from_everything():
     d = distance(torch.zeros(1, 3), torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]]), "cos")
     assert torch.isfinite(d).all() and d.flatten().tolist() == pytest.approx([1.0, 1.0]), (
         f"a zero vector has no direction; normalising it must not divide by 0 (F.normalize has an eps): "
-        f"its cosine distance to anything is 1; got {d.tolist()}")
+        f"its cosine distance to anything is 1; got {d.tolist()}"
+    )
 
 
 def test_unknown_distance_is_an_error():
@@ -89,23 +114,36 @@ def test_unknown_distance_is_an_error():
 
 # ---------------------------------------------------------------- radius (Eq. 3)
 
+
 def test_radius_on_a_hand_worked_case():
     got = radius(0.2, 1.0, 0.25)
     want, swapped = 0.25 * 0.2 + 0.75 * 1.0, 0.75 * 0.2 + 0.25 * 1.0
-    hint = (" You weighted the distances the other way round, as the paper's main text prints Eq. 3. "
+    hint = (
+        (
+            " You weighted the distances the other way round, as the paper's main text prints Eq. 3. "
             "Appendix D (Eq. 10), the authors' code and the paper's own alpha ablation (the ball shrinks as "
-            "alpha grows: I-Gen falls, Loc rises) all use alpha on d(Pos, k).") if got == pytest.approx(swapped) else ""
-    assert got == pytest.approx(want), f"{EQ3}; radius(d_pos=0.2, d_neg=1.0, alpha=0.25) must be {want}, got {got}.{hint}"
+            "alpha grows: I-Gen falls, Loc rises) all use alpha on d(Pos, k)."
+        )
+        if got == pytest.approx(swapped)
+        else ""
+    )
+    assert got == pytest.approx(want), (
+        f"{EQ3}; radius(d_pos=0.2, d_neg=1.0, alpha=0.25) must be {want}, got {got}.{hint}"
+    )
 
 
 @given(dists, dists)
 @FEW
 def test_radius_endpoints(d_pos, d_neg):
-    for alpha, want, name in ((0.0, d_neg, "d(Neg, k): the widest ball that keeps the negative out"),
-                              (1.0, d_pos, "d(Pos, k): the smallest ball that holds the positive")):
+    for alpha, want, name in (
+        (0.0, d_neg, "d(Neg, k): the widest ball that keeps the negative out"),
+        (1.0, d_pos, "d(Pos, k): the smallest ball that holds the positive"),
+    ):
         got = radius(d_pos, d_neg, alpha)
-        assert got == want, (f"{EQ3}, so alpha = {alpha} gives exactly {name}; radius({d_pos}, {d_neg}, {alpha}) "
-                             f"must be {want}, got {got} (if you swapped the weights, see Appendix D, Eq. 10)")
+        assert got == want, (
+            f"{EQ3}, so alpha = {alpha} gives exactly {name}; radius({d_pos}, {d_neg}, {alpha}) "
+            f"must be {want}, got {got} (if you swapped the weights, see Appendix D, Eq. 10)"
+        )
 
 
 @given(dists, dists, alphas)
@@ -113,12 +151,16 @@ def test_radius_endpoints(d_pos, d_neg):
 @example(1e-10, 1.0, 0.99999999)
 @FEW
 def test_radius_lies_between_the_two_distances(d_pos, d_neg, alpha):
-    for kind, a, b in (("float", d_pos, d_neg), ("float32 tensor", torch.tensor([d_pos]), torch.tensor([d_neg]))):
+    for kind, a, b in (
+        ("float", d_pos, d_neg),
+        ("float32 tensor", torch.tensor([d_pos]), torch.tensor([d_neg])),
+    ):
         eps = radius(a, b, alpha)
         lo, hi = min(a, b), max(a, b)
         assert lo <= eps <= hi, (
             f"the radius must lie between d(Pos, k) and d(Neg, k); got eps={eps} for d_pos={a}, d_neg={b}, "
-            f"alpha={alpha} ({kind}). In floating point the weighted sum can step just outside: clamp it")
+            f"alpha={alpha} ({kind}). In floating point the weighted sum can step just outside: clamp it"
+        )
 
 
 @given(dists, dists, alphas, alphas)
@@ -129,19 +171,23 @@ def test_radius_shrinks_as_alpha_grows(a, b, alpha1, alpha2):
     lo, hi = min(alpha1, alpha2), max(alpha1, alpha2)
     for x, y in ((d_pos, d_neg), (torch.tensor(d_pos), torch.tensor(d_neg))):
         small, large = float(radius(x, y, lo)), float(radius(x, y, hi))
-        why = ("it grows: the weights are swapped (the paper's main text); see Appendix D (Eq. 10)"
-               if large - small > 1e-6 * max(1.0, d_neg) else
-               "alpha * d_pos + (1 - alpha) * d_neg rounds differently for neighbouring alphas; "
-               "d_neg + alpha * (d_pos - d_neg) is the same number and monotone in alpha")
+        why = (
+            "it grows: the weights are swapped (the paper's main text); see Appendix D (Eq. 10)"
+            if large - small > 1e-6 * max(1.0, d_neg)
+            else "alpha * d_pos + (1 - alpha) * d_neg rounds differently for neighbouring alphas; "
+            "d_neg + alpha * (d_pos - d_neg) is the same number and monotone in alpha"
+        )
         assert small >= large, (
             f"as alpha grows the ball must shrink from d(Neg, k) towards d(Pos, k) (paper Fig. 5: I-Gen falls, "
-            f"Loc rises); got radius(alpha={lo}) = {small} < radius(alpha={hi}) = {large}: {why}")
+            f"Loc rises); got radius(alpha={lo}) = {small} < radius(alpha={hi}) = {large}: {why}"
+        )
 
 
 def test_radius_works_elementwise_on_tensors():
     eps = radius(torch.tensor([0.2, 0.4]), torch.tensor([1.0, 0.8]), 0.5)
-    assert isinstance(eps, torch.Tensor) and eps.tolist() == pytest.approx([0.6, 0.6]), \
+    assert isinstance(eps, torch.Tensor) and eps.tolist() == pytest.approx([0.6, 0.6]), (
         f"radius of tensors d_pos=[0.2, 0.4], d_neg=[1.0, 0.8] at alpha 0.5 must be the tensor [0.6, 0.6]; got {eps}"
+    )
 
 
 @pytest.mark.parametrize("alpha", [-0.01, 1.01, math.nan])

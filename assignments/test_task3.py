@@ -1,9 +1,10 @@
 """Task 3 (25 points): the key (the mean over the prompt, or its last position) and the routing hooks of Eq. 1.
 
-    f^l(h) = v_j(h)  if d(q, k_j) <= eps_j, j = argmin_k d(q, k);   else l(h), bit for bit
+f^l(h) = v_j(h)  if d(q, k_j) <= eps_j, j = argmin_k d(q, k);   else l(h), bit for bit
 
-    python -m pytest assignments -m task3
+python -m pytest assignments -m task3
 """
+
 import pytest
 import torch
 import torch.nn as nn
@@ -14,29 +15,46 @@ from balancedit import Codebook, attach, new_value, prompt_mean
 from evaluate import GraceRouter, Vector
 
 pytestmark = pytest.mark.task3
-FEW = settings(max_examples=20, deadline=None, derandomize=True, database=None,
-               phases=[Phase.explicit, Phase.generate])  # seeds: nothing to shrink
+FEW = settings(
+    max_examples=20,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    phases=[Phase.explicit, Phase.generate],
+)  # seeds: nothing to shrink
 
 
 # ---------------------------------------------------------------- the key
 
+
 def test_prompt_mean_on_a_hand_worked_case():
-    h = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [1e6, 1e6]],      # row 0: the last position is padding
-                      [[1e6, -1e6], [2.0, 0.0], [4.0, 2.0]]])   # row 1: the first position is padding
+    h = torch.tensor(
+        [
+            [[1.0, 2.0], [3.0, 4.0], [1e6, 1e6]],  # row 0: the last position is padding
+            [[1e6, -1e6], [2.0, 0.0], [4.0, 2.0]],
+        ]
+    )  # row 1: the first position is padding
     mask = torch.tensor([[True, True, False], [False, True, True]])
     q = prompt_mean(h, mask)
-    assert isinstance(q, torch.Tensor) and q.shape == (2, 2), f"one key per row: (B, D) = (2, 2); got {getattr(q, 'shape', q)}"
+    assert isinstance(q, torch.Tensor) and q.shape == (2, 2), (
+        f"one key per row: (B, D) = (2, 2); got {getattr(q, 'shape', q)}"
+    )
     assert q.flatten().tolist() == pytest.approx([2.0, 3.0, 3.0, 1.0]), (
         "the key is the mean of h over each row's PROMPT positions only (never padding or the answer); "
-        f"want [[2, 3], [3, 1]], got {q.tolist()}")
+        f"want [[2, 3], [3, 1]], got {q.tolist()}"
+    )
 
 
 def test_prompt_mean_is_float32_for_half_precision_inputs():
     h = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0)).half()
     mask = torch.ones(2, 5, dtype=torch.bool)
     q = prompt_mean(h, mask)
-    assert q.dtype == torch.float32, f"keys are float32 whatever the model's dtype (fp16 sums lose digits); got {q.dtype}"
-    torch.testing.assert_close(q, h.float().mean(dim=1), msg="the mean over 5 prompt positions of an fp16 h")
+    assert q.dtype == torch.float32, (
+        f"keys are float32 whatever the model's dtype (fp16 sums lose digits); got {q.dtype}"
+    )
+    torch.testing.assert_close(
+        q, h.float().mean(dim=1), msg="the mean over 5 prompt positions of an fp16 h"
+    )
 
 
 def test_a_row_without_prompt_positions_has_a_nan_key():
@@ -44,29 +62,44 @@ def test_a_row_without_prompt_positions_has_a_nan_key():
     q = prompt_mean(h, torch.tensor([[True, False, False], [False, False, False]]))
     assert torch.equal(q[0], h[0, 0]) and torch.isnan(q[1]).all(), (
         "a row with no prompt position (a KV-cache decoding step) has no key: 0 / 0 = NaN, which never hits "
-        f"(task 2) and must not raise; got {q.tolist()}")
+        f"(task 2) and must not raise; got {q.tolist()}"
+    )
 
 
 def test_prompt_mean_last_is_h_at_each_rows_last_prompt_position():
     h = torch.arange(30.0).view(3, 5, 2).half()  # fp16 in, float32 out
-    mask = torch.tensor([[False, True, True, False, False],     # row 0: padding, the prompt, then the answer
-                         [False, False, True, True, True],      # row 1: padding, then the prompt
-                         [False, False, False, False, False]])  # row 2: a decoding step, no prompt position
+    mask = torch.tensor(
+        [
+            [False, True, True, False, False],  # row 0: padding, the prompt, then the answer
+            [False, False, True, True, True],  # row 1: padding, then the prompt
+            [False, False, False, False, False],
+        ]
+    )  # row 2: a decoding step, no prompt position
     q = prompt_mean(h, mask, pool="last")
-    assert isinstance(q, torch.Tensor) and q.shape == (3, 2) and q.dtype == torch.float32, \
+    assert isinstance(q, torch.Tensor) and q.shape == (3, 2) and q.dtype == torch.float32, (
         f"pool='last' still gives one float32 key per row, (B, D) = (3, 2); got {getattr(q, 'shape', q)}"
+    )
     want = h[[0, 1], [2, 4]].float()  # row 0: position 2, row 1: position 4
-    mistakes = {"h at position -1, the last non-padding position (here the answer)": h[0, -1],
-                "the mean over the prompt (pool ignored)": h[0, 1:3].float().mean(dim=0), "the FIRST prompt position": h[0, 1]}
-    seen = next((f"; your row 0 is {name}" for name, w in mistakes.items() if torch.equal(q[0], w.float())), "")
+    mistakes = {
+        "h at position -1, the last non-padding position (here the answer)": h[0, -1],
+        "the mean over the prompt (pool ignored)": h[0, 1:3].float().mean(dim=0),
+        "the FIRST prompt position": h[0, 1],
+    }
+    seen = next(
+        (f"; your row 0 is {name}" for name, w in mistakes.items() if torch.equal(q[0], w.float())),
+        "",
+    )
     assert torch.equal(q[:2], want), (
         "pool='last': the key is h at each row's LAST PROMPT position (one position: never the padding on its left "
-        f"nor the answer after it); want {want.tolist()}, got {q[:2].tolist()}{seen}")
-    assert torch.isnan(q[2]).all(), \
+        f"nor the answer after it); want {want.tolist()}, got {q[:2].tolist()}{seen}"
+    )
+    assert torch.isnan(q[2]).all(), (
         f"a row with no prompt position has no key with pool='last' either: NaN (never hits), got {q[2].tolist()}"
+    )
 
 
 # ---------------------------------------------------------------- toy models
+
 
 class FlatToy(nn.Module):
     """Like OPT's decoder layer: flattens (B, T, D) to (B*T, D) before ``fc2`` (the edited layer)."""
@@ -97,13 +130,16 @@ def query_of(model, x, mask):
     """The query the router computed for each row (read from an empty codebook's router)."""
     with attach(model, "fc2", Codebook()) as router:
         model(x, prompt_mask=mask)
-    assert router.last_query is not None, \
+    assert router.last_query is not None, (
         "route must set router.last_query after every call of the layer, even with an empty codebook (see Router)"
+    )
     return router.last_query
 
 
 @FEW
-@given(st.integers(0, 10_000), st.integers(1, 5), st.integers(1, 5), st.sampled_from(["cos", "euc"]))
+@given(
+    st.integers(0, 10_000), st.integers(1, 5), st.integers(1, 5), st.sampled_from(["cos", "euc"])
+)
 def test_each_sample_is_routed_on_its_own_key(seed, B, T, kind):
     torch.manual_seed(seed)
     model = FlatToy()
@@ -112,29 +148,48 @@ def test_each_sample_is_routed_on_its_own_key(seed, B, T, kind):
     mask[:, 0] = True  # every row has a prompt position
     plain = model(x, prompt_mask=mask)
     h = fc2_input(model, x)
-    keys = torch.stack([h[b][mask[b]].mean(dim=0) for b in range(B)])  # (B, F) the mean over each prompt
+    keys = torch.stack(
+        [h[b][mask[b]].mean(dim=0) for b in range(B)]
+    )  # (B, F) the mean over each prompt
     assume(kind == "euc" or keys[0].norm() > 1e-3)
     cb = Codebook(kind)
     cb.add(keys[0], changed_copy(model.fc2, seed), 1e-4, "a")  # row 0 hits entry 0
     cb.add(torch.randn(6), changed_copy(model.fc2, seed + 1), 0.05, "b")
     with attach(model, "fc2", cb) as router:
         out = model(x, prompt_mask=mask)
-    assert router.last_query is not None and router.last_query.shape == (B, 6), \
+    assert router.last_query is not None and router.last_query.shape == (B, 6), (
         "route must set router.last_query, the (B, D) query of each row"
-    torch.testing.assert_close(router.last_query, keys, msg=lambda m: "router.last_query must be prompt_mean of "
-                               f"the layer's input over each row's prompt, per row (the layer sees (B*T, D)): {m}")
+    )
+    torch.testing.assert_close(
+        router.last_query,
+        keys,
+        msg=lambda m: (
+            "router.last_query must be prompt_mean of "
+            f"the layer's input over each row's prompt, per row (the layer sees (B*T, D)): {m}"
+        ),
+    )
     index = router.last_index
     assert index is not None and index.tolist()[0] == 0, (
-        f"row 0's key is entry 0's key (radius 1e-4): it must hit entry 0; router.last_index = {index}")
+        f"row 0's key is entry 0's key (radius 1e-4): it must hit entry 0; router.last_index = {index}"
+    )
     for b in range(B):
         if index[b] < 0:
             assert torch.equal(out[b], plain[b]), (
                 f"row {b} is out of scope (last_index -1): its output must be the unedited model's, bit for bit "
-                "(do not send it through a value, do not recompute it)")
+                "(do not send it through a value, do not recompute it)"
+            )
         else:
-            want = cb.values[int(index[b])](h[b:b + 1].reshape(-1, 6)).view(1, T, 4) + x[b:b + 1]
-            torch.testing.assert_close(out[b], want[0], msg=lambda m: f"row {b} hits entry {int(index[b])}: "
-                                       f"layer l's output must be v_j(h) for that row, at every position: {m}")
+            want = (
+                cb.values[int(index[b])](h[b : b + 1].reshape(-1, 6)).view(1, T, 4) + x[b : b + 1]
+            )
+            torch.testing.assert_close(
+                out[b],
+                want[0],
+                msg=lambda m: (
+                    f"row {b} hits entry {int(index[b])}: "
+                    f"layer l's output must be v_j(h) for that row, at every position: {m}"
+                ),
+            )
 
 
 @FEW
@@ -152,12 +207,16 @@ def test_a_layer_that_sees_one_row_per_sample(seed, B):
     with attach(model, "2", cb) as router:
         out = model(x)
     index = router.last_index
-    assert index is not None and index.tolist()[0] == 0, f"row 0 is entry 0's key: want last_index[0] == 0; got {index}"
+    assert index is not None and index.tolist()[0] == 0, (
+        f"row 0 is entry 0's key: want last_index[0] == 0; got {index}"
+    )
     for b in range(B):
         if index[b] < 0:
-            assert torch.equal(out[b], plain[b]), f"row {b} misses: its output must be the plain model's, bit for bit"
+            assert torch.equal(out[b], plain[b]), (
+                f"row {b} misses: its output must be the plain model's, bit for bit"
+            )
         else:
-            torch.testing.assert_close(out[b], model[3](cb.values[int(index[b])](h[b:b + 1]))[0])
+            torch.testing.assert_close(out[b], model[3](cb.values[int(index[b])](h[b : b + 1]))[0])
     assert torch.equal(model(x), plain), "leaving the `with attach(...)` block must remove the hook"
 
 
@@ -169,9 +228,12 @@ def test_with_no_hit_the_output_is_untouched():
     cb = Codebook("euc")
     cb.add(torch.full((6,), 100.0), changed_copy(model.fc2, 0), 1.0, "far away")
     with attach(model, "fc2", cb) as router:
-        assert torch.equal(model(x, prompt_mask=mask), plain), "no row hits: the model's output must not change at all"
-        assert router.last_index.tolist() == [-1, -1, -1], \
+        assert torch.equal(model(x, prompt_mask=mask), plain), (
+            "no row hits: the model's output must not change at all"
+        )
+        assert router.last_index.tolist() == [-1, -1, -1], (
             f"router.last_index is -1 for a row that uses layer l itself; got {router.last_index.tolist()}"
+        )
 
 
 def test_an_empty_or_emptied_codebook_is_the_plain_model():
@@ -181,14 +243,20 @@ def test_an_empty_or_emptied_codebook_is_the_plain_model():
     plain = model(x, prompt_mask=mask)
     cb = Codebook()
     with attach(model, "fc2", cb):
-        assert torch.equal(model(x, prompt_mask=mask), plain), "an empty codebook must leave the model as it is"
+        assert torch.equal(model(x, prompt_mask=mask), plain), (
+            "an empty codebook must leave the model as it is"
+        )
         keys = query_of(model, x, mask)
         cb.add(keys[0], changed_copy(model.fc2, 1), 0.5, "a")
         cb.add(keys[1], changed_copy(model.fc2, 2), 0.5, "b")
-        assert not torch.equal(model(x, prompt_mask=mask), plain), "both rows sit on an entry's key: the edits must act"
+        assert not torch.equal(model(x, prompt_mask=mask), plain), (
+            "both rows sit on an entry's key: the edits must act"
+        )
         cb.remove(1)
         cb.remove(0)
-        assert torch.equal(model(x, prompt_mask=mask), plain), "with every edit removed the model must be as before"
+        assert torch.equal(model(x, prompt_mask=mask), plain), (
+            "with every edit removed the model must be as before"
+        )
 
 
 def test_the_key_ignores_padding_and_batch_mates():
@@ -201,9 +269,16 @@ def test_the_key_ignores_padding_and_batch_mates():
     mask = torch.zeros(3, 6, dtype=torch.bool)
     mask[0, :5], mask[1, :3], mask[2, :] = True, True, True
     q = query_of(model, x, mask)
-    torch.testing.assert_close(q[1], q_alone, rtol=1e-6, atol=1e-6, msg=lambda m: (
-        "a sample's key must be the same alone and padded inside a batch: average over its prompt positions "
-        f"only (the prompt mask), row by row: {m}"))
+    torch.testing.assert_close(
+        q[1],
+        q_alone,
+        rtol=1e-6,
+        atol=1e-6,
+        msg=lambda m: (
+            "a sample's key must be the same alone and padded inside a batch: average over its prompt positions "
+            f"only (the prompt mask), row by row: {m}"
+        ),
+    )
 
 
 def test_the_route_is_held_during_kv_cache_decoding():
@@ -211,24 +286,35 @@ def test_the_route_is_held_during_kv_cache_decoding():
     model = FlatToy()
     x, mask = torch.randn(2, 3, 4), torch.ones(2, 3, dtype=torch.bool)
     cb = Codebook("euc")
-    cb.add(query_of(model, x, mask)[0], changed_copy(model.fc2, 1), 1e-4, "a")  # row 0's prompt hits entry 0
+    cb.add(
+        query_of(model, x, mask)[0], changed_copy(model.fc2, 1), 1e-4, "a"
+    )  # row 0's prompt hits entry 0
     step = torch.randn(2, 1, 4) * 10  # one new token per row, as in greedy decoding with a KV cache
     step_in = fc2_input(model, step).reshape(2, 6)
-    cb.add(step_in[1], changed_copy(model.fc2, 2), 1e-4, "b")  # on its own, row 1's step would hit entry 1
+    cb.add(
+        step_in[1], changed_copy(model.fc2, 2), 1e-4, "b"
+    )  # on its own, row 1's step would hit entry 1
     plain_step = model(step)
     no_prompt = torch.zeros(2, 1, dtype=torch.bool)
     with attach(model, "fc2", cb) as router:
         model(x, prompt_mask=mask)  # the prompt (prefill)
-        assert router.last_index.tolist() == [0, -1], f"prefill: row 0 hits entry 0; got {router.last_index.tolist()}"
+        assert router.last_index.tolist() == [0, -1], (
+            f"prefill: row 0 hits entry 0; got {router.last_index.tolist()}"
+        )
         out = model(step, prompt_mask=no_prompt)  # a decoding step: prompt_mask all False
         assert router.last_index.tolist() == [0, -1], (
             "during KV-cache decoding (prompt_mask all False) each row keeps the route its prompt chose: the new "
-            "token alone is no key (its query is NaN); want [0, -1], got " + str(router.last_index.tolist()))
+            "token alone is no key (its query is NaN); want [0, -1], got "
+            + str(router.last_index.tolist())
+        )
         torch.testing.assert_close(out[0], cb.values[0](step_in[:1]) + step[0])
-        assert torch.equal(out[1], plain_step[1]), "row 1's prompt missed: its decoding steps use layer l itself"
+        assert torch.equal(out[1], plain_step[1]), (
+            "row 1's prompt missed: its decoding steps use layer l itself"
+        )
         model(step[:1], prompt_mask=no_prompt[:1])  # another batch size: nothing to hold
-        assert router.last_index.tolist() == [-1], \
+        assert router.last_index.tolist() == [-1], (
             f"a decoding step of another batch size has no held route: a miss; got {router.last_index.tolist()}"
+        )
 
 
 def test_the_route_is_held_while_a_vlm_generates(tiny, records):
@@ -238,35 +324,47 @@ def test_the_route_is_held_while_a_vlm_generates(tiny, records):
     cb = Codebook("cos")
     with attach(tiny, tiny.target_layer, cb) as router:
         tiny(**batch)
-        assert router.last_query is not None, "route must set router.last_query, even with an empty codebook"
+        assert router.last_query is not None, (
+            "route must set router.last_query, even with an empty codebook"
+        )
         keys = router.last_query.clone()
     layer = tiny.get_submodule(tiny.target_layer)
     calls = []
-    counter = layer.register_forward_hook(lambda *_: calls.append(1))  # the layer's calls: prefill + steps
+    counter = layer.register_forward_hook(
+        lambda *_: calls.append(1)
+    )  # the layer's calls: prefill + steps
     cb.add(keys[0], changed_copy(layer, 0), 1e-6, "row 0's edit")
     plain = tiny(**batch).logits
     with attach(tiny, tiny.target_layer, cb) as router:
         edited = tiny(**batch).logits
-        assert router.last_index.tolist() == [0, -1, -1], \
+        assert router.last_index.tolist() == [0, -1, -1], (
             f"only row 0 sits on entry 0's key; got last_index {router.last_index.tolist()}"
+        )
         calls.clear()
         tiny.generate(images, questions)  # prefill, then decoding steps with prompt_mask all False
         counter.remove()
         assert len(calls) > 1, "generate made no decoding step"
         assert router.last_index.tolist() == [0, -1, -1], (
             "after generate, the last decoding step must still route row 0 to entry 0 (the route its prompt "
-            f"chose, held through the KV-cache steps); got {router.last_index.tolist()}")
+            f"chose, held through the KV-cache steps); got {router.last_index.tolist()}"
+        )
     assert not torch.equal(edited[0], plain[0]), "row 0 hits: its logits must change"
-    assert torch.equal(edited[1:], plain[1:]), "rows 1 and 2 miss: their logits must be bit-identical to the plain model's"
+    assert torch.equal(edited[1:], plain[1:]), (
+        "rows 1 and 2 miss: their logits must be bit-identical to the plain model's"
+    )
 
 
 def test_attach_with_pool_last_routes_on_the_last_prompt_position():
     torch.manual_seed(0)
     model = FlatToy()
     x = torch.randn(3, 5, 4)
-    mask = torch.tensor([[False, True, True, False, False],  # padding, the prompt, then the answer
-                         [True, True, True, True, False],
-                         [False, False, True, True, True]])
+    mask = torch.tensor(
+        [
+            [False, True, True, False, False],  # padding, the prompt, then the answer
+            [True, True, True, True, False],
+            [False, False, True, True, True],
+        ]
+    )
     plain = model(x, prompt_mask=mask)
     h = fc2_input(model, x)  # (3, 5, 6)
     keys = h[[0, 1, 2], [2, 3, 4]]  # (3, 6): each row's last prompt position
@@ -274,23 +372,38 @@ def test_attach_with_pool_last_routes_on_the_last_prompt_position():
     cb = Codebook("euc")
     cb.add(keys[0], changed_copy(model.fc2, 1), 1e-4, "a")  # row 0 hits entry 0
     cb.add(h[1, -1], changed_copy(model.fc2, 2), 1e-4, "row 1's answer position: a wrong query")
-    cb.add(fc2_input(model, step)[2, 0], changed_copy(model.fc2, 3), 1e-4, "row 2's step alone: no query")
+    cb.add(
+        fc2_input(model, step)[2, 0],
+        changed_copy(model.fc2, 3),
+        1e-4,
+        "row 2's step alone: no query",
+    )
     with attach(model, "fc2", cb, pool="last") as router:
         out = model(x, prompt_mask=mask)
-        assert router.last_query is not None and router.last_query.shape == (3, 6), \
+        assert router.last_query is not None and router.last_query.shape == (3, 6), (
             "route must set router.last_query, the (B, D) query of each row"
-        torch.testing.assert_close(router.last_query, keys, msg=lambda m: (
-            "with attach(..., pool='last') the query is the layer's input at each row's last prompt position (not "
-            f"position -1: rows 0 and 1 end with an answer); the mean instead? pass self.pool on to prompt_mean: {m}"))
+        )
+        torch.testing.assert_close(
+            router.last_query,
+            keys,
+            msg=lambda m: (
+                "with attach(..., pool='last') the query is the layer's input at each row's last prompt position (not "
+                f"position -1: rows 0 and 1 end with an answer); the mean instead? pass self.pool on to prompt_mean: {m}"
+            ),
+        )
         assert router.last_index.tolist() == [0, -1, -1], (
             "pool='last': row 0's last prompt position is entry 0's key, and no row's is another entry's (entry 1 "
-            f"sits on row 1's answer position, position -1); want last_index [0, -1, -1], got {router.last_index.tolist()}")
+            f"sits on row 1's answer position, position -1); want last_index [0, -1, -1], got {router.last_index.tolist()}"
+        )
         torch.testing.assert_close(out[0], cb.values[0](h[0]) + x[0])
-        assert torch.equal(out[1:], plain[1:]), "rows 1 and 2 miss: their output must be the plain model's, bit for bit"
+        assert torch.equal(out[1:], plain[1:]), (
+            "rows 1 and 2 miss: their output must be the plain model's, bit for bit"
+        )
         model(step, prompt_mask=torch.zeros(3, 1, dtype=torch.bool))
         assert router.last_index.tolist() == [0, -1, -1], (
             "a decoding step holds the route its prompt chose with pool='last' too: the new token is no prompt "
-            f"position (its query is NaN); want [0, -1, -1], got {router.last_index.tolist()}")
+            f"position (its query is NaN); want [0, -1, -1], got {router.last_index.tolist()}"
+        )
 
 
 def test_a_mask_that_does_not_fit_the_layer_input_is_an_error():
@@ -303,24 +416,36 @@ def test_a_mask_that_does_not_fit_the_layer_input_is_an_error():
 
 # ---------------------------------------------------------------- GRACE's hook (evaluate.GraceRouter)
 
+
 def test_grace_keys_on_the_last_prompt_position_and_writes_there_only():
     torch.manual_seed(0)
     model = FlatToy()
     x = torch.randn(2, 4, 4)
-    mask = torch.tensor([[True, True, False, False], [True, True, True, False]])  # prompt, then the answer
+    mask = torch.tensor(
+        [[True, True, False, False], [True, True, True, False]]
+    )  # prompt, then the answer
     plain = model(x, prompt_mask=mask)
     h = fc2_input(model, x)  # (2, 4, 6)
     cb = Codebook("euc")
-    cb.add(h[0, 1], Vector(model.fc2, torch.ones(4)), 1e-5, "a")  # GRACE's key: row 0's last prompt position
+    cb.add(
+        h[0, 1], Vector(model.fc2, torch.ones(4)), 1e-5, "a"
+    )  # GRACE's key: row 0's last prompt position
     with GraceRouter(model, "fc2", cb) as router:
         out = model(x, prompt_mask=mask)
         assert router.last_index.tolist() == [0, -1], (
             "GRACE's query is layer l's input at each row's LAST prompt position (not a mean); row 0's is entry "
-            f"0's key, row 1's is not: want last_index [0, -1], got {router.last_index.tolist()}")
-    torch.testing.assert_close(out[0, 1], torch.ones(4) + x[0, 1], msg=lambda m: (
-        f"a hit replaces layer l's output at the key position by the entry's vector v (cb.values[j].v): {m}"))
-    assert torch.equal(out[0, [0, 2, 3]], plain[0, [0, 2, 3]]), \
+            f"0's key, row 1's is not: want last_index [0, -1], got {router.last_index.tolist()}"
+        )
+    torch.testing.assert_close(
+        out[0, 1],
+        torch.ones(4) + x[0, 1],
+        msg=lambda m: (
+            f"a hit replaces layer l's output at the key position by the entry's vector v (cb.values[j].v): {m}"
+        ),
+    )
+    assert torch.equal(out[0, [0, 2, 3]], plain[0, [0, 2, 3]]), (
         "GRACE writes at the key position only: the other positions of a hit row keep layer l's output"
+    )
     assert torch.equal(out[1], plain[1]), "a row that misses keeps layer l's output, bit for bit"
 
 
@@ -333,8 +458,11 @@ def test_grace_leaves_decoding_steps_alone():
     plain_step = model(x[:, 2:3])
     with GraceRouter(model, "fc2", cb) as router:
         model(x, prompt_mask=torch.ones(1, 3, dtype=torch.bool))
-        assert router.last_index.tolist() == [0], f"the prompt's last position is entry 0's key; got {router.last_index}"
+        assert router.last_index.tolist() == [0], (
+            f"the prompt's last position is entry 0's key; got {router.last_index}"
+        )
         step = model(x[:, 2:3], prompt_mask=torch.zeros(1, 1, dtype=torch.bool))
         assert router.last_index.tolist() == [-1] and torch.equal(step, plain_step), (
             "a decoding step has no prompt position, so GRACE has no query there: no edit, the layer's own output "
-            "(GRACE edits the answer's first token only)")
+            "(GRACE edits the answer's first token only)"
+        )

@@ -1,10 +1,11 @@
 """Task 5 (10 points): the metrics of the paper's Appendix C.
 
-    token accuracy = mean over samples of (matching tokens / the sample's tokens), in %
-    HM = 3 / (1 / T-Gen + 1 / I-Gen + 1 / Loc)
+token accuracy = mean over samples of (matching tokens / the sample's tokens), in %
+HM = 3 / (1 / T-Gen + 1 / I-Gen + 1 / Loc)
 
-    python -m pytest assignments -m task5
+python -m pytest assignments -m task5
 """
+
 import pytest
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
@@ -12,72 +13,108 @@ from hypothesis import strategies as st
 from evaluate import hm, summarize, token_accuracy
 
 pytestmark = pytest.mark.task5
-FEW = settings(max_examples=40, deadline=None, derandomize=True, database=None,
-               phases=[Phase.explicit, Phase.generate, Phase.shrink])
+FEW = settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    phases=[Phase.explicit, Phase.generate, Phase.shrink],
+)
 scores = st.floats(min_value=0.01, max_value=100.0, allow_nan=False)
 
 
 # ---------------------------------------------------------------- token accuracy
+
 
 def test_token_accuracy_averages_over_samples_not_tokens():
     got = token_accuracy([[1, 2, 3, 4], [5]], [[1, 2, 3, 4], [6]])
     assert got == pytest.approx(50.0), (
         "token accuracy is the mean over SAMPLES of each sample's fraction of right tokens (Appendix C): "
         "a 4-token answer all right (1.0) and a 1-token answer wrong (0.0) give 50%; "
-        f"got {got}" + (" (that is 4 of 5 tokens: pooled over tokens)" if got == pytest.approx(80.0) else ""))
+        f"got {got}"
+        + (" (that is 4 of 5 tokens: pooled over tokens)" if got == pytest.approx(80.0) else "")
+    )
 
 
 def test_token_accuracy_is_in_percent():
-    assert token_accuracy([[7, 8]], [[7, 8]]) == pytest.approx(100.0), "all tokens right is 100 (percent, not 1.0)"
-    assert token_accuracy([[7, 8]], [[8, 7]]) == pytest.approx(0.0), "tokens compare position by position"
-    assert token_accuracy([[1, 2, 3]], [[1, 0, 3]]) == pytest.approx(200 / 3), "2 of 3 tokens right is 66.67%"
+    assert token_accuracy([[7, 8]], [[7, 8]]) == pytest.approx(100.0), (
+        "all tokens right is 100 (percent, not 1.0)"
+    )
+    assert token_accuracy([[7, 8]], [[8, 7]]) == pytest.approx(0.0), (
+        "tokens compare position by position"
+    )
+    assert token_accuracy([[1, 2, 3]], [[1, 0, 3]]) == pytest.approx(200 / 3), (
+        "2 of 3 tokens right is 66.67%"
+    )
 
 
 def test_token_accuracy_of_no_samples_is_none():
-    assert token_accuracy([], []) is None, "no samples: nothing was measured, return None (not 0, not an error)"
+    assert token_accuracy([], []) is None, (
+        "no samples: nothing was measured, return None (not 0, not an error)"
+    )
 
 
 @FEW
-@given(st.lists(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3)), min_size=1, max_size=6),
-                min_size=1, max_size=6))
+@given(
+    st.lists(
+        st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3)), min_size=1, max_size=6),
+        min_size=1,
+        max_size=6,
+    )
+)
 def test_token_accuracy_matches_its_definition(samples):
     predicted = [[p for p, _ in s] for s in samples]
     reference = [[r for _, r in s] for s in samples]
     fractions = [sum(p == r for p, r in s) / len(s) for s in samples]
     want = 100 * sum(fractions) / len(fractions)
-    assert token_accuracy(predicted, reference) == pytest.approx(want), \
+    assert token_accuracy(predicted, reference) == pytest.approx(want), (
         f"token_accuracy({predicted}, {reference}): the mean of the per-sample fractions {fractions}, in %, is {want}"
+    )
 
 
 # ---------------------------------------------------------------- the harmonic mean
+
 
 def test_hm_on_a_hand_worked_case():
     got = hm(100.0, 50.0, 25.0)
     want = 3 / (1 / 100 + 1 / 50 + 1 / 25)
     assert got == pytest.approx(want), (
         f"HM is the harmonic mean 3 / (1/T-Gen + 1/I-Gen + 1/Loc): hm(100, 50, 25) = {want:.4f}; got {got}"
-        + (" (that is the arithmetic mean, which hides a weak metric behind two strong ones)"
-           if got == pytest.approx(175 / 3) else ""))
+        + (
+            " (that is the arithmetic mean, which hides a weak metric behind two strong ones)"
+            if got == pytest.approx(175 / 3)
+            else ""
+        )
+    )
 
 
 def test_hm_of_a_zero_is_zero_and_of_a_missing_score_is_none():
-    assert hm(100.0, 0.0, 80.0) == 0.0, "a metric at 0 makes HM 0 (the formula's limit), not a ZeroDivisionError"
-    assert hm(None, 50.0, 80.0) is None and hm(50.0, 80.0, None) is None, \
+    assert hm(100.0, 0.0, 80.0) == 0.0, (
+        "a metric at 0 makes HM 0 (the formula's limit), not a ZeroDivisionError"
+    )
+    assert hm(None, 50.0, 80.0) is None and hm(50.0, 80.0, None) is None, (
         "a metric that was not measured (None) gives HM None"
+    )
 
 
 @FEW
 @given(scores, scores, scores)
 def test_hm_lies_between_the_smallest_score_and_the_arithmetic_mean(a, b, c):
     got = hm(a, b, c)
-    assert min(a, b, c) * (1 - 1e-9) <= got <= (a + b + c) / 3 * (1 + 1e-9), \
+    assert min(a, b, c) * (1 - 1e-9) <= got <= (a + b + c) / 3 * (1 + 1e-9), (
         f"the harmonic mean lies between min and the arithmetic mean: hm({a}, {b}, {c}) = {got}"
-    assert hm(a, a, a) == pytest.approx(a), f"the mean of three equal scores is that score: hm({a}, {a}, {a})"
+    )
+    assert hm(a, a, a) == pytest.approx(a), (
+        f"the mean of three equal scores is that score: hm({a}, {a}, {a})"
+    )
 
 
 def test_a_method_result_is_the_hm_of_the_averaged_metrics():
-    rows = [dict(acc=100.0, t_gen=100.0, i_gen=100.0, loc=20.0, m_loc=100.0),
-            dict(acc=100.0, t_gen=100.0, i_gen=0.0, loc=100.0, m_loc=100.0)]
+    rows = [
+        dict(acc=100.0, t_gen=100.0, i_gen=100.0, loc=20.0, m_loc=100.0),
+        dict(acc=100.0, t_gen=100.0, i_gen=0.0, loc=100.0, m_loc=100.0),
+    ]
     got = summarize(rows, None)["hm"]
-    assert got == pytest.approx(hm(100.0, 50.0, 60.0)), \
+    assert got == pytest.approx(hm(100.0, 50.0, 60.0)), (
         f"the table's HM is the HM of the averaged T-Gen, I-Gen and Loc (100, 50, 60), as in the paper; got {got}"
+    )

@@ -1,4 +1,5 @@
 """Shared test fixtures: a small random TinyVLM (fast) and records of the shipped sample."""
+
 import pytest
 import torch
 

@@ -3,6 +3,7 @@ switching it back alone (a monkeypatch), and prints the README's table. About 75
 
     python tests/departures.py
 """
+
 import functools
 import sys
 from pathlib import Path
@@ -26,7 +27,9 @@ def measure(protocol: str, *patches) -> dict:
     for o, n, v in patches:
         setattr(o, n, v)
     try:
-        return evaluate.evaluate("balancedit", backbone, records, be.BalancEditConfig(), protocol, refs, False)
+        return evaluate.evaluate(
+            "balancedit", backbone, records, be.BalancEditConfig(), protocol, refs, False
+        )
     finally:
         for o, n, v in old:
             setattr(o, n, v)
@@ -40,8 +43,16 @@ train = be.train_value
 
 
 def train_without_eos(backbone_, path, value, batch, *args):
-    return train(backbone_, path, value, {**batch, "labels": batch["labels"].masked_fill(
-        batch["labels"] == backbone_.eos_token_id, -100)}, *args)
+    return train(
+        backbone_,
+        path,
+        value,
+        {
+            **batch,
+            "labels": batch["labels"].masked_fill(batch["labels"] == backbone_.eos_token_id, -100),
+        },
+        *args,
+    )
 
 
 # The authors' entries share one value; their values start cold; every radius becomes the latest edit's.
@@ -71,15 +82,29 @@ rows = [
     ("keys over the prompt, not over every position", "single", every_position),
     ("keys over the prompt, not over every position", "sequential", every_position),
     ("EOS in the Eq. 2 loss", "single", [(be, "train_value", train_without_eos)]),
-    ("Adam eps 1e-8, not 1e-4", "single", [(torch.optim, "Adam", functools.partial(torch.optim.Adam, eps=1e-4))]),
-    ("one value per entry, not one shared by all", "sequential", [(be, "new_value", one_shared_value)]),
+    (
+        "Adam eps 1e-8, not 1e-4",
+        "single",
+        [(torch.optim, "Adam", functools.partial(torch.optim.Adam, eps=1e-4))],
+    ),
+    (
+        "one value per entry, not one shared by all",
+        "sequential",
+        [(be, "new_value", one_shared_value)],
+    ),
     ("overlap warm-starts from a same-target entry", "sequential", [(be, "new_value", cold_value)]),
-    ("shrink only the balls that hold a key of another target", "sequential",
-     [(be.Codebook, "add", add_overwriting_radii)]),
+    (
+        "shrink only the balls that hold a key of another target",
+        "sequential",
+        [(be.Codebook, "add", add_overwriting_radii)],
+    ),
 ]
 ours = {p: measure(p) for p in ("single", "sequential")}
 print("| departure | protocol | HM ours / authors' | gen Acc ours / authors' |\n|---|---|---|---|")
 for name, protocol, patches in rows:
     r = measure(protocol, *patches)
-    print(f"| {name} | {protocol} | {ours[protocol]['hm']:.2f} / {r['hm']:.2f} | "
-          f"{ours[protocol]['gen_acc']:.1f} / {r['gen_acc']:.1f} |", flush=True)
+    print(
+        f"| {name} | {protocol} | {ours[protocol]['hm']:.2f} / {r['hm']:.2f} | "
+        f"{ours[protocol]['gen_acc']:.1f} / {r['gen_acc']:.1f} |",
+        flush=True,
+    )

@@ -6,11 +6,13 @@ Already covered elsewhere, not repeated here: cached == naive training for full 
 (test_editor.test_cached_training_matches_the_naive_loop), LoRA values routing and saving/loading
 like full ones (test_editor.test_save_load_round_trip_and_mismatch, test_routing.test_lora_value).
 """
+
 import pytest
 import torch
 
 import balancedit as be
 import bench
+
 
 def test_bytes_per_entry_golden_for_opt_2_7b_fc2():
     sizes = bench.bytes_per_entry()  # nn.Linear(10240, 2560) in fp16, on the meta device
@@ -19,7 +21,9 @@ def test_bytes_per_entry_golden_for_opt_2_7b_fc2():
     assert sizes["full"]["value_bytes"] == full == 104_867_840
     assert sizes["full"]["entry_bytes"] == full + key_and_radius
     for r in (4, 8, 16):
-        assert sizes[f"lora{r}"]["value_bytes"] == (r * 10240 + 2560 * r) * 4  # A (r, in) + B (out, r)
+        assert (
+            sizes[f"lora{r}"]["value_bytes"] == (r * 10240 + 2560 * r) * 4
+        )  # A (r, in) + B (out, r)
         assert sizes[f"lora{r}"]["entry_bytes"] == (r * 10240 + 2560 * r) * 4 + key_and_radius
     assert sizes["lora8"]["entry_bytes"] == 450_564
     assert sizes["lora8"]["ratio_to_full"] == pytest.approx(450_564 / 104_908_804)
@@ -35,6 +39,7 @@ def test_alternate_takes_turns_and_returns_medians():
         def run():
             calls.append(name)
             return fake[name][sum(c == name for c in calls) - 1]
+
         return run
 
     medians = bench.alternate({"a": timer("a"), "b": timer("b")}, repeats=3, warmup=1)
@@ -43,7 +48,9 @@ def test_alternate_takes_turns_and_returns_medians():
 
 
 def test_many_far_entries_leave_out_of_scope_rows_bit_identical(tiny, records):
-    batch = tiny.encode([r.image for r in records], [r.question for r in records], [r.target for r in records])
+    batch = tiny.encode(
+        [r.image for r in records], [r.question for r in records], [r.target for r in records]
+    )
     with torch.no_grad():
         plain = tiny(**batch).logits
     editor = be.BalancEditor(tiny, be.BalancEditConfig())
@@ -68,8 +75,9 @@ def test_many_far_entries_leave_out_of_scope_rows_bit_identical(tiny, records):
 
 
 def test_hook_overhead_bench_runs_and_checks(tiny, records):
-    out = bench.bench_hook_overhead(tiny, records, be.BalancEditConfig(), sizes=(1, 50), repeats=1,
-                                       batch_size=8, progress=False)
+    out = bench.bench_hook_overhead(
+        tiny, records, be.BalancEditConfig(), sizes=(1, 50), repeats=1, batch_size=8, progress=False
+    )
     assert set(out) == {1, 50}
     assert all(r["plain_s"] > 0 and r["hooked_s"] > 0 and r["ratio"] > 0 for r in out.values())
 
@@ -80,12 +88,12 @@ def test_edit_speed_bench_compares_the_same_training(tiny, records):
     assert r["weights_max_rel_diff"] < 1e-5
 
 
-
-
 def test_entry_bytes_count_left_over_gradients():
     layer = torch.nn.Linear(8, 4)
     value = be.new_value(layer)
     clean = bench.entry_bytes(value, 8)
     assert clean == (8 * 4 + 4) * 4 + 8 * 4 + 4
     value(torch.randn(2, 8)).sum().backward()
-    assert bench.entry_bytes(value, 8) == clean + (8 * 4 + 4) * 4  # a gradient doubles the value's bytes
+    assert (
+        bench.entry_bytes(value, 8) == clean + (8 * 4 + 4) * 4
+    )  # a gradient doubles the value's bytes

@@ -3,17 +3,26 @@ deterministic writing, and a clear DataError for each kind of bad input."""
 
 import json
 import shutil
-from dataclasses import replace
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
-from data import (DataError, EditRecord, Sample, anchor_image, load_mmedit, load_okedit,
-                  write_mmedit, write_okedit)
+from data import (
+    DataError,
+    EditRecord,
+    Sample,
+    anchor_image,
+    load_mmedit,
+    load_okedit,
+    write_mmedit,
+    write_okedit,
+)
 
 # -----------------------------------------------------------------------------
 # helpers
@@ -27,24 +36,42 @@ def rand_image(w=8, h=6):
 
 def okedit_record(i, n_rephrase_images=2, n_loc=2, n_m_loc=1, text="x"):
     return EditRecord(
-        id=str(i), image=rand_image(), question=f"q{i} {text}?", answer=f"old{i}", target=f"new{i}",
-        rephrases=[f"r{i}a {text}", f"r{i}b"], train_rephrases=[f"t{i}"] if i % 2 else [],
+        id=str(i),
+        image=rand_image(),
+        question=f"q{i} {text}?",
+        answer=f"old{i}",
+        target=f"new{i}",
+        rephrases=[f"r{i}a {text}", f"r{i}b"],
+        train_rephrases=[f"t{i}"] if i % 2 else [],
         rephrase_images=[rand_image() for _ in range(n_rephrase_images)],
         locality=[Sample(rand_image(), f"lq{i}{k}", f"la{i}{k}") for k in range(n_loc)],
         m_locality=[Sample(rand_image(), f"mq{i}{k}", f"ma{i}{k}") for k in range(n_m_loc)],
-        category=f"cat{i % 2}" if i % 3 else "")
+        category=f"cat{i % 2}" if i % 3 else "",
+    )
 
 
 def mmedit_record(i, text="x"):
     return EditRecord(
-        id=str(i), image=rand_image(), question=f"src{i} {text}", answer=f"pred{i}", target=f"alt{i}",
-        rephrases=[f"reph{i}"], train_rephrases=[], rephrase_images=[rand_image()],
+        id=str(i),
+        image=rand_image(),
+        question=f"src{i} {text}",
+        answer=f"pred{i}",
+        target=f"alt{i}",
+        rephrases=[f"reph{i}"],
+        train_rephrases=[],
+        rephrase_images=[rand_image()],
         locality=[Sample(None, f"loc{i}", f"locans{i}")],
-        m_locality=[Sample(rand_image(), f"mlq{i}", f"mla{i}")], category="")
+        m_locality=[Sample(rand_image(), f"mlq{i}", f"mla{i}")],
+        category="",
+    )
 
 
 def all_files(root):
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def edit_json(path, fn):
@@ -70,12 +97,17 @@ def okedit_dir(tmp_path):
 
 @pytest.fixture
 def mmedit_dir(tmp_path):
-    write_mmedit([mmedit_record(0), mmedit_record(1)], tmp_path / "mm" / "e-vqa.json", tmp_path / "mm" / "img")
+    write_mmedit(
+        [mmedit_record(0), mmedit_record(1)],
+        tmp_path / "mm" / "e-vqa.json",
+        tmp_path / "mm" / "img",
+    )
     return tmp_path / "mm"
 
 
 def load_mm(d):
     return load_mmedit(d / "e-vqa.json", d / "img")
+
 
 # -----------------------------------------------------------------------------
 # anchors
@@ -88,7 +120,11 @@ def test_anchor_black_white():
 
 
 def test_anchor_noise_deterministic_per_seed():
-    a, b, c = anchor_image("noise", seed=1), anchor_image("noise", seed=1), anchor_image("noise", seed=2)
+    a, b, c = (
+        anchor_image("noise", seed=1),
+        anchor_image("noise", seed=1),
+        anchor_image("noise", seed=2),
+    )
     assert a == b
     assert a != c
     arr = np.asarray(a)
@@ -106,15 +142,23 @@ def test_anchor_bad_kind():
     with pytest.raises(ValueError, match="black, white, noise"):
         anchor_image("grey")
 
+
 # -----------------------------------------------------------------------------
 # round trips
 
 safe_text = st.text(alphabet="abcXYZ 019?é'\"", min_size=1, max_size=8).filter(lambda s: s.strip())
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(n=st.integers(0, 3), n_rep=st.integers(1, 11), n_loc=st.integers(1, 3),
-       n_m=st.integers(0, 2), text=safe_text)
+@settings(
+    max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    n=st.integers(0, 3),
+    n_rep=st.integers(1, 11),
+    n_loc=st.integers(1, 3),
+    n_m=st.integers(0, 2),
+    text=safe_text,
+)
 def test_okedit_round_trip(n, n_rep, n_loc, n_m, text):
     records = [okedit_record(i * 7, n_rep, n_loc, n_m, text) for i in range(n)]
     with tempfile.TemporaryDirectory() as d:
@@ -158,6 +202,7 @@ def test_okedit_authors_form(okedit_dir):
         del a["locality_questions"], a["m_loc"], a["category"]
         a["image_object"], a["locality_image_object"] = "cat", "dog"
         return anns
+
     edit_json(okedit_dir / "annotations.json", authors)
     got = load_okedit(okedit_dir)[0]
     assert (got.answer, got.target, got.category, got.m_locality) == ("old17", "new17", "", [])
@@ -185,25 +230,36 @@ def test_write_twice_byte_identical(tmp_path):
 
 
 def test_write_okedit_rejects_unloadable_records(tmp_path):
-    assert_error(lambda: write_okedit([replace(okedit_record(1), id="a1")], tmp_path), "'id'", "int-like")
-    assert_error(lambda: write_okedit([replace(okedit_record(1), id="01")], tmp_path), "'id'", "int-like")
+    assert_error(
+        lambda: write_okedit([replace(okedit_record(1), id="a1")], tmp_path), "'id'", "int-like"
+    )
+    assert_error(
+        lambda: write_okedit([replace(okedit_record(1), id="01")], tmp_path), "'id'", "int-like"
+    )
     r = okedit_record(1)
     r.locality = []
     assert_error(lambda: write_okedit([r], tmp_path / "x"), "record 1", "'locality'")
-    assert_error(lambda: write_okedit([okedit_record(1), okedit_record(1)], tmp_path / "y"), "duplicated")
+    assert_error(
+        lambda: write_okedit([okedit_record(1), okedit_record(1)], tmp_path / "y"), "duplicated"
+    )
 
 
 def test_write_okedit_refuses_stale_files(okedit_dir):
     (okedit_dir / "rephrase" / "17" / "zz.png").write_bytes(b"")
-    assert_error(lambda: write_okedit([okedit_record(17)], okedit_dir), "rephrase", "record 17", "zz.png")
+    assert_error(
+        lambda: write_okedit([okedit_record(17)], okedit_dir), "rephrase", "record 17", "zz.png"
+    )
 
 
 def test_write_mmedit_rejects_other_shapes(tmp_path):
-    assert_error(lambda: write_mmedit([okedit_record(0)], tmp_path / "e.json", tmp_path), "record 0")
+    assert_error(
+        lambda: write_mmedit([okedit_record(0)], tmp_path / "e.json", tmp_path), "record 0"
+    )
     r = mmedit_record(0)
     r.category = "c"
     assert_error(lambda: write_mmedit([r], tmp_path / "e.json", tmp_path), "'category'")
     assert_error(lambda: write_mmedit([mmedit_record(5)], tmp_path / "e.json", tmp_path), "'id'")
+
 
 # -----------------------------------------------------------------------------
 # bad input, OKEDIT
@@ -216,40 +272,73 @@ def test_okedit_missing_annotations_file(okedit_dir):
 
 def test_okedit_missing_image(okedit_dir):
     (okedit_dir / "val2014" / "COCO_val2014_000000000002.png").unlink()
-    assert_error(lambda: load_okedit(okedit_dir), "COCO_val2014_000000000002.jpg",
-                 "COCO_val2014_000000000002.png", "record 23", "'image'", "not found")
+    assert_error(
+        lambda: load_okedit(okedit_dir),
+        "COCO_val2014_000000000002.jpg",
+        "COCO_val2014_000000000002.png",
+        "record 23",
+        "'image'",
+        "not found",
+    )
 
 
 def test_okedit_missing_field(okedit_dir):
-    edit_json(okedit_dir / "annotations.json", lambda a: [a[0], {k: v for k, v in a[1].items()
-                                                                  if k != "counterfact_answer"}])
-    assert_error(lambda: load_okedit(okedit_dir), "annotations.json", "record 23",
-                 "'counterfact_answer'", "missing")
+    edit_json(
+        okedit_dir / "annotations.json",
+        lambda a: [a[0], {k: v for k, v in a[1].items() if k != "counterfact_answer"}],
+    )
+    assert_error(
+        lambda: load_okedit(okedit_dir),
+        "annotations.json",
+        "record 23",
+        "'counterfact_answer'",
+        "missing",
+    )
 
 
 def test_okedit_missing_question_field(okedit_dir):
     def drop(q):
         del q["questions"][0]["rephrased_questions"]
         return q
+
     edit_json(okedit_dir / "questions.json", drop)
-    assert_error(lambda: load_okedit(okedit_dir), "questions.json", "record 17", "'rephrased_questions'", "missing")
+    assert_error(
+        lambda: load_okedit(okedit_dir),
+        "questions.json",
+        "record 17",
+        "'rephrased_questions'",
+        "missing",
+    )
 
 
 def test_okedit_empty_field(okedit_dir):
     def empty(a):
         a[0]["counterfact_answer"] = "  "
         return a
+
     edit_json(okedit_dir / "annotations.json", empty)
-    assert_error(lambda: load_okedit(okedit_dir), "annotations.json", "record 17", "'counterfact_answer'", "empty")
+    assert_error(
+        lambda: load_okedit(okedit_dir),
+        "annotations.json",
+        "record 17",
+        "'counterfact_answer'",
+        "empty",
+    )
 
 
 def test_okedit_wrong_type(okedit_dir):
     def bad(a):
         a[1]["answers"] = 5
         return a
+
     edit_json(okedit_dir / "annotations.json", bad)
-    assert_error(lambda: load_okedit(okedit_dir), "annotations.json", "record 23", "'answers'",
-                 "should be a list of strings, got int")
+    assert_error(
+        lambda: load_okedit(okedit_dir),
+        "annotations.json",
+        "record 23",
+        "'answers'",
+        "should be a list of strings, got int",
+    )
 
 
 def test_okedit_top_level_wrong_type(okedit_dir):
@@ -265,34 +354,56 @@ def test_okedit_invalid_json(okedit_dir):
 def test_okedit_truncated_image(okedit_dir):
     path = okedit_dir / "rephrase" / "23" / "1.png"
     path.write_bytes(path.read_bytes()[:60])
-    assert_error(lambda: load_okedit(okedit_dir), str(path), "record 23", "'rephrase_images'", "cannot read image")
+    assert_error(
+        lambda: load_okedit(okedit_dir),
+        str(path),
+        "record 23",
+        "'rephrase_images'",
+        "cannot read image",
+    )
 
 
 def test_okedit_not_an_image(okedit_dir):
     path = okedit_dir / "locality" / "17" / "0.png"
     path.write_text("hello")
-    assert_error(lambda: load_okedit(okedit_dir), str(path), "record 17", "'locality'", "cannot read image")
+    assert_error(
+        lambda: load_okedit(okedit_dir), str(path), "record 17", "'locality'", "cannot read image"
+    )
 
 
 def test_okedit_question_id_not_in_questions(okedit_dir):
     edit_json(okedit_dir / "questions.json", lambda q: {"questions": q["questions"][:1]})
-    assert_error(lambda: load_okedit(okedit_dir), "annotations.json", "record 23", "'question_id'",
-                 "questions.json")
+    assert_error(
+        lambda: load_okedit(okedit_dir),
+        "annotations.json",
+        "record 23",
+        "'question_id'",
+        "questions.json",
+    )
 
 
 def test_okedit_missing_rephrase_dir(okedit_dir):
     for p in (okedit_dir / "rephrase" / "17").iterdir():
         p.unlink()
     (okedit_dir / "rephrase" / "17").rmdir()
-    assert_error(lambda: load_okedit(okedit_dir), "rephrase", "record 17", "'rephrase_images'", "not found")
+    assert_error(
+        lambda: load_okedit(okedit_dir), "rephrase", "record 17", "'rephrase_images'", "not found"
+    )
 
 
 def test_okedit_zero_locality_images(okedit_dir):
     def none(a):
         a[0]["locality_answer"], a[0]["locality_questions"] = [], []
         return a
+
     edit_json(okedit_dir / "annotations.json", none)
-    assert_error(lambda: load_okedit(okedit_dir), "annotations.json", "record 17", "'locality_answer'", "empty")
+    assert_error(
+        lambda: load_okedit(okedit_dir),
+        "annotations.json",
+        "record 17",
+        "'locality_answer'",
+        "empty",
+    )
 
 
 def test_okedit_missing_locality_image(okedit_dir):
@@ -305,8 +416,10 @@ def test_okedit_locality_counts_disagree(okedit_dir):
         a[0]["locality_answer"] = ["x"]
         a[0]["locality_questions"] = ["y"]
         return a
+
     edit_json(okedit_dir / "annotations.json", more)
     assert_error(lambda: load_okedit(okedit_dir), "1.png", "record 17", "more locality images")
+
 
 # -----------------------------------------------------------------------------
 # bad input, MMEdit
@@ -318,13 +431,16 @@ def test_mmedit_missing_json(tmp_path):
 
 def test_mmedit_missing_image(mmedit_dir):
     (mmedit_dir / "img" / "1_rephrase.png").unlink()
-    assert_error(lambda: load_mm(mmedit_dir), "1_rephrase.png", "record 1", "'image_rephrase'", "not found")
+    assert_error(
+        lambda: load_mm(mmedit_dir), "1_rephrase.png", "record 1", "'image_rephrase'", "not found"
+    )
 
 
 def test_mmedit_missing_field(mmedit_dir):
     def drop(items):
         del items[1]["alt"]
         return items
+
     edit_json(mmedit_dir / "e-vqa.json", drop)
     assert_error(lambda: load_mm(mmedit_dir), "e-vqa.json", "record 1", "'alt'", "missing")
 
@@ -333,6 +449,7 @@ def test_mmedit_empty_field(mmedit_dir):
     def empty(items):
         items[0]["loc_ans"] = ""
         return items
+
     edit_json(mmedit_dir / "e-vqa.json", empty)
     assert_error(lambda: load_mm(mmedit_dir), "e-vqa.json", "record 0", "'loc_ans'", "empty")
 
@@ -341,9 +458,15 @@ def test_mmedit_wrong_type(mmedit_dir):
     def bad(items):
         items[0]["rephrase"] = ["a", "b"]
         return items
+
     edit_json(mmedit_dir / "e-vqa.json", bad)
-    assert_error(lambda: load_mm(mmedit_dir), "e-vqa.json", "record 0", "'rephrase'",
-                 "should be a string, got list of str")
+    assert_error(
+        lambda: load_mm(mmedit_dir),
+        "e-vqa.json",
+        "record 0",
+        "'rephrase'",
+        "should be a string, got list of str",
+    )
 
 
 def test_mmedit_top_level_wrong_type(mmedit_dir):
@@ -352,7 +475,7 @@ def test_mmedit_top_level_wrong_type(mmedit_dir):
 
 
 def test_mmedit_record_wrong_type(mmedit_dir):
-    (mmedit_dir / "e-vqa.json").write_text('[3]')
+    (mmedit_dir / "e-vqa.json").write_text("[3]")
     assert_error(lambda: load_mm(mmedit_dir), "e-vqa.json", "record 0", "object", "int")
 
 
@@ -364,29 +487,54 @@ def test_mmedit_invalid_json(mmedit_dir):
 def test_mmedit_truncated_image(mmedit_dir):
     path = mmedit_dir / "img" / "0_m_loc.png"
     path.write_bytes(path.read_bytes()[:-20])
-    assert_error(lambda: load_mm(mmedit_dir), "0_m_loc.png", "record 0", "'m_loc'", "cannot read image")
+    assert_error(
+        lambda: load_mm(mmedit_dir), "0_m_loc.png", "record 0", "'m_loc'", "cannot read image"
+    )
 
 
 # -----------------------------------------------------------------------------
 # paths from a data file stay inside their data root
 
 
-@pytest.mark.parametrize("qid", ["../outside", "..\\outside", "rephrase/../../outside", "/tmp/outside"])
+@pytest.mark.parametrize(
+    "qid", ["../outside", "..\\outside", "rephrase/../../outside", "/tmp/outside"]
+)
 def test_okedit_question_id_cannot_leave_the_data_folder(okedit_dir, qid):
     shutil.copytree(okedit_dir / "rephrase" / "17", okedit_dir / "outside")  # loadable if reached
-    edit_json(okedit_dir / "annotations.json", lambda anns: [{**a, "question_id": qid} if a["question_id"] == 17
-                                                             else a for a in anns])
-    edit_json(okedit_dir / "questions.json", lambda d: {"questions": [{**q, "question_id": qid}
-                                                                      if q["question_id"] == 17 else q
-                                                                      for q in d["questions"]]})
+    edit_json(
+        okedit_dir / "annotations.json",
+        lambda anns: [{**a, "question_id": qid} if a["question_id"] == 17 else a for a in anns],
+    )
+    edit_json(
+        okedit_dir / "questions.json",
+        lambda d: {
+            "questions": [
+                {**q, "question_id": qid} if q["question_id"] == 17 else q for q in d["questions"]
+            ]
+        },
+    )
     before = all_files(okedit_dir)
-    assert_error(lambda: load_okedit(okedit_dir), "annotations.json", f"record {qid}", "'question_id'",
-                 "inside", repr(qid))
+    assert_error(
+        lambda: load_okedit(okedit_dir),
+        "annotations.json",
+        f"record {qid}",
+        "'question_id'",
+        "inside",
+        repr(qid),
+    )
     assert all_files(okedit_dir) == before
 
 
-@pytest.mark.parametrize("where", ["../outside.png", "m_loc/../../outside.png", "ABSOLUTE", "C:\\outside.png",
-                                   "\\\\server\\share\\outside.png"])
+@pytest.mark.parametrize(
+    "where",
+    [
+        "../outside.png",
+        "m_loc/../../outside.png",
+        "ABSOLUTE",
+        "C:\\outside.png",
+        "\\\\server\\share\\outside.png",
+    ],
+)
 def test_okedit_m_loc_cannot_leave_the_data_folder(okedit_dir, where):
     outside = okedit_dir.parent / "outside.png"
     rand_image().save(outside)  # a real image: only the path check stops the load
@@ -395,10 +543,17 @@ def test_okedit_m_loc_cannot_leave_the_data_folder(okedit_dir, where):
     def point(anns):
         anns[1]["m_loc"][0]["image"] = where
         return anns
+
     edit_json(okedit_dir / "annotations.json", point)
     before = all_files(okedit_dir.parent)
-    assert_error(lambda: load_okedit(okedit_dir), "annotations.json", "record 23 (m_loc item 0)", "'image'",
-                 "inside", repr(where))
+    assert_error(
+        lambda: load_okedit(okedit_dir),
+        "annotations.json",
+        "record 23 (m_loc item 0)",
+        "'image'",
+        "inside",
+        repr(where),
+    )
     assert all_files(okedit_dir.parent) == before
 
 
@@ -412,9 +567,12 @@ def test_mmedit_image_paths_cannot_leave_the_image_root(mmedit_dir, field, where
     def point(items):
         items[1][field] = where
         return items
+
     edit_json(mmedit_dir / "e-vqa.json", point)
     before = all_files(mmedit_dir)
-    assert_error(lambda: load_mm(mmedit_dir), "e-vqa.json", "record 1", f"'{field}'", "inside", repr(where))
+    assert_error(
+        lambda: load_mm(mmedit_dir), "e-vqa.json", "record 1", f"'{field}'", "inside", repr(where)
+    )
     assert all_files(mmedit_dir) == before
 
 
@@ -424,6 +582,7 @@ def test_symlinks_inside_the_data_folder_are_followed(okedit_dir, tmp_path):
     (okedit_dir / "val2014").rename(tmp_path / "shared")
     (okedit_dir / "val2014").symlink_to(tmp_path / "shared", target_is_directory=True)
     assert load_okedit(okedit_dir) == records
+
 
 # -----------------------------------------------------------------------------
 # image modes: 16-bit grey and transparency
@@ -450,7 +609,9 @@ def test_sixteen_bit_grey_scales_to_8_bits(okedit_dir):
 
 
 def test_transparent_images_are_composited_onto_white(okedit_dir):
-    rgba = Image.fromarray(np.array([[[200, 0, 0, 255], [0, 0, 200, 0], [0, 0, 0, 128]]], dtype=np.uint8), "RGBA")
+    rgba = Image.fromarray(
+        np.array([[[200, 0, 0, 255], [0, 0, 200, 0], [0, 0, 0, 128]]], dtype=np.uint8), "RGBA"
+    )
     got = load_as_rephrase_image(okedit_dir, rgba)
     assert got[0, :2].tolist() == [[200, 0, 0], [255, 255, 255]]
     assert np.abs(got[0, 2].astype(int) - 127).max() <= 1  # half black over white
@@ -459,28 +620,46 @@ def test_transparent_images_are_composited_onto_white(okedit_dir):
     p = Image.new("P", (2, 1))
     p.putpalette([200, 0, 0, 0, 0, 200])
     p.putpixel((1, 0), 1)
-    assert load_as_rephrase_image(okedit_dir, p, transparency=1)[0].tolist() == [[200, 0, 0], [255, 255, 255]]
+    assert load_as_rephrase_image(okedit_dir, p, transparency=1)[0].tolist() == [
+        [200, 0, 0],
+        [255, 255, 255],
+    ]
     grey = Image.fromarray(np.array([[10, 20]], dtype=np.uint8), "L")
-    assert load_as_rephrase_image(okedit_dir, grey, transparency=10)[0].tolist() == [[255] * 3, [20] * 3]
+    assert load_as_rephrase_image(okedit_dir, grey, transparency=10)[0].tolist() == [
+        [255] * 3,
+        [20] * 3,
+    ]
     g16 = Image.fromarray(np.array([[0, 65535, 257]], dtype=np.uint16))
-    assert load_as_rephrase_image(okedit_dir, g16, transparency=0)[0].tolist() == [[255] * 3, [255] * 3, [1] * 3]
+    assert load_as_rephrase_image(okedit_dir, g16, transparency=0)[0].tolist() == [
+        [255] * 3,
+        [255] * 3,
+        [1] * 3,
+    ]
 
 
 def test_opaque_images_load_as_before(okedit_dir):
     rgb, grey = rand_image(), rand_image().convert("L")
     p = rand_image().convert("P")
     for image in (rgb, grey, p):
-        assert (load_as_rephrase_image(okedit_dir, image) == np.asarray(image.convert("RGB"))).all(), image.mode
+        assert (
+            load_as_rephrase_image(okedit_dir, image) == np.asarray(image.convert("RGB"))
+        ).all(), image.mode
 
 
 def test_q_locality_round_trips_and_asks_the_records_own_images(tmp_path):
     r = okedit_record(3)
-    r.q_locality = [Sample(r.image, "what colour?", "red"), Sample(r.rephrase_images[1], "what shape?", "star")]
+    r.q_locality = [
+        Sample(r.image, "what colour?", "red"),
+        Sample(r.rephrase_images[1], "what shape?", "star"),
+    ]
     write_okedit([r], tmp_path / "ok")
     back = load_okedit(tmp_path / "ok")[0]
     assert back.q_locality == r.q_locality
     item = json.loads((tmp_path / "ok" / "annotations.json").read_text())[0]["q_locality"]
-    assert [q["image"] for q in item] == ["val2014/COCO_val2014_000000000001.png", "rephrase/3/1.png"]
+    assert [q["image"] for q in item] == [
+        "val2014/COCO_val2014_000000000001.png",
+        "rephrase/3/1.png",
+    ]
     r.q_locality = [Sample(rand_image(), "what colour?", "red")]  # not one of the record's images
     assert_error(lambda: write_okedit([r], tmp_path / "bad"), "record 3", "q_locality")
     assert not (tmp_path / "bad" / "annotations.json").exists()

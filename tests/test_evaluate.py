@@ -8,13 +8,12 @@ import types
 
 import pytest
 import torch
+from conftest import TINY
 
 import data
 import evaluate
 import models
 from evaluate import Observation, exact_match, hm, score, token_accuracy
-
-from conftest import TINY
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +39,9 @@ def test_hm_is_zero_if_any_is_zero(zero_at):
 
 def test_token_accuracy_is_the_mean_over_samples_of_per_sample_fractions():
     # sample 1: 2 of 3 right; sample 2: 2 of 2 right -> (2/3 + 1) / 2, not 4/5 over tokens
-    assert token_accuracy([[1, 2, 3], [4, 5]], [[1, 2, 0], [4, 5]]) == pytest.approx(100 * (2 / 3 + 1) / 2)
+    assert token_accuracy([[1, 2, 3], [4, 5]], [[1, 2, 0], [4, 5]]) == pytest.approx(
+        100 * (2 / 3 + 1) / 2
+    )
     assert token_accuracy([[7]], [[8]]) == 0.0
     assert token_accuracy([], []) is None
     with pytest.raises(AssertionError):
@@ -54,18 +55,39 @@ def test_exact_match():
 
 def test_score_on_hand_made_observations():
     pre = Observation(
-        tokens={"acc": [([1], [9])], "t_gen": [], "i_gen": [],
-                "loc": [([4, 5], [4, 6]), ([7], [7])], "m_loc": [([3], [3])], "q_loc": [([5], [5]), ([6], [6])]},
-        texts={"acc": ["old"], "t_gen": [], "i_gen": [], "loc": ["p", "q"], "q_loc": ["red", "circle"]})
+        tokens={
+            "acc": [([1], [9])],
+            "t_gen": [],
+            "i_gen": [],
+            "loc": [([4, 5], [4, 6]), ([7], [7])],
+            "m_loc": [([3], [3])],
+            "q_loc": [([5], [5]), ([6], [6])],
+        },
+        texts={
+            "acc": ["old"],
+            "t_gen": [],
+            "i_gen": [],
+            "loc": ["p", "q"],
+            "q_loc": ["red", "circle"],
+        },
+    )
     post = Observation(
-        tokens={"acc": [([9, 2], [9, 3])],                     # 1 of 2
-                "t_gen": [([9], [9]), ([1], [9])],              # 1 of 2 samples
-                "i_gen": [([9, 3], [9, 3])],                    # all right
-                "loc": [([4, 6], [4, 6]), ([7], [7])],          # vs pre: 1/2 and 1/1
-                "m_loc": [([2], [3])],                          # vs pre: 0
-                "q_loc": [([5], [5]), ([9], [6])]},             # vs pre: 1 of 2 samples
-        texts={"acc": ["new"], "t_gen": ["new", "old"], "i_gen": ["other"], "loc": ["p", "z"],
-               "q_loc": ["red", "new"]})
+        tokens={
+            "acc": [([9, 2], [9, 3])],  # 1 of 2
+            "t_gen": [([9], [9]), ([1], [9])],  # 1 of 2 samples
+            "i_gen": [([9, 3], [9, 3])],  # all right
+            "loc": [([4, 6], [4, 6]), ([7], [7])],  # vs pre: 1/2 and 1/1
+            "m_loc": [([2], [3])],  # vs pre: 0
+            "q_loc": [([5], [5]), ([9], [6])],
+        },  # vs pre: 1 of 2 samples
+        texts={
+            "acc": ["new"],
+            "t_gen": ["new", "old"],
+            "i_gen": ["other"],
+            "loc": ["p", "z"],
+            "q_loc": ["red", "new"],
+        },
+    )
     m = score(post, pre, "new")
     assert m["acc"] == 50.0 and m["t_gen"] == 50.0 and m["i_gen"] == 100.0
     assert m["loc"] == pytest.approx(75.0)  # Loc compares with the PRE-edit argmax, not the labels
@@ -84,11 +106,14 @@ def test_score_on_hand_made_observations():
 class _Oracle(torch.nn.Module):
     """A fake backbone whose logits at t are one-hot on the input token at t+1: with the
     right shift (t-1 predicts t) every answer token is predicted correctly."""
+
     eos_token_id = 2
 
     def encode(self, images, questions, answers=None):
-        rows = [[10 + len(q), 11, 12] + [20 + len(w) for w in a.split()] + [self.eos_token_id]
-                for q, a in zip(questions, answers)]
+        rows = [
+            [10 + len(q), 11, 12] + [20 + len(w) for w in a.split()] + [self.eos_token_id]
+            for q, a in zip(questions, answers)
+        ]
         return models.left_pad(rows, [3] * len(rows), pad_id=0)
 
     def to_device(self, batch):
@@ -113,7 +138,9 @@ def test_token_predictions_batched_like_one_by_one(tiny, records):
     alone = [evaluate.token_predictions(tiny, [s])[0] for s in samples]
     assert [g for _, g in together] == [g for _, g in alone]
     words = [len(s.answer.split()) for s in samples]
-    assert [len(g) for _, g in together] == words  # word-level tokenizer: one token per word, no EOS
+    assert [
+        len(g) for _, g in together
+    ] == words  # word-level tokenizer: one token per word, no EOS
     agree = sum(p1 == p2 for (p1, _), (p2, _) in zip(together, alone))
     assert agree >= len(samples) - 1  # padding may flip a float tie, not more
 
@@ -137,7 +164,10 @@ class HookEditor:
         self.layer = backbone.get_submodule(backbone.target_layer)
 
     def edit(self, record):
-        shift = torch.randn(self.layer.out_features, generator=torch.Generator().manual_seed(self.next)) * 5
+        shift = (
+            torch.randn(self.layer.out_features, generator=torch.Generator().manual_seed(self.next))
+            * 5
+        )
         if self.in_place:
             with torch.no_grad():
                 self.layer.bias.add_(shift)
@@ -208,35 +238,73 @@ def checkpoint(tmp_path_factory, tiny):
 
 def test_cli_run_writes_the_json(checkpoint, tmp_path, capsys):
     out = tmp_path / "r.json"
-    assert evaluate.main(["--model", str(checkpoint), "--limit", "3", "--steps", "2", "--no-progress",
-                          "--methods", "base,balancedit", "--out", str(out)]) == 0
+    assert (
+        evaluate.main(
+            [
+                "--model",
+                str(checkpoint),
+                "--limit",
+                "3",
+                "--steps",
+                "2",
+                "--no-progress",
+                "--methods",
+                "base,balancedit",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
-    assert "| Method | Acc | T-Gen | I-Gen | Loc | q_loc | HM | gen Acc | gen T-Gen | gen I-Gen | gen Loc | gen q_loc |" \
+    assert (
+        "| Method | Acc | T-Gen | I-Gen | Loc | q_loc | HM | gen Acc | gen T-Gen | gen I-Gen | gen Loc | gen q_loc |"
         " s/edit |" in printed
+    )
     assert str(out) in printed
     result = json.loads(out.read_text())
     assert {"backbone", "data", "protocol", "config", "methods"} <= result.keys()
-    assert result["backbone"] == "tiny" and result["protocol"] == "single" and result["config"]["steps"] == 2
+    assert (
+        result["backbone"] == "tiny"
+        and result["protocol"] == "single"
+        and result["config"]["steps"] == 2
+    )
     assert list(result["methods"]) == ["base", "balancedit"]
     for name, m in result["methods"].items():
-        for key in ("acc", "t_gen", "i_gen", "loc", "q_loc", "m_loc", "hm", "seconds_per_edit", "gen_acc",
-                    "gen_t_gen", "gen_i_gen", "gen_loc", "gen_q_loc"):
+        for key in (
+            "acc",
+            "t_gen",
+            "i_gen",
+            "loc",
+            "q_loc",
+            "m_loc",
+            "hm",
+            "seconds_per_edit",
+            "gen_acc",
+            "gen_t_gen",
+            "gen_i_gen",
+            "gen_loc",
+            "gen_q_loc",
+        ):
             assert key in m, (name, key)
         assert m["n_records"] == 3
     assert result["methods"]["balancedit"]["seconds_per_edit"] > 0
 
 
-@pytest.mark.parametrize("argv", [
-    ["--methods", "base,rome"],
-    ["--data", "/no/such/dir"],
-    ["--alpha", "2.0"],
-    ["sweep-alpha", "--alpha", "0.5"],
-    ["--limit", "0"],
-    ["--device", "cuda:7"],
-    ["--device", "bogus"],
-    ["--backbone", "blip2"],
-    ["--backbone", "blip2", "--model", "/no/such/model"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--methods", "base,rome"],
+        ["--data", "/no/such/dir"],
+        ["--alpha", "2.0"],
+        ["sweep-alpha", "--alpha", "0.5"],
+        ["--limit", "0"],
+        ["--device", "cuda:7"],
+        ["--device", "bogus"],
+        ["--backbone", "blip2"],
+        ["--backbone", "blip2", "--model", "/no/such/model"],
+    ],
+)
 def test_cli_bad_input_is_one_line_and_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         evaluate.main(argv + ["--no-progress"])
@@ -251,7 +319,9 @@ def test_cli_refuses_a_bad_out_before_any_work(out, tmp_path, capsys, monkeypatc
     (tmp_path / "dir").mkdir()
     (tmp_path / "file").write_text("not a directory")
     before = sorted(p.name for p in tmp_path.rglob("*"))
-    monkeypatch.setattr(evaluate, "load_records", lambda args: pytest.fail("work started before --out was checked"))
+    monkeypatch.setattr(
+        evaluate, "load_records", lambda args: pytest.fail("work started before --out was checked")
+    )
     with pytest.raises(SystemExit) as e:
         evaluate.main(["sweep-alpha", "--out", str(tmp_path / out), "--no-progress"])
     assert e.value.code == 2 and "--out" in capsys.readouterr().err
@@ -263,32 +333,59 @@ def test_sequential_protocol_has_its_own_default_output():
     assert evaluate.default_out("run", "sequential") == "results/main_sequential.json"
 
 
-@pytest.mark.parametrize("field, value, says", [
-    ("target", "zzyzx", "'zzyzx'"),  # not in TinyVLM's vocabulary: it would be edited as <unk>
-    ("question", " ".join(["what"] * 60) + "?", "positions"),  # longer than TinyVLM's 64 positions
-])
+@pytest.mark.parametrize(
+    "field, value, says",
+    [
+        ("target", "zzyzx", "'zzyzx'"),  # not in TinyVLM's vocabulary: it would be edited as <unk>
+        (
+            "question",
+            " ".join(["what"] * 60) + "?",
+            "positions",
+        ),  # longer than TinyVLM's 64 positions
+    ],
+)
 def test_cli_refuses_a_record_the_backbone_cannot_encode(field, value, says, tmp_path, capsys):
     record = copy.copy(data.load_sample(limit=1)[0])
     setattr(record, field, value)
     data.write_okedit([record], tmp_path / "d")
     with pytest.raises(SystemExit) as e:
-        evaluate.main(["--data", str(tmp_path / "d"), "--no-progress", "--out", str(tmp_path / "r.json")])
+        evaluate.main(
+            ["--data", str(tmp_path / "d"), "--no-progress", "--out", str(tmp_path / "r.json")]
+        )
     err = capsys.readouterr().err
-    assert e.value.code == 2 and f"record {record.id}" in err and says in err and len(err.splitlines()) == 1
+    assert (
+        e.value.code == 2
+        and f"record {record.id}" in err
+        and says in err
+        and len(err.splitlines()) == 1
+    )
     assert not (tmp_path / "r.json").exists()
 
 
 def test_show_edit_and_show_codebook_draw_and_report(checkpoint, tmp_path, capsys):
     common = ["--model", str(checkpoint), "--limit", "3", "--steps", "2", "--no-progress"]
-    assert evaluate.main(["show-edit", "--record", "1", "--out", str(tmp_path / "edit.png"), *common]) == 0
+    assert (
+        evaluate.main(["show-edit", "--record", "1", "--out", str(tmp_path / "edit.png"), *common])
+        == 0
+    )
     edit = json.loads((tmp_path / "edit.json").read_text())
-    assert (tmp_path / "edit.png").stat().st_size > 0 and edit["record"] == data.load_sample(limit=3)[1].id
+    assert (tmp_path / "edit.png").stat().st_size > 0 and edit["record"] == data.load_sample(
+        limit=3
+    )[1].id
     assert min(edit["d_pos"], edit["d_neg"]) <= edit["radius"] <= max(edit["d_pos"], edit["d_neg"])
-    assert {"rephrasings (T-Gen)", "other images (I-Gen)", "near misses (Loc)"} <= set(edit["probes"])
-    assert all(d >= 0 and isinstance(changed, bool) for points in edit["probes"].values() for d, changed in points)
+    assert {"rephrasings (T-Gen)", "other images (I-Gen)", "near misses (Loc)"} <= set(
+        edit["probes"]
+    )
+    assert all(
+        d >= 0 and isinstance(changed, bool)
+        for points in edit["probes"].values()
+        for d, changed in points
+    )
     assert evaluate.main(["show-codebook", "--out", str(tmp_path / "cb.png"), *common]) == 0
     codebook = json.loads((tmp_path / "cb.json").read_text())
-    assert (tmp_path / "cb.png").stat().st_size > 0 and len(codebook["xy"]) == len(codebook["targets"]) == 3
+    assert (tmp_path / "cb.png").stat().st_size > 0 and len(codebook["xy"]) == len(
+        codebook["targets"]
+    ) == 3
     for argv in (["show-edit", "--record", "3"], ["show-edit", "--out", str(tmp_path / "x.json")]):
         with pytest.raises(SystemExit) as e:
             evaluate.main(argv + common)

@@ -2,6 +2,7 @@
 (nothing downloads): the layout, editing end to end, routing, cached training on LLaMA layers,
 loading from local files, and the real size on the meta device.
 """
+
 import functools
 import itertools
 import json
@@ -15,7 +16,9 @@ import data
 import models
 
 POOL = list(itertools.islice(data.training_stream(0), 6))
-N_QUERY = 8  # images weigh in the keys as with the real 32 (4 are too few against the long template)
+N_QUERY = (
+    8  # images weigh in the keys as with the real 32 (4 are too few against the long template)
+)
 
 
 @functools.cache
@@ -33,8 +36,11 @@ def edited():
 
 def encode(m, idx, with_answers=True):
     samples = [POOL[i] for i in idx]
-    return m.encode([s.image for s in samples], [s.question for s in samples],
-                    [s.answer for s in samples] if with_answers else None)
+    return m.encode(
+        [s.image for s in samples],
+        [s.question for s in samples],
+        [s.answer for s in samples] if with_answers else None,
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -43,14 +49,42 @@ def encode(m, idx, with_answers=True):
 
 def test_encode_golden_row_and_target_layer():
     m = model()
-    batch = m.encode([POOL[0].image] * 2, ["what shape is this?", "what is the name of this thing?"], ["star"] * 2)
-    tokens = ["<s>", "###", "Human", ":", "<", "Img", ">"] + ["<ImageHere>"] * N_QUERY + \
-        ["</", "Img", ">", "Question", ":", "what", "shape", "is", "this", "?", "Short", "answer", ":",
-         "###", "Assistant", ":", "star", "</s>"]
+    batch = m.encode(
+        [POOL[0].image] * 2,
+        ["what shape is this?", "what is the name of this thing?"],
+        ["star"] * 2,
+    )
+    tokens = (
+        ["<s>", "###", "Human", ":", "<", "Img", ">"]
+        + ["<ImageHere>"] * N_QUERY
+        + [
+            "</",
+            "Img",
+            ">",
+            "Question",
+            ":",
+            "what",
+            "shape",
+            "is",
+            "this",
+            "?",
+            "Short",
+            "answer",
+            ":",
+            "###",
+            "Assistant",
+            ":",
+            "star",
+            "</s>",
+        ]
+    )
     n_pad = batch["input_ids"].shape[1] - len(tokens)
     assert n_pad == 3
     assert m.tokenizer.convert_ids_to_tokens(batch["input_ids"][0, n_pad:]) == tokens
-    assert batch["labels"][0].tolist() == [-100] * (len(tokens) - 2 + n_pad) + batch["input_ids"][0, -2:].tolist()
+    assert (
+        batch["labels"][0].tolist()
+        == [-100] * (len(tokens) - 2 + n_pad) + batch["input_ids"][0, -2:].tolist()
+    )
     real, labelled = batch["attention_mask"].bool(), batch["labels"] != -100
     assert torch.equal(batch["prompt_mask"], real & ~labelled)  # BOS, image and question positions
     assert ((batch["input_ids"] == m.image_token_id).sum(1) == N_QUERY).all()
@@ -65,7 +99,9 @@ def test_padding_decoding_text_only_and_misuse():
     with torch.no_grad():
         batch = encode(m, [3, 1, 5])
         logits = m(**batch).logits
-        for b, i in enumerate([3, 1, 5]):  # positions from the mask: a padded row sees what it sees alone
+        for b, i in enumerate(
+            [3, 1, 5]
+        ):  # positions from the mask: a padded row sees what it sees alone
             real = batch["attention_mask"][b].bool()
             assert torch.allclose(logits[b][real], m(**encode(m, [i])).logits[0], atol=1e-5)
         batch = encode(m, [0, 4], with_answers=False)
@@ -73,9 +109,20 @@ def test_padding_decoding_text_only_and_misuse():
         token = torch.tensor([[20], [21]])  # two words (not the image token)
         mask = torch.cat([batch["attention_mask"], torch.ones_like(token)], 1)
         prefill = m(**batch, use_cache=True)
-        step = m(input_ids=token, attention_mask=mask, prompt_mask=torch.zeros_like(token, dtype=torch.bool),
-                 past_key_values=prefill.past_key_values, use_cache=True)
-        full = m(**{**batch, "input_ids": torch.cat([batch["input_ids"], token], 1), "attention_mask": mask})
+        step = m(
+            input_ids=token,
+            attention_mask=mask,
+            prompt_mask=torch.zeros_like(token, dtype=torch.bool),
+            past_key_values=prefill.past_key_values,
+            use_cache=True,
+        )
+        full = m(
+            **{
+                **batch,
+                "input_ids": torch.cat([batch["input_ids"], token], 1),
+                "attention_mask": mask,
+            }
+        )
         assert torch.allclose(step.logits[:, -1], full.logits[:, -1], atol=1e-5)
         text = m.encode([None, None], [POOL[0].question, POOL[1].question], ["star", "red"])
         assert "pixel_values" not in text and not (text["input_ids"] == m.image_token_id).any()
@@ -94,7 +141,9 @@ def test_padding_decoding_text_only_and_misuse():
 def test_end_to_end_edit_changes_the_row_and_keeps_the_black_image_bit_for_bit():
     m = model()
     editor, record, report = edited()
-    black = data.anchor_image("black", data.SIZE)  # the negative itself: outside a ball of radius d_pos
+    black = data.anchor_image(
+        "black", data.SIZE
+    )  # the negative itself: outside a ball of radius d_pos
     batch = m.encode([record.image, black], [record.question] * 2, [record.target] * 2)
     with torch.no_grad():
         plain = m(**batch).logits
@@ -111,10 +160,18 @@ def test_out_of_scope_rows_are_bit_identical_in_a_mixed_batch():
     editor, record, report = edited()
     # A random model tells images apart far better than questions: black-image rows are the ones
     # out of scope (the white and the noise image may fall in the ball of radius d_pos).
-    black, white, noise = (data.anchor_image(kind, data.SIZE) for kind in ("black", "white", "noise"))
+    black, white, noise = (
+        data.anchor_image(kind, data.SIZE) for kind in ("black", "white", "noise")
+    )
     images = [black, record.image, black, white, black, noise]
-    questions = ["what shape do you see?", record.question, "what is this?", record.question,
-                 "tell me the shape of this thing.", "what is this?"]
+    questions = [
+        "what shape do you see?",
+        record.question,
+        "what is this?",
+        record.question,
+        "tell me the shape of this thing.",
+        "what is this?",
+    ]
     batch = m.encode(images, questions)  # padded: questions of different lengths
     assert (batch["attention_mask"] == 0).any()
     with torch.no_grad():
@@ -149,7 +206,9 @@ def test_the_route_is_held_during_kv_cache_decoding():
     black = data.anchor_image("black", data.SIZE)
     seen = []
     with editor.attached() as router:
-        handle = m.register_forward_hook(lambda module, args, out: seen.append(router.last_index.tolist()))
+        handle = m.register_forward_hook(
+            lambda module, args, out: seen.append(router.last_index.tolist())
+        )
         try:
             answers = m.generate([record.image, black], [record.question] * 2, max_new_tokens=4)
         finally:
@@ -164,7 +223,11 @@ def test_cached_training_matches_the_naive_loop_on_a_padded_batch(layers):
     m = model() if layers == 2 else models.random_minigpt4(layers=3, n_query=N_QUERY, seed=1)
     path = "llama_model.model.layers.1.mlp.up_proj"
     records = data.load_sample(limit=2)
-    batch = m.encode([r.image for r in records], [records[0].question, "what is this?"], [r.target for r in records])
+    batch = m.encode(
+        [r.image for r in records],
+        [records[0].question, "what is this?"],
+        [r.target for r in records],
+    )
     assert (batch["attention_mask"] == 0).any()  # padded: two rows of different lengths
     weights = {}
     for cache in (True, False):
@@ -189,30 +252,61 @@ def test_from_pretrained_reads_local_files_only(tmp_path):
 
     m = model()
     blip2, vicuna, ckpt = tmp_path / "blip2", tmp_path / "vicuna", tmp_path / "minigpt4.pth"
-    Blip2Config(vision_config=m.vision_model.config.to_dict(), qformer_config=m.qformer.config.to_dict(),
-                num_query_tokens=N_QUERY).save_pretrained(blip2)
+    Blip2Config(
+        vision_config=m.vision_model.config.to_dict(),
+        qformer_config=m.qformer.config.to_dict(),
+        num_query_tokens=N_QUERY,
+    ).save_pretrained(blip2)
     state = {"query_tokens": m.query_tokens.detach(), "language_projection.weight": torch.zeros(1)}
     state.update({f"vision_model.{k}": v for k, v in m.vision_model.state_dict().items()})
     state.update({f"qformer.{k}": v for k, v in m.qformer.state_dict().items()})
     save_file({k: v.contiguous() for k, v in state.items()}, str(blip2 / "model.safetensors"))
     m.llama_model.save_pretrained(vicuna)
     m.tokenizer.save_pretrained(vicuna)
-    torch.save({"model": {f"llama_proj.{k}": v for k, v in m.llama_proj.state_dict().items()}}, ckpt)
+    torch.save(
+        {"model": {f"llama_proj.{k}": v for k, v in m.llama_proj.state_dict().items()}}, ckpt
+    )
     loaded = models.MiniGPT4.from_pretrained(blip2, vicuna, ckpt, device="cpu")
     assert not loaded.training and next(loaded.parameters()).dtype == torch.float32
     batch = encode(m, [2, 3])
-    assert torch.equal(loaded.encode([POOL[2].image], [POOL[2].question])["input_ids"],
-                       encode(m, [2], with_answers=False)["input_ids"])
+    assert torch.equal(
+        loaded.encode([POOL[2].image], [POOL[2].question])["input_ids"],
+        encode(m, [2], with_answers=False)["input_ids"],
+    )
     with torch.no_grad():
         assert torch.equal(loaded(**batch).logits, m(**batch).logits)
     with pytest.raises(FileNotFoundError, match="nothing: no such Vicuna directory"):
         models.MiniGPT4.from_pretrained(blip2, tmp_path / "nothing", ckpt)
     import evaluate  # the command line runs every protocol from the same local files
+
     for protocol in ("single", "sequential"):
         out = tmp_path / f"{protocol}.json"
-        assert evaluate.main(["--backbone", "minigpt4", "--model", str(vicuna), "--blip2", str(blip2), "--projection",
-                              str(ckpt), "--limit", "2", "--steps", "2", "--methods", "base,ft,grace,balancedit",
-                              "--protocol", protocol, "--no-progress", "--out", str(out)]) == 0
+        assert (
+            evaluate.main(
+                [
+                    "--backbone",
+                    "minigpt4",
+                    "--model",
+                    str(vicuna),
+                    "--blip2",
+                    str(blip2),
+                    "--projection",
+                    str(ckpt),
+                    "--limit",
+                    "2",
+                    "--steps",
+                    "2",
+                    "--methods",
+                    "base,ft,grace,balancedit",
+                    "--protocol",
+                    protocol,
+                    "--no-progress",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         assert set(json.loads(out.read_text())["methods"]) == {"base", "ft", "grace", "balancedit"}
     torch.save({"model": {"llama_proj.weight": torch.zeros(32, 32)}}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match=r"no model\['llama_proj.bias'\]"):
@@ -221,20 +315,55 @@ def test_from_pretrained_reads_local_files_only(tmp_path):
 
 def test_the_real_size_on_the_meta_device():
     """MiniGPT-4 7B: EVA ViT-g/14 (BLIP-2's 39 layers), the Q-Former, llama_proj and Vicuna-7B."""
-    from transformers import (Blip2QFormerConfig, Blip2QFormerModel, Blip2VisionConfig, Blip2VisionModel,
-                              LlamaConfig, LlamaForCausalLM)
+    from transformers import (
+        Blip2QFormerConfig,
+        Blip2QFormerModel,
+        Blip2VisionConfig,
+        Blip2VisionModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     with torch.device("meta"):
-        vision = Blip2VisionModel(Blip2VisionConfig(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39,
-                                                    num_attention_heads=16, image_size=224, patch_size=14))
-        qformer = Blip2QFormerModel(Blip2QFormerConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                                       num_attention_heads=12, cross_attention_frequency=2,
-                                                       encoder_hidden_size=1408))
-        llama = LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                                             num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                                             max_position_embeddings=2048))
-        m = models.MiniGPT4(vision, qformer, nn.Parameter(torch.zeros(1, 32, 768)), nn.Linear(768, 4096), llama,
-                            models.offline_minigpt4_tokenizer())
+        vision = Blip2VisionModel(
+            Blip2VisionConfig(
+                hidden_size=1408,
+                intermediate_size=6144,
+                num_hidden_layers=39,
+                num_attention_heads=16,
+                image_size=224,
+                patch_size=14,
+            )
+        )
+        qformer = Blip2QFormerModel(
+            Blip2QFormerConfig(
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                cross_attention_frequency=2,
+                encoder_hidden_size=1408,
+            )
+        )
+        llama = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=32000,
+                hidden_size=4096,
+                intermediate_size=11008,
+                num_hidden_layers=32,
+                num_attention_heads=32,
+                num_key_value_heads=32,
+                max_position_embeddings=2048,
+            )
+        )
+        m = models.MiniGPT4(
+            vision,
+            qformer,
+            nn.Parameter(torch.zeros(1, 32, 768)),
+            nn.Linear(768, 4096),
+            llama,
+            models.offline_minigpt4_tokenizer(),
+        )
     # 985,952,256 ViT + 105,137,664 Q-Former (query path only) + 24,576 query tokens (32 x 768)
     # + 3,149,824 llama_proj (768 x 4096 + 4096) + 6,738,415,616 LLaMA-7B (embeddings and LM head untied)
     assert sum(p.numel() for p in m.parameters()) == 7_832_679_936
@@ -244,6 +373,12 @@ def test_the_real_size_on_the_meta_device():
     assert (up.in_features, up.out_features, up.bias) == (4096, 11008, None)  # LLaMA has no bias
     nbytes = lambda module: sum(p.numel() * p.element_size() for p in module.parameters())
     fp16 = nn.Linear(4096, 11008, bias=False, device="meta", dtype=torch.float16)
-    assert nbytes(fp16) == 4096 * 11008 * 2 == 90_177_536 and 8 * (4096 + 11008) * 2 == 241_664  # fp16: full, rank 8
-    assert nbytes(be.new_value(nn.Linear(4096, 11008, bias=False, device="meta"))) == 4096 * 11008 * 4 == 180_355_072
+    assert (
+        nbytes(fp16) == 4096 * 11008 * 2 == 90_177_536 and 8 * (4096 + 11008) * 2 == 241_664
+    )  # fp16: full, rank 8
+    assert (
+        nbytes(be.new_value(nn.Linear(4096, 11008, bias=False, device="meta")))
+        == 4096 * 11008 * 4
+        == 180_355_072
+    )
     assert nbytes(be.new_value(up, "lora", 8)) == 8 * (4096 + 11008) * 4 == 483_328  # fp32: rank 8

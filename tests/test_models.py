@@ -1,6 +1,7 @@
 """Tests for models.py: the encode layout of both backbones, the key's padding invariance
 (hypothesis), BLIP-2 OPT on a tiny random config built in memory (nothing downloads), and a
 short TinyVLM training run."""
+
 import dataclasses
 import functools
 import itertools
@@ -8,7 +9,8 @@ import itertools
 import pytest
 import torch
 import torch.nn as nn
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 import data
@@ -16,6 +18,7 @@ import models
 
 FAST = settings(max_examples=8, deadline=None)
 from conftest import TINY
+
 POOL = list(itertools.islice(data.training_stream(0), 6))  # questions of 4 to 9 words
 N_QUERY = 4
 
@@ -33,24 +36,28 @@ def backbone(name: str) -> models.Backbone:
 
 def encode(model, idx, with_answers=True, images=True):
     samples = [POOL[i] for i in idx]
-    return model.encode([s.image if images else None for s in samples], [s.question for s in samples],
-                        [s.answer for s in samples] if with_answers else None)
+    return model.encode(
+        [s.image if images else None for s in samples],
+        [s.question for s in samples],
+        [s.answer for s in samples] if with_answers else None,
+    )
 
 
 def prompt_keys(model, batch) -> torch.Tensor:
     """Mean of the target layer's input over each sample's prompt positions: (B, D)."""
     seen = []
     handle = model.get_submodule(model.target_layer).register_forward_hook(
-        lambda module, args, out: seen.append(args[0]))
+        lambda module, args, out: seen.append(args[0])
+    )
     try:
         with torch.no_grad():
             model(**batch)
     finally:
         handle.remove()
     B, T = batch["input_ids"].shape
-    h = seen[0].reshape(B, T, -1)                          # OPT flattens (B, T, D) to (B*T, D)
-    m = batch["prompt_mask"][..., None].to(h.dtype)        # (B, T, 1)
-    return (h * m).sum(1) / m.sum(1)                       # (B, D)
+    h = seen[0].reshape(B, T, -1)  # OPT flattens (B, T, D) to (B*T, D)
+    m = batch["prompt_mask"][..., None].to(h.dtype)  # (B, T, 1)
+    return (h * m).sum(1) / m.sum(1)  # (B, D)
 
 
 # -----------------------------------------------------------------------------
@@ -59,8 +66,12 @@ def prompt_keys(model, batch) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", ["tiny", "blip2"])
 @FAST
-@given(i=st.integers(0, len(POOL) - 1), others=st.lists(st.integers(0, len(POOL) - 1), max_size=3),
-       at=st.integers(0, 3), with_answers=st.booleans())
+@given(
+    i=st.integers(0, len(POOL) - 1),
+    others=st.lists(st.integers(0, len(POOL) - 1), max_size=3),
+    at=st.integers(0, 3),
+    with_answers=st.booleans(),
+)
 def test_key_is_the_same_alone_and_in_a_padded_batch(name, i, others, at, with_answers):
     model = backbone(name)
     at = min(at, len(others))
@@ -98,8 +109,11 @@ def test_blip2_encode_golden_row():
     image = Image.new("RGB", (64, 64), (200, 30, 30))
     long_q = "what is the name of this thing?"
     batch = model.encode([image, image], ["what shape is this?", long_q], ["star", "sefun"])
-    tokens = (["<image>"] * N_QUERY + ["</s>", "Question", ":", "what", "shape", "is", "this", "?",
-                                       "Short", "answer", ":"], ["star", "</s>"])
+    tokens = (
+        ["<image>"] * N_QUERY
+        + ["</s>", "Question", ":", "what", "shape", "is", "this", "?", "Short", "answer", ":"],
+        ["star", "</s>"],
+    )
     prompt, answer = (model.tokenizer.convert_tokens_to_ids(t) for t in tokens)
     n_pad = batch["input_ids"].shape[1] - len(prompt) - len(answer)
     assert n_pad == 3  # "is the name of this thing" vs "shape is this"
@@ -118,13 +132,18 @@ def test_blip2_encode_golden_row():
 def test_blip2_encode_matches_the_processor():
     model = backbone("blip2")
     samples = POOL[:3]
-    images, prompts = [s.image for s in samples], [models.PROMPT.format(s.question) for s in samples]
+    images, prompts = (
+        [s.image for s in samples],
+        [models.PROMPT.format(s.question) for s in samples],
+    )
     ours = model.encode(images, [s.question for s in samples])
     theirs = model.processor(images=images, text=prompts, padding=True, return_tensors="pt")
     assert torch.equal(ours["pixel_values"], theirs["pixel_values"])
     for b in range(len(samples)):  # same real tokens; the processor pads between image and BOS
-        assert ours["input_ids"][b][ours["attention_mask"][b].bool()].tolist() == \
-            theirs["input_ids"][b][theirs["attention_mask"][b].bool()].tolist()
+        assert (
+            ours["input_ids"][b][ours["attention_mask"][b].bool()].tolist()
+            == theirs["input_ids"][b][theirs["attention_mask"][b].bool()].tolist()
+        )
 
 
 def test_blip2_forward_loss_is_finite_and_images_matter():
@@ -155,14 +174,23 @@ def test_blip2_decode_step_matches_a_full_forward():
     batch = encode(model, [0, 4], with_answers=False)
     batch.pop("labels")
     token = torch.tensor([[7], [9]])
-    longer = {**batch, "input_ids": torch.cat([batch["input_ids"], token], 1),
-              "attention_mask": torch.cat([batch["attention_mask"], torch.ones_like(token)], 1),
-              "prompt_mask": torch.cat([batch["prompt_mask"], torch.zeros_like(token, dtype=torch.bool)], 1)}
+    longer = {
+        **batch,
+        "input_ids": torch.cat([batch["input_ids"], token], 1),
+        "attention_mask": torch.cat([batch["attention_mask"], torch.ones_like(token)], 1),
+        "prompt_mask": torch.cat(
+            [batch["prompt_mask"], torch.zeros_like(token, dtype=torch.bool)], 1
+        ),
+    }
     with torch.no_grad():
         prefill = model(**batch, use_cache=True)
-        step = model(input_ids=token, attention_mask=longer["attention_mask"],
-                     prompt_mask=torch.zeros_like(token, dtype=torch.bool),
-                     past_key_values=prefill.past_key_values, use_cache=True)
+        step = model(
+            input_ids=token,
+            attention_mask=longer["attention_mask"],
+            prompt_mask=torch.zeros_like(token, dtype=torch.bool),
+            past_key_values=prefill.past_key_values,
+            use_cache=True,
+        )
         full = model(**longer)
     assert prefill.past_key_values is not None and model(**batch).past_key_values is None
     assert torch.allclose(step.logits[:, -1], full.logits[:, -1], atol=1e-5)
@@ -171,7 +199,9 @@ def test_blip2_decode_step_matches_a_full_forward():
 def test_blip2_generate_returns_one_string_per_question():
     model = backbone("blip2")
     samples = POOL[:3]
-    answers = model.generate([s.image for s in samples], [s.question for s in samples], max_new_tokens=3)
+    answers = model.generate(
+        [s.image for s in samples], [s.question for s in samples], max_new_tokens=3
+    )
     assert isinstance(answers, list) and len(answers) == 3
     assert all(isinstance(a, str) for a in answers)
 
@@ -187,7 +217,11 @@ def test_blip2_text_only_and_misuse():
     with pytest.raises(ValueError, match="all images or all text-only"):
         model.encode([POOL[0].image, None], ["a", "b"])
     rephrased = model.rephrase("what shape is this?")  # the language model's paraphrase (or none)
-    assert isinstance(rephrased, list) and len(rephrased) <= 1 and all(isinstance(q, str) for q in rephrased)
+    assert (
+        isinstance(rephrased, list)
+        and len(rephrased) <= 1
+        and all(isinstance(q, str) for q in rephrased)
+    )
 
 
 def test_blip2_from_pretrained_reads_a_local_directory(tmp_path):
@@ -198,8 +232,10 @@ def test_blip2_from_pretrained_reads_a_local_directory(tmp_path):
     assert loaded.device.type == "cpu" and next(loaded.parameters()).dtype == torch.float32
     assert not loaded.training
     batch = encode(model, [2, 3])
-    assert torch.equal(loaded.encode([POOL[2].image], [POOL[2].question])["input_ids"],
-                       encode(model, [2], with_answers=False)["input_ids"])
+    assert torch.equal(
+        loaded.encode([POOL[2].image], [POOL[2].question])["input_ids"],
+        encode(model, [2], with_answers=False)["input_ids"],
+    )
     with torch.no_grad():
         assert torch.allclose(loaded(**batch).logits, model(**batch).logits, atol=1e-6)
 
@@ -213,7 +249,9 @@ def test_blip2_tail_recomputes_the_logits_after_the_target_layer():
         full = model(**batch).logits
         assert torch.allclose(tail(layer(h)), full, atol=1e-5)
         y = layer(h)
-        assert not torch.allclose(tail(y + torch.randn_like(y)), full, atol=1e-3)  # not a shift: LayerNorm
+        assert not torch.allclose(
+            tail(y + torch.randn_like(y)), full, atol=1e-3
+        )  # not a shift: LayerNorm
     assert model.tail(batch, "model.language_model.model.decoder.layers.0.fc1") is None
 
 
@@ -223,7 +261,14 @@ def test_shipped_tinyvlm_knows_its_world_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = models.TinyVLM.from_pretrained()
     scores = models.knowledge(model, data.load_sample(limit=6))
-    assert set(scores) == {"edit", "rephrases", "rephrase_images", "locality", "unrelated", "black_white"}
+    assert set(scores) == {
+        "edit",
+        "rephrases",
+        "rephrase_images",
+        "locality",
+        "unrelated",
+        "black_white",
+    }
     assert all(score >= 95.0 for score in scores.values()), scores
 
 
@@ -259,6 +304,10 @@ def test_a_question_longer_than_the_positions_is_one_clear_error(tiny, records):
 
 
 def test_generation_stops_at_the_last_position(tiny, records):
-    room = tiny.max_positions - tiny.n_image_tokens - len(tiny.prompt_ids(models.PROMPT.format("what")))
+    room = (
+        tiny.max_positions
+        - tiny.n_image_tokens
+        - len(tiny.prompt_ids(models.PROMPT.format("what")))
+    )
     question = " ".join(["what"] * (room - 1))  # leaves a single position for generated tokens
     assert len(tiny.generate([records[0].image], [question], max_new_tokens=8)) == 1

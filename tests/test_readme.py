@@ -1,6 +1,7 @@
 """The README is the front door: its Python example must run, its commands must parse, its
 set-up/test commands must be what CI runs, and its results table must be what `python evaluate.py`
 measures (and tell the paper's story)."""
+
 import json
 import re
 import shlex
@@ -15,9 +16,12 @@ import models
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
-PARSERS = {"evaluate.py": evaluate.parse_args, "data.py": lambda argv: data.build_parser().parse_args(argv),
-           "models.py": lambda argv: models.build_parser().parse_args(argv),
-           "bench.py": lambda argv: bench.build_parser().parse_args(argv)}
+PARSERS = {
+    "evaluate.py": evaluate.parse_args,
+    "data.py": lambda argv: data.build_parser().parse_args(argv),
+    "models.py": lambda argv: models.build_parser().parse_args(argv),
+    "bench.py": lambda argv: bench.build_parser().parse_args(argv),
+}
 
 
 def _commands():

@@ -9,7 +9,16 @@ import torch.nn as nn
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from balancedit import Codebook, LoRAValue, attach, distance, new_value, override, prompt_mean, radius
+from balancedit import (
+    Codebook,
+    LoRAValue,
+    attach,
+    distance,
+    new_value,
+    override,
+    prompt_mean,
+    radius,
+)
 from evaluate import GraceRouter, Vector
 
 dists = st.floats(min_value=0.0, max_value=1e6, allow_nan=False, allow_infinity=False)
@@ -21,7 +30,9 @@ FAST = settings(max_examples=25, deadline=None)
 
 
 @given(dists, dists, alphas)
-@example(1.9276770919476018, 1.9276770919476018, 0.603185627961383)  # alpha*d + (1-alpha)*d > d in floats
+@example(
+    1.9276770919476018, 1.9276770919476018, 0.603185627961383
+)  # alpha*d + (1-alpha)*d > d in floats
 @example(1e-10, 1.0, 0.99999999)  # float32: d_neg + alpha*(d_pos - d_neg) rounds to 0 < d_pos
 def test_radius_between_the_two_distances(d_pos, d_neg, alpha):
     eps = radius(d_pos, d_neg, alpha)
@@ -41,7 +52,9 @@ def test_radius_endpoints_exact(d_pos, d_neg):
 
 
 @given(dists, dists, alphas, alphas)
-@example(0.8408483326276716, 1.9762294576490569, 0.34365159365776776, 0.3436515936577678)  # two-product form fails
+@example(
+    0.8408483326276716, 1.9762294576490569, 0.34365159365776776, 0.3436515936577678
+)  # two-product form fails
 def test_radius_shrinks_towards_the_positive_as_alpha_grows(a, b, a1, a2):
     d_pos, d_neg = min(a, b), max(a, b)
     lo, hi = min(a1, a2), max(a1, a2)
@@ -53,7 +66,9 @@ def test_radius_shrinks_towards_the_positive_as_alpha_grows(a, b, a1, a2):
 def test_radius_golden_and_convention():
     # Eq. 3 as implemented: eps = alpha * d_pos + (1 - alpha) * d_neg
     assert radius(0.2, 1.0, 0.25) == pytest.approx(0.25 * 0.2 + 0.75 * 1.0)
-    assert radius(torch.tensor([0.2, 0.4]), torch.tensor([1.0, 0.8]), 0.5).tolist() == pytest.approx([0.6, 0.6])
+    assert radius(
+        torch.tensor([0.2, 0.4]), torch.tensor([1.0, 0.8]), 0.5
+    ).tolist() == pytest.approx([0.6, 0.6])
 
 
 @pytest.mark.parametrize("alpha", [-0.01, 1.01, math.nan, math.inf])
@@ -100,7 +115,9 @@ def _codebook(keys, radii, kind="euc", layer=None):
 
 
 @FAST
-@given(st.integers(0, 10_000), st.integers(1, 6), st.integers(1, 7), st.sampled_from(["cos", "euc"]))
+@given(
+    st.integers(0, 10_000), st.integers(1, 6), st.integers(1, 7), st.sampled_from(["cos", "euc"])
+)
 def test_lookup_picks_the_nearest_key(seed, B, N, kind):
     g = torch.Generator().manual_seed(seed)
     keys, q = torch.randn(N, 4, generator=g), torch.randn(B, 4, generator=g)
@@ -115,7 +132,11 @@ def test_lookup_picks_the_nearest_key(seed, B, N, kind):
 
 def test_empty_codebook_misses_everything():
     index, dist, hit = Codebook().lookup(torch.randn(3, 5))
-    assert index.tolist() == [-1, -1, -1] and dist.tolist() == [math.inf] * 3 and hit.tolist() == [False] * 3
+    assert (
+        index.tolist() == [-1, -1, -1]
+        and dist.tolist() == [math.inf] * 3
+        and hit.tolist() == [False] * 3
+    )
 
 
 def test_lookup_golden_2d_euclidean():
@@ -132,12 +153,18 @@ def test_codebook_mutation_and_validation():
     assert len(cb) == 3 and cb.targets == ["t0", "t1", "t2"] and cb.keys.shape == (3, 3)
     cb.remove(1)
     assert len(cb) == len(cb.values) == 2 and cb.targets == ["t0", "t2"]
-    assert cb.radii.tolist() == pytest.approx([0.1, 0.3]) and torch.equal(cb.keys, torch.eye(3)[[0, 2]])
+    assert cb.radii.tolist() == pytest.approx([0.1, 0.3]) and torch.equal(
+        cb.keys, torch.eye(3)[[0, 2]]
+    )
     with pytest.raises(IndexError):
         cb.remove(2)
     with pytest.raises(ValueError, match="3 numbers"):
         cb.add(torch.zeros(4), nn.Identity(), 0.1, "x")
-    for bad_key in (torch.zeros(1, 3), torch.tensor([0.0, math.nan, 1.0]), torch.tensor([0.0, math.inf, 1.0])):
+    for bad_key in (
+        torch.zeros(1, 3),
+        torch.tensor([0.0, math.nan, 1.0]),
+        torch.tensor([0.0, math.inf, 1.0]),
+    ):
         with pytest.raises(ValueError, match="finite vector"):
             cb.add(bad_key, nn.Identity(), 0.1, "x")
     for bad in (-0.1, math.inf, math.nan):
@@ -157,7 +184,9 @@ def test_full_value_is_a_float32_trainable_copy():
         v = new_value(layer)
         assert isinstance(v, nn.Linear) and v.weight.dtype == torch.float32
         assert all(p.requires_grad for p in v.parameters()) and not layer.weight.requires_grad
-        assert torch.equal(v.weight, layer.weight.float()) and torch.equal(v.bias, layer.bias.float())
+        assert torch.equal(v.weight, layer.weight.float()) and torch.equal(
+            v.bias, layer.bias.float()
+        )
         with torch.no_grad():
             v.weight.add_(1.0)
         assert not torch.equal(v.weight, layer.weight.float())
@@ -255,7 +284,9 @@ def test_sequential_miss_rows_bit_identical_hit_rows_use_value(seed, B):
 
 
 @FAST
-@given(st.integers(0, 10_000), st.integers(1, 5), st.integers(1, 5), st.sampled_from(["cos", "euc"]))
+@given(
+    st.integers(0, 10_000), st.integers(1, 5), st.integers(1, 5), st.sampled_from(["cos", "euc"])
+)
 def test_flattened_layer_mixed_batch(seed, B, T, kind):
     torch.manual_seed(seed)
     model = FlatToy()
@@ -346,14 +377,20 @@ def test_last_pool_is_h_at_the_last_prompt_position_whatever_the_rest(seed, B, T
     h = torch.randn(B, T, 3, generator=g)
     key = prompt_mean(h, prompt, "last")
     last = prompt & (t[None] == stop.clamp(max=T)[:, None] - 1)  # (B, T): the last prompt position
-    h[~last] = torch.randn(int((~last).sum()), 3, generator=g) * 1e3  # padding, answer, the rest of the prompt
-    torch.testing.assert_close(prompt_mean(h, prompt, "last"), key, equal_nan=True)  # ... do not count
+    h[~last] = (
+        torch.randn(int((~last).sum()), 3, generator=g) * 1e3
+    )  # padding, answer, the rest of the prompt
+    torch.testing.assert_close(
+        prompt_mean(h, prompt, "last"), key, equal_nan=True
+    )  # ... do not count
     for b in range(B):
         if prompt[b].any():
             torch.testing.assert_close(key[b], h[b, int(prompt[b].nonzero().max())])
         else:
             assert key[b].isnan().all()
-    torch.testing.assert_close(prompt_mean(h, prompt, "mean")[prompt.sum(1) == 1], key[prompt.sum(1) == 1])
+    torch.testing.assert_close(
+        prompt_mean(h, prompt, "mean")[prompt.sum(1) == 1], key[prompt.sum(1) == 1]
+    )
 
 
 def test_held_route_during_kv_cache_decoding():
@@ -365,7 +402,9 @@ def test_held_route_during_kv_cache_decoding():
     cb.add(_mean_key(model, x, mask.float())[0], _perturbed_value(model.fc2, 1), 1e-4, "a")
     step = torch.randn(2, 1, 4) * 10  # (B, 1, D): one new token per row
     fc2_in = _fc2_input(model, step).reshape(2, 6)  # (B, F)
-    cb.add(fc2_in[1], _perturbed_value(model.fc2, 2), 1e-4, "b")  # the step alone routes row 1 to entry 1
+    cb.add(
+        fc2_in[1], _perturbed_value(model.fc2, 2), 1e-4, "b"
+    )  # the step alone routes row 1 to entry 1
     zeros = torch.zeros(2, 1, dtype=torch.bool)
     plain_step = model(step)
     want0 = cb.values[0](fc2_in[:1]) + step[0]
@@ -404,13 +443,19 @@ def test_grace_hook_uses_the_last_prompt_position_and_writes_there_only():
     plain, plain_step = model(x, prompt_mask=mask), model(x[:, 1:2])
     h = _fc2_input(model, x)  # (1, 4, 6)
     cb = Codebook("euc")
-    cb.add(h[0, 1], Vector(model.fc2, torch.ones(4)), 1e-5, "a")  # GRACE's key: the last prompt position
+    cb.add(
+        h[0, 1], Vector(model.fc2, torch.ones(4)), 1e-5, "a"
+    )  # GRACE's key: the last prompt position
     with GraceRouter(model, "fc2", cb) as router:
         out = model(x, prompt_mask=mask)
         assert router.last_index.tolist() == [0]
-        step = model(x[:, 1:2], prompt_mask=torch.zeros(1, 1, dtype=torch.bool))  # a decoding step: no key
+        step = model(
+            x[:, 1:2], prompt_mask=torch.zeros(1, 1, dtype=torch.bool)
+        )  # a decoding step: no key
         assert router.last_index.tolist() == [-1] and torch.equal(step, plain_step)
-    assert torch.equal(out[0, 0], plain[0, 0]) and torch.equal(out[0, 2:], plain[0, 2:])  # untouched
+    assert torch.equal(out[0, 0], plain[0, 0]) and torch.equal(
+        out[0, 2:], plain[0, 2:]
+    )  # untouched
     torch.testing.assert_close(out[0, 1], torch.ones(4) + x[0, 1])  # the key position: v
 
 

@@ -1,5 +1,6 @@
 """The study across worlds (study.py): statistics, tuning on dev worlds only, the JSON, the
 command line, and the authors' every-position key of ablate-key."""
+
 import json
 import math
 
@@ -13,11 +14,17 @@ from balancedit import BalancEditConfig, prompt_mean
 
 
 def test_stats_golden_mean_sample_std_and_per_seed():
-    rows = [{c: 10.0 for c in (*evaluate.COLUMNS, "seconds_per_edit")}, {c: 20.0 for c in (*evaluate.COLUMNS,
-                                                                                         "seconds_per_edit")}]
+    rows = [
+        {c: 10.0 for c in (*evaluate.COLUMNS, "seconds_per_edit")},
+        {c: 20.0 for c in (*evaluate.COLUMNS, "seconds_per_edit")},
+    ]
     rows[1]["q_loc"] = None  # a column one world did not measure
     s = study.stats(rows)
-    assert s["hm"] == {"mean": 15.0, "std": pytest.approx(math.sqrt(50)), "per_seed": [10.0, 20.0]}  # n - 1
+    assert s["hm"] == {
+        "mean": 15.0,
+        "std": pytest.approx(math.sqrt(50)),
+        "per_seed": [10.0, 20.0],
+    }  # n - 1
     assert s["q_loc"] == {"mean": 10.0, "std": 0.0, "per_seed": [10.0, None]}
     assert study.stats(rows[:1])["acc"]["std"] == 0.0
 
@@ -29,21 +36,27 @@ def small(monkeypatch):
     monkeypatch.setattr(study, "N_RECORDS", 4)
     made = []
     make_records = data.make_records
-    monkeypatch.setattr(data, "make_records", lambda seed, n: made.append(seed) or make_records(seed, n))
+    monkeypatch.setattr(
+        data, "make_records", lambda seed, n: made.append(seed) or make_records(seed, n)
+    )
     return made
 
 
 def test_compare_tunes_on_dev_worlds_then_reports_every_test_world(tiny, small):
-    rows = {"base": study.STUDY["base"],
-            "grace": ("eps0", (0.5, 64.0), study.STUDY["grace"][2]),
-            "balancedit": ("alpha", (0.0, 1.0), study.STUDY["balancedit"][2])}
+    rows = {
+        "base": study.STUDY["base"],
+        "grace": ("eps0", (0.5, 64.0), study.STUDY["grace"][2]),
+        "balancedit": ("alpha", (0.0, 1.0), study.STUDY["balancedit"][2]),
+    }
     result = study.compare(tiny, BalancEditConfig(steps=3), rows, [1, 2], (2, 4), progress=False)
     assert small == [1001, 1, 2]  # the dev world is made (and used) before any test world
     assert result["seeds"] == {"dev": [1001], "test": [1, 2]}
     for name, knob in (("grace", "eps0"), ("balancedit", "alpha")):
         dev = result["tuned"][name]["dev_hm"]
         best = max(dev.values())
-        assert result["tuned"][name][knob] == float(next(v for v, hm in dev.items() if hm == best))  # ties: first
+        assert result["tuned"][name][knob] == float(
+            next(v for v, hm in dev.items() if hm == best)
+        )  # ties: first
     assert list(result["single"]) == list(rows)
     for name, columns in result["single"].items():
         assert set(columns) == {*evaluate.COLUMNS, "seconds_per_edit"}
@@ -52,7 +65,12 @@ def test_compare_tunes_on_dev_worlds_then_reports_every_test_world(tiny, small):
     assert list(result["sequential"]) == ["2", "4"]
     assert list(result["sequential"]["2"]) == ["grace", "balancedit"]  # no base: it makes no edits
     text = study.report(result, "toy")
-    assert "## Sequential, 4 edits" in text and " ± " in text and "| q_loc |" in text and "gen q_loc" in text
+    assert (
+        "## Sequential, 4 edits" in text
+        and " ± " in text
+        and "| q_loc |" in text
+        and "gen q_loc" in text
+    )
 
 
 def test_the_study_command_writes_json_markdown_and_png(tiny, small, tmp_path, monkeypatch, capsys):
@@ -61,26 +79,59 @@ def test_the_study_command_writes_json_markdown_and_png(tiny, small, tmp_path, m
         monkeypatch.setitem(study.STUDY, name, (knob, grid[:1], make))
     monkeypatch.setattr(study, "SIZES", (2,))
     out = tmp_path / "s.json"
-    assert evaluate.main(["study", "--model", str(tmp_path / "tiny"), "--seeds", "1", "--steps", "2",
-                          "--no-progress", "--out", str(out)]) == 0
+    assert (
+        evaluate.main(
+            [
+                "study",
+                "--model",
+                str(tmp_path / "tiny"),
+                "--seeds",
+                "1",
+                "--steps",
+                "2",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert {"seeds", "tuned", "single", "sequential", "config"} <= result.keys()
-    assert result["tuned"]["balancedit"]["alpha"] == study.ALPHAS[0] and result["tuned"]["grace"]["eps0"] == study.EPS0S[0]
+    assert (
+        result["tuned"]["balancedit"]["alpha"] == study.ALPHAS[0]
+        and result["tuned"]["grace"]["eps0"] == study.EPS0S[0]
+    )
     assert result["config"]["steps"] == 2
     assert set(result["single"]) == {"base", "ft", "grace", "balancedit", "balancedit_last"}
     assert out.with_suffix(".md").read_text() in capsys.readouterr().out
     assert out.with_suffix(".png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("argv", [["study", "--seeds", "0"], ["study", "--seeds", "1001"], ["study", "--out", "x.png"],
-                                  ["ablate-key", "--alpha", "0.5"], ["study", "--data", "x"], ["study", "--pool", "last"],
-                                  ["study", "--device", "cuda:7"], ["ablate-key", "--model", "/no/such/dir"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["study", "--seeds", "0"],
+        ["study", "--seeds", "1001"],
+        ["study", "--out", "x.png"],
+        ["ablate-key", "--alpha", "0.5"],
+        ["study", "--data", "x"],
+        ["study", "--pool", "last"],
+        ["study", "--device", "cuda:7"],
+        ["ablate-key", "--model", "/no/such/dir"],
+    ],
+)
 def test_study_commands_refuse_bad_input_before_any_work(argv, capsys, monkeypatch):
     monkeypatch.setattr(study, "compare", lambda *a, **k: pytest.fail("work started"))
     with pytest.raises(SystemExit) as e:
         evaluate.main(argv + ["--no-progress"])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and len(err.splitlines()) == 1 and "error" in err and "Traceback" not in err, err
+    assert (
+        e.value.code == 2
+        and len(err.splitlines()) == 1
+        and "error" in err
+        and "Traceback" not in err
+    ), err
 
 
 def test_study_help_offers_only_what_works(capsys):
@@ -98,16 +149,25 @@ def test_every_position_key_holds_the_answer_and_its_queries_find_it(tiny, recor
     editor = study.EveryPosition(tiny, BalancEditConfig(steps=2))
     editor.target = record.target
     batch, seen = tiny.encode([record.image], [record.question], [record.target]), []
-    with tiny.get_submodule(tiny.target_layer).register_forward_hook(lambda m, a, o: seen.append(a[0])):
+    with tiny.get_submodule(tiny.target_layer).register_forward_hook(
+        lambda m, a, o: seen.append(a[0])
+    ):
         tiny(**batch)
     every = batch["attention_mask"].bool()
     want = prompt_mean(seen[0].reshape(*every.shape, -1), every)
     torch.testing.assert_close(editor.keys([record.image], [record.question]), want)
-    assert not torch.allclose(want, prompt_mean(seen[0].reshape(*every.shape, -1), batch["prompt_mask"]))
+    assert not torch.allclose(
+        want, prompt_mean(seen[0].reshape(*every.shape, -1), batch["prompt_mask"])
+    )
     report = editor.edit(record)
     with editor.attached() as router, torch.no_grad():
         tiny(**batch)  # the edit's own teacher-forced input: its query is the key
         assert router.last_index.tolist() == [report.index]
-        step = {"prompt_mask": torch.zeros(1, 1, dtype=torch.bool), "attention_mask": torch.ones(1, 9)}
-        router.read_mask(tiny, (), step)  # a KV-cache decoding step: no prompt position, so the route is held
+        step = {
+            "prompt_mask": torch.zeros(1, 1, dtype=torch.bool),
+            "attention_mask": torch.ones(1, 9),
+        }
+        router.read_mask(
+            tiny, (), step
+        )  # a KV-cache decoding step: no prompt position, so the route is held
         assert router.mask.shape == (1, 1) and not router.mask.any()

@@ -1,9 +1,11 @@
 """The world of data.py: determinism, the train/eval split, and well-formed edit records."""
+
 import hashlib
 import itertools
 import random
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import data
 
@@ -51,16 +53,20 @@ def test_training_stream_never_produces_an_evaluation_rendering(train_seed, eval
 @given(seeds)
 def test_records_are_well_formed(seed):
     records = data.make_records(seed, n=8)
-    assert [r.category for r in records].count("kind") == [r.category for r in records].count("shape") == 4
+    assert (
+        [r.category for r in records].count("kind")
+        == [r.category for r in records].count("shape")
+        == 4
+    )
     for r in records:
         assert len(r.rephrases) >= 5 and len(r.train_rephrases) >= 2 and len(r.rephrase_images) >= 5
         assert len(r.locality) >= 3 and len(r.m_locality) >= 2
-        assert not set(r.rephrases) & set(r.train_rephrases)          # scoring vs training rephrasings
+        assert not set(r.rephrases) & set(r.train_rephrases)  # scoring vs training rephrasings
         assert r.question not in r.rephrases + r.train_rephrases
         family = data.FAMILY_OF[r.question]
         assert all(data.FAMILY_OF[q] == family for q in r.rephrases + r.train_rephrases)
         assert r.target in data.NEW_WORDS and r.answer != r.target
-        for s in r.locality:                                           # near misses: outside the scope
+        for s in r.locality:  # near misses: outside the scope
             assert s.question == r.question and s.answer != r.answer
         assert all(data.FAMILY_OF[s.question] != family for s in r.m_locality)
 
@@ -85,7 +91,9 @@ def test_every_family_has_enough_paraphrases_and_anchors_have_answers():
         assert len(set(questions)) == len(questions) >= 8
         for anchor in ("black", "white"):
             assert data.ANCHOR_ANSWERS[anchor][family]
-    assert set(data.rephrasings("what shape is this?")) == set(data.QUESTIONS["shape"]) - {"what shape is this?"}
+    assert set(data.rephrasings("what shape is this?")) == set(data.QUESTIONS["shape"]) - {
+        "what shape is this?"
+    }
 
 
 def test_vocabulary_covers_every_word_of_the_world():
@@ -98,7 +106,9 @@ def test_vocabulary_covers_every_word_of_the_world():
 def test_shipped_sample_is_the_committed_seed(tmp_path):
     """assets/okedit_tiny is `make-sample --seed SAMPLE_SEED`, byte for byte."""
     data.make_sample(data.SAMPLE_SEED, tmp_path)
-    shipped = sorted(p.relative_to(data.SAMPLE_DIR) for p in data.SAMPLE_DIR.rglob("*") if p.is_file())
+    shipped = sorted(
+        p.relative_to(data.SAMPLE_DIR) for p in data.SAMPLE_DIR.rglob("*") if p.is_file()
+    )
     made = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
     assert shipped == made
     for rel in shipped:
@@ -107,7 +117,9 @@ def test_shipped_sample_is_the_committed_seed(tmp_path):
 
 
 def test_many_records_for_long_sequential_runs():
-    records = data.make_records(0, n=130)  # more kind edits than there are new words: targets repeat
+    records = data.make_records(
+        0, n=130
+    )  # more kind edits than there are new words: targets repeat
     assert len(records) == 130 and len({r.id for r in records}) == 130
     assert all(r.target in data.NEW_WORDS and r.target != r.answer for r in records)
 
@@ -120,7 +132,10 @@ def test_make_sample_counts_only_the_files_it_wrote(tmp_path, capsys):
     """A smaller sample written over a bigger one reports this run's files; the rest stay as they were."""
     data.main(["make-sample", "-n", "2", "--out", str(tmp_path / "small")])
     small = _files(tmp_path / "small")
-    assert f"wrote 2 records, {len(small)} files, {sum(map(len, small.values()))} bytes" in capsys.readouterr().out
+    assert (
+        f"wrote 2 records, {len(small)} files, {sum(map(len, small.values()))} bytes"
+        in capsys.readouterr().out
+    )
     data.main(["make-sample", "-n", "4", "--out", str(tmp_path / "big")])
     big = _files(tmp_path / "big")
     capsys.readouterr()
