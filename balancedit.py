@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from data import ANCHOR_KINDS, anchor_image
+from data import ANCHORS, anchor_image
 from models import lm_loss
 
 
@@ -52,7 +52,7 @@ class BalancEditConfig:
     negative: str = "black"  # the negative's image (Table 7): "black", "white" or "noise"
     steps: int = 100  # Eq. 2: Adam steps (authors: 50 on BLIP-2 OPT)
     lr: float = 1e-2  # Eq. 2: Adam learning rate (authors: 1e-4 on BLIP-2 OPT)
-    value: str = "full"  # v_k: "full" copy of l (the paper's) or "lora" (l + B A, for memory)
+    value_form: str = "full"  # v_k: "full" copy of l (the paper's) or "lora" (l + B A, for memory)
     rank: int = 8  # rank of B A when value == "lora"
     cache: bool = True  # Eq. 2 on cached activations: the same values, faster
     seed: int = 0  # LoRA's A and the noise negative
@@ -61,8 +61,8 @@ class BalancEditConfig:
         checks = {
             "distance": self.distance in ("cos", "euc"),
             "pool": self.pool in ("mean", "last"),
-            "negative": self.negative in ANCHOR_KINDS,
-            "value": self.value in ("full", "lora"),
+            "negative": self.negative in ANCHORS,
+            "value_form": self.value_form in ("full", "lora"),
             "alpha": 0 <= self.alpha <= 1,
             "steps": type(self.steps) is int and self.steps >= 1,
             "rank": type(self.rank) is int and self.rank >= 1,
@@ -267,7 +267,7 @@ class Router:
     def read_mask(self, model, args, kwargs):  # the backbone's (B, T) prompt mask, on every call
         self.mask = kwargs.get("prompt_mask")
 
-    def remove(self) -> None:
+    def detach(self) -> None:
         for handle in self.handles:
             handle.remove()
 
@@ -275,7 +275,7 @@ class Router:
         return self
 
     def __exit__(self, *exc):
-        self.remove()
+        self.detach()
 
     def route(self, layer, args, out):
         cb, h = self.codebook, args[0]
@@ -392,7 +392,7 @@ class BalancEditor:
         return len(self.codebook)
 
     @torch.no_grad()
-    def keys(self, images, questions) -> torch.Tensor:
+    def keys_of(self, images, questions) -> torch.Tensor:
         """The key of each (image, question): (B, D), as the routing hook computes it."""
         batch, seen = self.backbone.to_device(self.backbone.encode(images, questions)), []
         with self.layer.register_forward_hook(lambda layer, args, out: seen.append(args[0])):
@@ -415,7 +415,7 @@ class BalancEditor:
         start, cfg, cb = time.perf_counter(), self.config, self.codebook
         # The key k = (i, t) and the two probes of Eq. 3, Pos = (i, R(t)) and Neg = (black, t).
         anchor = anchor_image(cfg.negative, record.image.size, seed=cfg.seed)  # black by default
-        k, pos, neg = self.keys(
+        k, pos, neg = self.keys_of(
             [record.image, record.image, anchor],
             [record.question, self.positive(record), record.question],
         )
@@ -454,7 +454,7 @@ class BalancEditor:
                 cb.radii[j] = min(float(cb.radii[j]), inside)
                 eps = min(eps, inside)
         torch.manual_seed(cfg.seed)  # LoRA's A
-        value = new_value(self.layer, cfg.value, cfg.rank)
+        value = new_value(self.layer, cfg.value_form, cfg.rank)
         if init is not None:
             value.load_state_dict(init.state_dict())
         batch = self.backbone.to_device(
@@ -518,7 +518,7 @@ class BalancEditor:
                 )
             for j, target in enumerate(meta["targets"]):
                 value, prefix = (
-                    new_value(editor.layer, editor.config.value, editor.config.rank),
+                    new_value(editor.layer, editor.config.value_form, editor.config.rank),
                     f"values.{j}.",
                 )
                 value.load_state_dict(

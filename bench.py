@@ -143,7 +143,7 @@ def bench_hook_overhead(
     batch = backbone.to_device(backbone.encode(images, questions, [r.target for r in chunk]))
     layer_path = backbone.target_layer
     keys = far_keys(
-        balancedit.BalancEditor(backbone, cfg).keys(images, questions), max(sizes), seed=cfg.seed
+        balancedit.BalancEditor(backbone, cfg).keys_of(images, questions), max(sizes), seed=cfg.seed
     )
     value = balancedit.new_value(backbone.get_submodule(layer_path), "lora", 1)
     codebook = balancedit.Codebook(cfg.distance)
@@ -289,7 +289,7 @@ def run(quick: bool = False, progress: bool = True) -> dict:
             "balancedit",
             tiny,
             hm_records,
-            dataclasses.replace(cfg, value=value),
+            dataclasses.replace(cfg, value_form=value),
             "single",
             refs,
             progress,

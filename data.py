@@ -92,7 +92,7 @@ class DataError(ValueError):
 # -----------------------------------------------------------------------------
 # anchor images (negative anchors, paper Table 7)
 
-ANCHOR_KINDS = ("black", "white", "noise")
+ANCHORS = ("black", "white", "noise")
 
 
 def anchor_image(kind: str, size: Union[int, tuple[int, int]] = 64, seed: int = 0) -> Image.Image:
@@ -108,7 +108,7 @@ def anchor_image(kind: str, size: Union[int, tuple[int, int]] = 64, seed: int = 
         pixels = np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
     else:
         raise ValueError(
-            f"anchor_image: unknown kind {kind!r}; allowed kinds: {', '.join(ANCHOR_KINDS)}"
+            f"anchor_image: unknown kind {kind!r}; allowed kinds: {', '.join(ANCHORS)}"
         )
     return Image.fromarray(pixels, mode="RGB")
 

@@ -730,7 +730,7 @@ COMMANDS: dict[
         "distance",
     ),
     "ablate-negative": (
-        ablate("negative", data.ANCHOR_KINDS),
+        ablate("negative", data.ANCHORS),
         "BalancEdit with black/white/noise negatives (paper Table 7)",
         "negative",
     ),
@@ -794,10 +794,10 @@ CONFIG_HELP = {  # the BalancEditConfig options: argparse keywords
         choices=("mean", "last"),
         help="the key: the mean over the prompt (the paper's) or its last position",
     ),
-    "negative": dict(choices=data.ANCHOR_KINDS, help="negative anchor image (paper Table 7)"),
+    "negative": dict(choices=data.ANCHORS, help="negative anchor image (paper Table 7)"),
     "steps": dict(type=POSITIVE_INT, help="optimizer steps per edit (Eq. 2)"),
     "lr": dict(type=POSITIVE, help="learning rate per edit (Eq. 2)"),
-    "value": dict(choices=("full", "lora"), help="value v_k: full copy of the layer or low-rank"),
+    "value_form": dict(choices=("full", "lora"), help="value v_k: full copy of the layer or low-rank"),
     "rank": dict(type=POSITIVE_INT, help="rank of a lora value"),
     "seed": dict(type=int, help="seed"),
 }

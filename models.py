@@ -175,6 +175,20 @@ class Backbone(nn.Module):
             batch["pixel_values"] = self.pixel_values(images)  # (B, 3, H, W)
         return batch
 
+    @torch.no_grad()
+    def layer_input(self, batch: dict[str, torch.Tensor], layer_path: str) -> torch.Tensor:
+        """The input h^{l-1} that layer ``layer_path`` sees when the backbone runs on ``batch``,
+        on the batch's positions (B, T, D) (OPT's fc2 sees them flattened to (B*T, D))."""
+        seen = []
+        layer = self.get_submodule(layer_path)
+        handle = layer.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+        try:
+            self(**batch)
+        finally:
+            handle.remove()
+        B, T = batch["attention_mask"].shape
+        return seen[0].reshape(B, T, -1)  # (B, T, D)
+
     def segments(self, prompt: str, image: bool = True) -> tuple[list[int], list[int]]:
         """The prompt's tokens before and after the image positions (here: all after them)."""
         return [], self.prompt_ids(prompt)

@@ -126,7 +126,7 @@ def edit_probes(editor: BalancEditor, record) -> tuple[dict, dict]:
     probes = {}
     with editor.attached():
         for g, (images, questions) in groups.items():
-            d = distance(editor.keys(images, questions), k[None], editor.config.distance)[
+            d = distance(editor.keys_of(images, questions), k[None], editor.config.distance)[
                 :, 0
             ].tolist()
             after = backbone.generate(images, questions)

@@ -44,7 +44,7 @@ class EveryPosition(BalancEditor):
     """BalancEdit with the authors' key: the mean of h^{l-1} over every position of the edit's
     teacher-forced input, the target answer included (for k, Pos and Neg alike)."""
 
-    def keys(self, images, questions) -> torch.Tensor:
+    def keys_of(self, images, questions) -> torch.Tensor:
         batch, seen = (
             self.backbone.to_device(
                 self.backbone.encode(images, questions, [self.target] * len(questions))

@@ -49,7 +49,7 @@ TASKS = {  # file -> function ("Class.method") -> (task, what to implement)
             "Eq. 2: Adam on the value's parameters only, loss = LM cross-entropy on the target tokens "
             "(cached activations when cache); return the loss of each step",
         ),
-        "BalancEditor.keys": (
+        "BalancEditor.keys_of": (
             4,
             "the key of each (image, question), (B, D), exactly as the routing hook computes it "
             "(pooled with self.config.pool)",

@@ -190,7 +190,7 @@ def test_keys_are_the_queries_of_the_routing_hook(tiny, records):
             tiny(**batch)
     editor = BalancEditor(tiny, BalancEditConfig(steps=1))
     hooks = len(editor.layer._forward_hooks)
-    keys = editor.keys(images, questions)
+    keys = editor.keys_of(images, questions)
     assert (
         isinstance(keys, torch.Tensor)
         and keys.shape == (2, editor.layer.in_features)
@@ -207,7 +207,7 @@ def test_keys_are_the_queries_of_the_routing_hook(tiny, records):
         ),
     )
     assert len(editor.layer._forward_hooks) == hooks, "keys must remove the hook it puts on layer l"
-    alone = editor.keys(images[1:], questions[1:])
+    alone = editor.keys_of(images[1:], questions[1:])
     torch.testing.assert_close(
         alone[0],
         keys[1],
@@ -233,7 +233,7 @@ def test_keys_with_pool_last_are_the_layer_input_at_the_last_prompt_position(tin
     last = [int(row.nonzero().max()) for row in mask]
     assert last[0] < mask.shape[1] - 1, "the test needs an answer after the prompt"
     want = inputs[0].reshape(*mask.shape, -1)[[0, 1], last].float()  # (2, D)
-    keys = BalancEditor(tiny, BalancEditConfig(steps=1, pool="last")).keys(images, questions)
+    keys = BalancEditor(tiny, BalancEditConfig(steps=1, pool="last")).keys_of(images, questions)
     assert isinstance(keys, torch.Tensor) and keys.shape == want.shape, (
         f"keys returns (B, D) = {tuple(want.shape)}"
     )

@@ -54,7 +54,7 @@ def test_many_far_entries_leave_out_of_scope_rows_bit_identical(tiny, records):
     with torch.no_grad():
         plain = tiny(**batch).logits
     editor = be.BalancEditor(tiny, be.BalancEditConfig())
-    real = editor.keys([r.image for r in records], [r.question for r in records])  # (B, D)
+    real = editor.keys_of([r.image for r in records], [r.question for r in records])  # (B, D)
     layer = tiny.get_submodule(tiny.target_layer)
     cb = be.Codebook("cos")
     shared = be.new_value(layer, "lora", rank=1)

@@ -60,7 +60,7 @@ def test_report_radius_lies_between_the_two_distances(tiny, records):
 def test_cached_training_matches_the_naive_loop(tiny, records, value):
     weights = {}
     for cache in (True, False):
-        m = be.BalancEditor(tiny, be.BalancEditConfig(steps=6, lr=1e-2, value=value, cache=cache))
+        m = be.BalancEditor(tiny, be.BalancEditConfig(steps=6, lr=1e-2, value_form=value, cache=cache))
         m.edit(records[0])
         weights[cache] = [p.detach().clone() for p in m.codebook.values[0].parameters()]
         assert all(
@@ -166,7 +166,7 @@ def test_different_targets_never_swallow_each_others_keys_and_unrelated_radii_st
 
 def test_save_load_round_trip_and_mismatch(tiny, records, tmp_path):
     for value in ("full", "lora"):
-        m = be.BalancEditor(tiny, be.BalancEditConfig(steps=2, value=value))
+        m = be.BalancEditor(tiny, be.BalancEditConfig(steps=2, value_form=value))
         m.edit(records[0])
         m.edit(records[3])
         m.save(tmp_path / value)
@@ -233,7 +233,7 @@ def test_config_rejects_unknown_values():
         {"alpha": 1.5},
         {"distance": "l1"},
         {"negative": "grey"},
-        {"value": "half"},
+        {"value_form": "half"},
         {"steps": 0},
         {"lr": -1.0},
         {"rank": 0},
@@ -340,7 +340,7 @@ def test_a_layer_that_is_not_linear_is_one_clear_error(tiny, layer):
     """A layer with no parameters (the activation) or a whole decoder layer: values copy an nn.Linear."""
     for value in ("full", "lora"):
         with pytest.raises(ValueError, match="not an nn.Linear"):
-            be.BalancEditor(tiny, be.BalancEditConfig(layer=layer, value=value))
+            be.BalancEditor(tiny, be.BalancEditConfig(layer=layer, value_form=value))
 
 
 def test_the_last_token_key_tells_questions_about_the_edited_image_apart(shipped):

@@ -155,7 +155,7 @@ def test_every_position_key_holds_the_answer_and_its_queries_find_it(tiny, recor
         tiny(**batch)
     every = batch["attention_mask"].bool()
     want = prompt_mean(seen[0].reshape(*every.shape, -1), every)
-    torch.testing.assert_close(editor.keys([record.image], [record.question]), want)
+    torch.testing.assert_close(editor.keys_of([record.image], [record.question]), want)
     assert not torch.allclose(
         want, prompt_mean(seen[0].reshape(*every.shape, -1), batch["prompt_mask"])
     )
