@@ -1,24 +1,17 @@
-"""BalancEdit, the method, top to bottom in the paper's order (Section 4).
-
-Guo, Hu, Guan, Hartvigsen, Li, "BalancEdit: Dynamically Balancing the Generality-Locality
-Trade-off in Multi-modal Model Editing", ICML 2025.
+"""BalancEdit (Guo et al., ICML 2025), the method, top to bottom in the paper's order (Sec. 4).
 
 The model's weights are never touched. Around one layer l the editor keeps a codebook; edit j
 is an entry (key k_j, value v_j = an edited copy of l, radius eps_j, target y^n_j).
 
-    Eq. 1  f^l(h^{l-1}) = v_j(h^{l-1}) if d(q, k_j) <= eps_j, j = argmin_k d(q, k); else l(h^{l-1})
+    Eq. 1  f^l(h) = v_j(h) if d(q, k_j) <= eps_j, where j = argmin_k d(q, k); else l(h)
     Eq. 2  v_j = argmin_v L(f_new(i, t), y^n)          (Adam on v only)
     Eq. 3  eps = alpha * d(Pos, k) + (1 - alpha) * d(Neg, k)
 
-q and k are the mean of l's input h^{l-1} over the prompt (image, question) or, pool="last", its last position.
-Pos is the same image with a rephrased question; Neg is a black image with the same question.
+h is l's input h^{l-1}; q and k pool it over the prompt (image and question positions). Pos is
+the same image with a rephrased question; Neg is a black image with the same question. The
+backbone (models.py) encodes a batch with a ``prompt_mask`` (B, T), True at the prompt
+positions; its ``forward`` takes that mask only so that the routing hook can read it.
 Shapes: B samples, T positions, D the layer's input width, N codebook entries.
-
-    model, record = models.TinyVLM.from_pretrained(), data.load_sample(limit=1)[0]
-    editor = BalancEditor(model, BalancEditConfig(alpha=0.7))
-    report = editor.edit(record)                                  # one codebook entry
-    with editor.attached():                                       # the edited model (Eq. 1)
-        print(model.generate([record.image], [record.question]))  # [record.target]
 """
 
 import hashlib
@@ -31,78 +24,87 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from data import ANCHORS, anchor_image
 from models import lm_loss
+
+CHOICES = {  # the allowed values of the config's named fields
+    "distance": ("cos", "euc"),
+    "pool": ("mean", "last"),
+    "negative": ANCHORS,
+    "value_form": ("full", "lora"),
+}
+FORMAT = "balancedit-codebook"  # a saved codebook's json
+VERSION = 2  # 2: what an edit asked is an object with named fields
+META_FIELDS = ("format", "version", "config", "layer", "targets", "asked")
 
 
 @dataclass
 class BalancEditConfig:
     """The method's knobs, with the defaults used on TinyVLM."""
 
-    layer: str | None = (
-        None  # dotted path of layer l (an nn.Linear); None: the backbone's target_layer
-    )
-    alpha: float = (
-        0.7  # Eq. 3: 0 -> eps = d(Neg, k), 1 -> eps = d(Pos, k) (authors: 0.05-0.35 on BLIP-2)
-    )
-    distance: str = "cos"  # d(q, k): "cos" (1 - cos, the authors' default) or "euc" (Table 6)
-    pool: str = "mean"  # q and k: the "mean" over the prompt (the paper's) or its "last" position
-    negative: str = "black"  # the negative's image (Table 7): "black", "white" or "noise"
+    layer: str | None = None  # dotted path of layer l (an nn.Linear); None: the backbone's
+    alpha: float = 0.7  # Eq. 3: 0 gives d(Neg, k), 1 gives d(Pos, k) (authors: 0.05-0.35)
+    distance: str = "cos"  # d(q, k): "cos" (1 - cos, the authors') or "euc" (Table 6)
+    pool: str = "mean"  # q and k: the prompt's "mean" (the paper's) or its "last" position
+    negative: str = "black"  # Neg's image (Table 7): "black", "white" or "noise"
     steps: int = 100  # Eq. 2: Adam steps (authors: 50 on BLIP-2 OPT)
-    lr: float = 1e-2  # Eq. 2: Adam learning rate (authors: 1e-4 on BLIP-2 OPT)
-    value_form: str = "full"  # v_k: "full" copy of l (the paper's) or "lora" (l + B A, for memory)
-    rank: int = 8  # rank of B A when value == "lora"
+    lr: float = 1e-2  # Eq. 2: Adam's learning rate (authors: 1e-4 on BLIP-2 OPT)
+    value_form: str = "full"  # v_k: a "full" copy of l (the paper's) or "lora" (l + B A)
+    rank: int = 8  # the rank of B A when value_form is "lora"
     cache: bool = True  # Eq. 2 on cached activations: the same values, faster
     seed: int = 0  # LoRA's A and the noise negative
 
-    def __post_init__(self):  # refuse bad values before any work
-        checks = {
-            "distance": self.distance in ("cos", "euc"),
-            "pool": self.pool in ("mean", "last"),
-            "negative": self.negative in ANCHORS,
-            "value_form": self.value_form in ("full", "lora"),
-            "alpha": 0 <= self.alpha <= 1,
-            "steps": type(self.steps) is int and self.steps >= 1,
-            "rank": type(self.rank) is int and self.rank >= 1,
-            "lr": isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0,
-        }
-        for name, ok in checks.items():
-            if not ok:
+    def __post_init__(self):
+        """Refuse a bad value before any work, naming the field."""
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
                 raise ValueError(
-                    f"BalancEditConfig: bad {name}: {getattr(self, name)!r} (see the field's comment)"
+                    f"BalancEditConfig.{name}: {getattr(self, name)!r} not in {allowed}"
                 )
+        if not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
+            raise ValueError(f"BalancEditConfig.alpha: {self.alpha!r} is not a number in [0, 1]")
+        for name in ("steps", "rank"):
+            n = getattr(self, name)
+            if type(n) is not int or n < 1:
+                raise ValueError(f"BalancEditConfig.{name}: {n!r} is not a positive integer")
+        if not isinstance(self.lr, (int, float)) or not 0 < self.lr < math.inf:
+            raise ValueError(f"BalancEditConfig.lr: {self.lr!r} is not a positive number")
 
 
 # ---------------------------------------------------------------- distance and radius (Eq. 3)
-def distance(queries: torch.Tensor, keys: torch.Tensor, kind: str) -> torch.Tensor:
-    """d(q, k) for every pair, in float32: (B, D), (N, D) -> (B, N). "cos": 1 - cos, in [0, 2]
-    (a zero vector is at distance 1 from everything); "euc": ||q - k||_2 (Table 6)."""
-    q, k = queries.float(), keys.float()
-    if kind == "cos":
-        return (1.0 - F.normalize(q, dim=-1, eps=1e-8) @ F.normalize(k, dim=-1, eps=1e-8).T).clamp(
-            min=0.0
-        )
-    if kind == "euc":  # the exact (non-matmul) path: d(k, k) == 0
-        return torch.cdist(q, k, compute_mode="donot_use_mm_for_euclid_dist")
-    raise ValueError(f"unknown distance {kind!r}; allowed: cos, euc")
+def distance(queries: torch.Tensor, keys: torch.Tensor, metric: str) -> torch.Tensor:
+    """d(q, k) for every pair, in float32: (B, D), (N, D) -> (B, N). "cos": 1 - cos(q, k), in
+    [0, 2] (a zero vector is at distance 1 from all); "euc": ||q - k||_2 (Table 6)."""
+    q = queries.float()
+    k = keys.float()
+    if metric == "cos":
+        q_hat = F.normalize(q, dim=-1, eps=1e-8)  # (B, D)
+        k_hat = F.normalize(k, dim=-1, eps=1e-8)  # (N, D)
+        return (1.0 - q_hat @ k_hat.T).clamp(min=0.0)  # (B, N)
+    if metric == "euc":
+        # Not the matmul shortcut, which rounds d(k, k) off zero.
+        return torch.cdist(q, k, compute_mode="donot_use_mm_for_euclid_dist")  # (B, N)
+    raise ValueError(f"unknown distance {metric!r}; allowed: {CHOICES['distance']}")
 
 
 def radius(d_pos, d_neg, alpha: float):
-    """Eq. 3: eps = alpha * d(Pos, k) + (1 - alpha) * d(Neg, k), floats or tensors.
+    """Eq. 3: eps = alpha * d(Pos, k) + (1 - alpha) * d(Neg, k), for floats or tensors.
 
-    The paper's main text swaps the weights; its Appendix D (Eq. 10), the authors' code and its
-    own alpha ablation (the ball shrinks as alpha grows) use this form. alpha = 0 gives d(Neg, k),
-    the widest ball that excludes the negative; alpha = 1 gives d(Pos, k), the smallest that holds
-    the positive. The clamp keeps eps between the two in floating point too."""
+    The paper's main text swaps the two weights; its Appendix D (Eq. 10), the authors' code and
+    its alpha ablation (the ball shrinks as alpha grows) all use this form. alpha = 0 gives
+    d(Neg, k), the widest ball that leaves the negative out; alpha = 1 gives d(Pos, k), the
+    smallest that holds the positive.
+    """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1]; got {alpha}")
     if alpha == 1.0:
-        return d_pos
-    eps = d_neg + alpha * (
-        d_pos - d_neg
-    )  # = alpha * d_pos + (1 - alpha) * d_neg, monotone in alpha
+        return d_pos  # exactly: the form below may round off by one ulp
+    # The same sum, written as a step from d_neg towards d_pos: monotone in alpha, also in floats.
+    eps = d_neg + alpha * (d_pos - d_neg)
+    # Round-off must not step past either end.
     if isinstance(eps, torch.Tensor):
         return eps.clamp(torch.minimum(d_pos, d_neg), torch.maximum(d_pos, d_neg))
     return min(max(eps, min(d_pos, d_neg)), max(d_pos, d_neg))
@@ -110,123 +112,124 @@ def radius(d_pos, d_neg, alpha: float):
 
 # ---------------------------------------------------------------- the key
 def prompt_mean(h: torch.Tensor, prompt: torch.Tensor, pool: str = "mean") -> torch.Tensor:
-    """The key (or query) of each sample: the mean of h^{l-1} (B, T, D) over its prompt positions (B, T),
-    never padding or the answer, so generation and a padded batch see the same key; pool="last": the last
-    prompt position only. -> (B, D) float32; NaN for a row with no prompt position (a KV-cache decoding step)."""
+    """The key (or query) of each sample: h^{l-1} (B, T, D) pooled over its prompt mask (B, T).
+
+    "mean" averages the prompt positions, never padding or the answer, so that free generation
+    and a padded batch see the same key; "last" takes the last prompt position only.
+    Returns (B, D) float32; NaN for a row with no prompt position (a KV-cache decoding step).
+    """
     if pool == "last":
-        prompt = prompt & (prompt.cumsum(dim=1) == prompt.sum(dim=1, keepdim=True))  # (B, T)
-    prompt = prompt[..., None]  # (B, T, 1)
-    return (h.float() * prompt).sum(dim=1) / prompt.sum(dim=1)  # (B, D)
+        # The running count of prompt positions reaches the row's total at its last one.
+        count = prompt.cumsum(dim=1)  # (B, T)
+        prompt = prompt & (count == count[:, -1:])  # (B, T)
+    weight = prompt[..., None].float()  # (B, T, 1)
+    return (h.float() * weight).sum(dim=1) / weight.sum(dim=1)  # (B, D)
 
 
 # ---------------------------------------------------------------- the codebook
-class Codebook(nn.Module):
-    """The entries (k_j, eps_j, v_j, y^n_j): keys (N, D) and radii (N,) in buffers, values in a
-    ModuleList, targets and what each edit asked (image hash, question, rephrasings) in lists, one length."""
+@dataclass
+class Asked:
+    """What an edit asked: its image (by SHA-1), its question and the question's rephrasings."""
 
-    def __init__(self, distance: str = "cos"):
+    image_sha1: str
+    question: str
+    rephrasings: list[str]
+
+    def same_edit(self, other: "Asked | None") -> bool:
+        """The same image, and the same question up to a rephrasing."""
+        if other is None or other.image_sha1 != self.image_sha1:
+            return False
+        mine = {self.question, *self.rephrasings}
+        return not mine.isdisjoint([other.question, *other.rephrasings])
+
+
+class Codebook(nn.Module):
+    """The entries j = (k_j, eps_j, v_j, y^n_j): keys (N, D) and radii (N,) in buffers, values
+    in a ModuleList, targets and what each edit asked (``Asked`` or None) in lists, one length."""
+
+    def __init__(self, metric: str = "cos"):
         super().__init__()
-        if distance not in ("cos", "euc"):
-            raise ValueError(f"unknown distance {distance!r}; allowed: cos, euc")
-        self.distance = distance
-        self.register_buffer("keys", torch.zeros(0, 0))  # (N, D)
+        if metric not in CHOICES["distance"]:
+            raise ValueError(f"unknown distance {metric!r}; allowed: {CHOICES['distance']}")
+        self.metric = metric  # d of Eq. 1
+        self.register_buffer("keys", torch.zeros(0, 0))  # (N, D); the first key sets D
         self.register_buffer("radii", torch.zeros(0))  # (N,)
-        self.register_buffer(
-            "unit_keys", torch.zeros(0, 0), persistent=False
-        )  # (N, D) k / |k|, for "cos"
-        self.values, self.targets, self.asked = nn.ModuleList(), [], []
+        self.values = nn.ModuleList()  # v_j
+        self.targets = []  # y^n_j
+        self.asked = []  # Asked of edit j
 
     def __len__(self) -> int:
         return len(self.targets)
 
-    def add(
-        self, key: torch.Tensor, value: nn.Module, radius: float, target: str, asked: list[str] = ()
-    ) -> int:
+    def add(self, key, value: nn.Module, radius: float, target: str, asked=None) -> int:
         """Append an entry; returns its index. Refuses what would make routing wrong."""
-        key, D = (
-            torch.as_tensor(key).detach().to(self.keys.device, torch.float32),
-            self.keys.shape[1],
-        )
-        if key.dim() != 1 or not torch.isfinite(key).all() or (len(self) and len(key) != D):
-            raise ValueError(
-                f"key must be a finite vector of {D if len(self) else 'D'} numbers; got {key}"
-            )
-        if not (
-            math.isfinite(float(radius))
-            and radius >= 0
-            and isinstance(target, str)
-            and all(isinstance(a, str) for a in asked)
-        ):
-            raise ValueError(
-                f"need a finite radius >= 0 and a string target; got {radius!r}, {target!r}"
-            )
-        keys, unit_keys = (
-            (self.keys, self.unit_keys) if len(self) else (key[None][:0], key[None][:0])
-        )
-        self.keys = torch.cat([keys, key[None]])  # (N+1, D)
-        self.unit_keys = torch.cat(
-            [unit_keys, F.normalize(key[None], dim=-1, eps=1e-8)]
-        )  # once, not per query
+        key = torch.as_tensor(key).detach().to(self.keys.device, torch.float32)
+        D = self.keys.shape[1] if len(self) else key.shape[-1]
+        if key.dim() != 1 or len(key) != D or not torch.isfinite(key).all():
+            raise ValueError(f"key must be a finite vector of {D} numbers; got {key}")
+        if not math.isfinite(float(radius)) or radius < 0:
+            raise ValueError(f"radius must be a finite number >= 0; got {radius!r}")
+        if not isinstance(target, str):
+            raise ValueError(f"need a string target; got {target!r}")
+        if len(self) == 0:
+            self.keys = key.new_zeros(0, D)
+        self.keys = torch.cat([self.keys, key[None]])  # (N+1, D)
         self.radii = torch.cat([self.radii, self.radii.new_tensor([float(radius)])])  # (N+1,)
         self.values.append(value)
         self.targets.append(target)
-        self.asked.append(list(asked))
+        self.asked.append(asked)
         return len(self) - 1
 
     def remove(self, j: int) -> None:
         """Delete entry j; later entries shift down by one."""
         if not 0 <= j < len(self):
             raise IndexError(f"codebook index {j} out of range for {len(self)} entries")
-        keep = torch.arange(len(self), device=self.keys.device) != j  # (N,)
-        self.keys, self.radii, self.unit_keys = (
-            self.keys[keep],
-            self.radii[keep],
-            self.unit_keys[keep],
-        )
-        del self.values[j], self.targets[j], self.asked[j]
+        keep = torch.arange(len(self), device=self.keys.device) != j  # (N,) all but j
+        self.keys = self.keys[keep]
+        self.radii = self.radii[keep]
+        del self.values[j]
+        del self.targets[j]
+        del self.asked[j]
+
+    @torch.no_grad()
+    def distances(self, queries: torch.Tensor) -> torch.Tensor:
+        """d(q, k_j) for every query (B, D) and entry j: (B, N)."""
+        if len(self) == 0:
+            return torch.zeros(len(queries), 0, device=queries.device)  # no key to compare
+        return distance(queries, self.keys, self.metric)
 
     @torch.no_grad()
     def lookup(self, queries: torch.Tensor):
-        """Eq. 1's decision per query, (B, D) -> index (B,), dist (B,), hit (B,):
-        j = argmin_k d(q, k), dist = d(q, k_j), hit = dist <= eps_j (an empty codebook: -1, inf, False)."""
+        """Eq. 1's decision for each query (B, D): j = argmin_k d(q, k) (B,), d(q, k_j) (B,)
+        and hit = d(q, k_j) <= eps_j (B,). A NaN query never hits; no entry: -1, inf, False."""
+        B = len(queries)
         if len(self) == 0:
-            miss = torch.full((len(queries),), -1, device=queries.device)
-            return miss, miss.float().fill_(math.inf), miss > 0
-        q = queries.float()  # (B, D)
-        if self.distance == "cos":  # distance(q, keys, "cos"), with the keys' norms computed at add
-            d = (1.0 - F.normalize(q, dim=-1, eps=1e-8) @ self.unit_keys.T).clamp(min=0.0)  # (B, N)
-        else:
-            d = distance(q, self.keys, "euc")  # (B, N)
-        dist, index = d.min(dim=1)  # (B,), (B,)  j = argmin_k d(q, k)
-        return (
-            index,
-            dist,
-            dist <= self.radii[index],
-        )  # hit: d(q, k_j) <= eps_j (a NaN query never hits)
+            j = torch.full((B,), -1, device=queries.device)
+            dist = torch.full((B,), math.inf, device=queries.device)
+            return j, dist, torch.zeros(B, dtype=torch.bool, device=queries.device)
+        dist, j = self.distances(queries).min(dim=1)  # (B,), (B,)
+        return j, dist, dist <= self.radii[j]
 
 
 # ---------------------------------------------------------------- the values v_k
 class LoRAValue(nn.Module):
-    """v(x) = W x + b + B A x with layer l's W and b frozen (referenced, not stored): a value of
-    r (in + out) numbers instead of a copy of l. B starts at zero, so v starts as l."""
+    """v(x) = W x + b + B A x, with layer l's W and b frozen: r (in + out) trained numbers
+    instead of a copy of l. B starts at zero, so v starts as l."""
 
     def __init__(self, layer: nn.Linear, rank: int = 8):
         super().__init__()
-        object.__setattr__(self, "base", layer)  # not a submodule: not trained, not saved
-        self.A = nn.Parameter(
-            torch.empty(rank, layer.in_features, device=layer.weight.device)
-        )  # (r, in)
-        self.B = nn.Parameter(
-            torch.zeros(layer.out_features, rank, device=layer.weight.device)
-        )  # (out, r)
+        device = layer.weight.device
+        # l's own weight and bias: shared, not copied; neither trained nor saved.
+        self.register_buffer("W", layer.weight.detach(), persistent=False)  # (out, in)
+        bias = None if layer.bias is None else layer.bias.detach()
+        self.register_buffer("b", bias, persistent=False)  # (out,) or None
+        self.A = nn.Parameter(torch.empty(rank, layer.in_features, device=device))  # (r, in)
+        self.B = nn.Parameter(torch.zeros(layer.out_features, rank, device=device))  # (out, r)
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) float32 -> (..., out) float32
-        W, b = (
-            self.base.weight.detach(),
-            None if self.base.bias is None else self.base.bias.detach(),
-        )
-        return F.linear(x.to(W.dtype), W, b).float() + F.linear(F.linear(x, self.A), self.B)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) float32 -> (..., out)
+        base = F.linear(x.to(self.W.dtype), self.W, self.b).float()
+        return base + F.linear(F.linear(x, self.A), self.B)
 
 
 def new_value(layer: nn.Linear, form: str = "full", rank: int = 8) -> nn.Module:
@@ -234,40 +237,43 @@ def new_value(layer: nn.Linear, form: str = "full", rank: int = 8) -> nn.Module:
     small updates): "full", a copy of l; "lora", l plus a zero low-rank update."""
     if form == "lora":
         return LoRAValue(layer, rank)
-    value = nn.utils.skip_init(
-        nn.Linear,
-        layer.in_features,
-        layer.out_features,
-        bias=layer.bias is not None,
-        device=layer.weight.device,
-        dtype=torch.float32,
-    )
-    value.load_state_dict(layer.state_dict())  # copies l's weights (cast to float32)
+    shape = (layer.in_features, layer.out_features)
+    bias = layer.bias is not None
+    # skip_init: no random initialisation (and no draw from the RNG); the weights are l's.
+    value = nn.utils.skip_init(nn.Linear, *shape, bias=bias, device=layer.weight.device)
+    value.load_state_dict(layer.state_dict())  # l's weights, cast to float32
     return value
 
 
 # ---------------------------------------------------------------- routing (Eq. 1)
 class Router:
-    """Route layer ``layer_path`` of ``model`` through ``codebook`` (Eq. 1), per sample, until ``remove()``
-    or the end of a ``with`` block. The backbone's ``prompt_mask`` (B, T) keyword gives the layout; a KV-cache
-    decoding step (no prompt position) holds its prompt's route. After each call of the layer, ``last_index``
-    (B,) is the entry each sample used (-1: the layer itself) and ``last_query`` (B, D) its query."""
+    """Eq. 1 as a forward hook on layer l, per sample: a sample whose query falls in ball j gets
+    v_j(h); every other sample keeps l's output, bit for bit.
+
+    The layout comes from the backbone: a pre-hook on the model reads each call's
+    ``prompt_mask`` (B, T) keyword. It undoes OPT's flattening of (B, T, D) to (B*T, D) before
+    ``fc2``. With no mask, every position of a 3-D input counts and each row of a 2-D input is
+    one sample. Ends with ``detach()`` or at the end of a ``with`` block.
+    """
 
     def __init__(self, model: nn.Module, layer_path: str, codebook: Codebook, pool: str = "mean"):
-        self.codebook, self.pool, self.mask, self.held, self.last_index, self.last_query = (
-            codebook,
-            pool,
-            *[None] * 4,
-        )
+        self.codebook = codebook
+        self.pool = pool  # how a query pools h^{l-1}: "mean" or "last"
+        self.mask = None  # the prompt mask (B, T) of the model's current call, or None
+        self.held = None  # (B,) the route chosen on the prompt, held while decoding
+        self.last_index = None  # (B,) the entry each sample used in the last call; -1: l itself
+        self.last_query = None  # (B, D) the queries of the last call
+        layer = model.get_submodule(layer_path)
         self.handles = [
-            model.get_submodule(layer_path).register_forward_hook(self.route),
+            layer.register_forward_hook(self.route),
             model.register_forward_pre_hook(self.read_mask, with_kwargs=True),
         ]
 
-    def read_mask(self, model, args, kwargs):  # the backbone's (B, T) prompt mask, on every call
+    def read_mask(self, model, args, kwargs):
         self.mask = kwargs.get("prompt_mask")
 
     def detach(self) -> None:
+        """Remove the hooks: the model is the plain model again."""
         for handle in self.handles:
             handle.remove()
 
@@ -278,80 +284,77 @@ class Router:
         self.detach()
 
     def route(self, layer, args, out):
-        cb, h = self.codebook, args[0]
-        # The (B, T) layout: the prompt mask undoes OPT's flattening of (B, T, D) to (B*T, D). Without
-        # one, every position of a 3-D input counts, and each row of a 2-D input is one sample.
-        if self.mask is None:
-            prompt = torch.ones(
-                h.shape[:-1] if h.dim() == 3 else (len(h), 1), dtype=torch.bool, device=h.device
-            )
-        elif self.mask.numel() * h.shape[-1] == h.numel():
-            prompt = self.mask.to(h.device, torch.bool)  # (B, T)
+        h = args[0]  # (B, T, D), or (B*T, D) as OPT's fc2 sees it
+        if self.mask is None and h.dim() == 3:
+            prompt = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)  # every position
+        elif self.mask is None:
+            prompt = torch.ones(len(h), 1, dtype=torch.bool, device=h.device)  # a row, a sample
+        elif h.shape[:-1].numel() == self.mask.numel():  # B*T positions, however flattened
+            prompt = self.mask.to(h.device, torch.bool)
         else:
-            raise ValueError(
-                f"layer input {tuple(h.shape)} does not match the prompt mask layout {tuple(self.mask.shape)}"
-            )
+            layout = f"the prompt mask layout {tuple(self.mask.shape)}"
+            raise ValueError(f"layer input {tuple(h.shape)} does not match {layout}")
         B, T = prompt.shape
         h = h.reshape(B, T, -1)  # (B, T, D)
-        q = prompt_mean(h, prompt, self.pool)  # (B, D); NaN rows: no prompt position
-        j, _, hit = cb.lookup(q)  # Eq. 1: j = argmin_k d(q, k), hit = d(q, k_j) <= eps_j
-        index = torch.where(hit, j, -1)  # (B,)
-        if (
-            self.mask is not None
-        ):  # KV-cache decoding: a row with no prompt keeps the prefill's route
-            held = (
-                self.held
-                if self.held is not None and len(self.held) == B
-                else torch.full_like(index, -1)
-            )
-            index = torch.where(prompt.any(dim=1), index, torch.where(held < len(cb), held, -1))
-        self.held = index if self.mask is not None else None
-        self.last_index, self.last_query = index, q
+        q = prompt_mean(h, prompt, self.pool)  # (B, D); NaN where a row has no prompt position
+        j, _, hit = self.codebook.lookup(q)  # Eq. 1: j = argmin_k d(q, k), d(q, k_j) <= eps_j
+        index = torch.where(hit, j, -1)  # (B,) each sample's entry; -1: layer l
+        if self.mask is None:
+            self.held = None
+        else:
+            # KV-cache decoding: a row with no prompt position keeps its prompt's route; a new
+            # batch size, or an entry removed since, holds nothing.
+            held = self.held
+            if held is None or len(held) != B:
+                held = torch.full_like(index, -1)
+            held = held.masked_fill(held >= len(self.codebook), -1)  # (B,)
+            index = torch.where(prompt.any(dim=1), index, held)  # (B,)
+            self.held = index
+        self.last_index = index
+        self.last_query = q
         if (index < 0).all():
-            return None  # every sample out of scope: the layer's own output, untouched
-        new = out.clone(memory_format=torch.contiguous_format).view(B, T, -1)  # (B, T, D_out)
+            return None  # no sample in scope: l's own output, untouched
+        y = out.reshape(B, T, -1).clone()  # (B, T, D_out), a copy to write into
         for e in index[index >= 0].unique().tolist():
-            rows = (index == e).nonzero()[:, 0]
-            new[rows] = cb.values[e](h[rows].float()).to(out.dtype)  # Eq. 1: v_j(h^{l-1})
-        return new.view(out.shape)
+            rows = index == e  # (B,)
+            y[rows] = self.codebook.values[e](h[rows].float()).to(out.dtype)  # Eq. 1: v_j(h)
+        return y.reshape(out.shape)
 
 
 attach = Router  # with attach(model, layer_path, codebook[, pool]) as router: ... (Eq. 1)
 
 
 def override(model: nn.Module, layer_path: str, value: nn.Module):
-    """f_new of Eq. 2: ``with override(...):`` every sample's layer output is v(h^{l-1})."""
-    return model.get_submodule(layer_path).register_forward_hook(
-        lambda layer, args, out: value(args[0].float()).to(out.dtype)
-    )
+    """f_new of Eq. 2: every output of layer l becomes v(h^{l-1}). Returns the hook's handle,
+    a context manager too: ``with override(...):`` removes the hook at the block's end."""
+
+    def hook(layer, args, out):
+        return value(args[0].float()).to(out.dtype)  # v computes in float32
+
+    return model.get_submodule(layer_path).register_forward_hook(hook)
 
 
 # ---------------------------------------------------------------- training a value (Eq. 2)
-def train_value(
-    backbone: nn.Module,
-    layer_path: str,
-    value: nn.Module,
-    batch: dict,
-    steps: int,
-    lr: float,
-    cache: bool = True,
-) -> list[float]:
+def train_value(backbone, layer_path, value, batch, steps, lr, cache=True) -> list[float]:
     """Eq. 2: v* = argmin_v L(f_new(i, t), y^n), Adam on v's parameters only; L is the LM
-    cross-entropy on the target tokens (labels are -100 elsewhere). Returns the loss per step."""
+    cross-entropy on the target tokens (labels -100 elsewhere). Returns the loss at each step."""
     params = [p for p in value.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
-    # Fast path: the layers below l are frozen, so h^{l-1} is the same at every step; record it
-    # once, with a function running only the network after l (None if the backbone has none).
+    # The layers below l are frozen: with cache, record h^{l-1} once and run only v and the
+    # network after l at each step (None where the backbone has no tail: the plain loop).
     cached = backbone.tail(batch, layer_path) if cache else None
     losses = []
     for _ in range(steps):
-        if cached is None:  # the plain loop: the whole model, layer l replaced by v
-            with override(backbone, layer_path, value):
+        if cached is None:
+            with override(backbone, layer_path, value):  # the whole model, l replaced by v
                 loss = backbone(**batch).loss
         else:
-            h, tail = cached  # h^{l-1} as l saw it; tail: l's output -> logits
-            loss = lm_loss(tail(value(h.float()).to(h.dtype)), batch["labels"])
-        for p, g in zip(params, torch.autograd.grad(loss, params)):  # no gradient reaches the model
+            h, rest = cached  # h^{l-1} as l saw it; rest: l's output -> logits
+            logits = rest(value(h.float()).to(h.dtype))
+            loss = lm_loss(logits, batch["labels"])
+        # Gradients for v only: no .grad is ever written into the model.
+        grads = torch.autograd.grad(loss, params)
+        for p, g in zip(params, grads):
             p.grad = g
         opt.step()
         losses.append(loss.item())
@@ -363,180 +366,191 @@ def train_value(
 @dataclass
 class EditReport:  # what one edit did
     index: int  # the entry of this edit
-    action: str  # "new"; "overlap" (started from a same-target entry); "conflict" (replaced one)
+    action: str  # "new"; "overlap": from a same-target entry's value; "conflict": replaced one
     removed: list[str]  # the entries a conflict removed, as "question -> target"
     d_pos: float  # d(Pos, k)
     d_neg: float  # d(Neg, k)
     radius: float  # eps of the entry
-    losses: list[float] = field(default_factory=list)  # Eq. 2 loss per step
+    losses: list[float] = field(default_factory=list)  # Eq. 2's loss at each step
     seconds: float = 0.0  # wall time of the edit
 
 
 class BalancEditor:
-    """BalancEdit at one layer: ``edit(record)`` adds an entry, ``attached()`` is the edited model."""
+    """BalancEdit at one layer: ``edit(record)`` adds an entry, ``attached()`` runs the edited
+    model, ``remove(j)`` undoes edit j."""
 
     def __init__(self, backbone: nn.Module, config: BalancEditConfig = BalancEditConfig()):
-        self.backbone, self.config, self.layer_path = (
-            backbone,
-            config,
-            config.layer or backbone.target_layer,
-        )
+        self.backbone = backbone
+        self.config = config
+        self.layer_path = config.layer or backbone.target_layer
         self.layer = backbone.get_submodule(self.layer_path)  # layer l
         if not isinstance(self.layer, nn.Linear):
-            raise ValueError(
-                f"layer {self.layer_path!r} is a {type(self.layer).__name__}, not an nn.Linear"
-            )
+            kind = type(self.layer).__name__
+            raise ValueError(f"layer {self.layer_path!r} is a {kind}, not an nn.Linear")
         self.codebook = Codebook(config.distance).to(self.layer.weight.device)
 
     def __len__(self) -> int:
         return len(self.codebook)
 
-    @torch.no_grad()
     def keys_of(self, images, questions) -> torch.Tensor:
-        """The key of each (image, question): (B, D), as the routing hook computes it."""
-        batch, seen = self.backbone.to_device(self.backbone.encode(images, questions)), []
-        with self.layer.register_forward_hook(lambda layer, args, out: seen.append(args[0])):
-            self.backbone(**batch)
-        prompt = batch["prompt_mask"]
-        return prompt_mean(seen[0].reshape(*prompt.shape, -1), prompt, self.config.pool)  # (B, D)
+        """The key of each (image, question), (B, D), as the routing hook computes it."""
+        batch = self.backbone.to_device(self.backbone.encode(images, questions))
+        h = self.backbone.layer_input(batch, self.layer_path)  # (B, T, D)
+        return prompt_mean(h, batch["prompt_mask"], self.config.pool)  # (B, D)
 
     def positive(self, record) -> str:
         """R(t): a training rephrasing (never one that scores T-Gen), else the backbone's own."""
-        rephrased = record.train_rephrases or [
-            q for q in self.backbone.rephrase(record.question) if q not in record.rephrases
-        ]
-        if not rephrased:
-            raise ValueError(
-                f"record {record.id}: no training rephrasing and the backbone offers none"
-            )
-        return rephrased[0]
+        if record.train_rephrases:
+            return record.train_rephrases[0]
+        offered = self.backbone.rephrase(record.question)
+        unseen = [q for q in offered if q not in record.rephrases]
+        if not unseen:
+            raise ValueError(f"record {record.id}: no training rephrasing, none from the backbone")
+        return unseen[0]
 
     def edit(self, record) -> EditReport:
-        start, cfg, cb = time.perf_counter(), self.config, self.codebook
-        # The key k = (i, t) and the two probes of Eq. 3, Pos = (i, R(t)) and Neg = (black, t).
-        anchor = anchor_image(cfg.negative, record.image.size, seed=cfg.seed)  # black by default
-        k, pos, neg = self.keys_of(
-            [record.image, record.image, anchor],
-            [record.question, self.positive(record), record.question],
-        )
-        d_pos, d_neg = distance(torch.stack([pos, neg]), k[None], cfg.distance)[:, 0].tolist()
-        eps = radius(d_pos, d_neg, cfg.alpha)  # Eq. 3
-        # Many edits (the paper's "how to continually edit"). What the edit asks: image, question, rephrasings.
-        asked = [
-            hashlib.sha1(record.image.tobytes()).hexdigest(),
-            record.question,
-            *record.train_rephrases,
-            *record.rephrases,
-        ]
-        action, init, removed = "new", None, []
-        if len(cb):
-            d = distance(k[None], cb.keys, cfg.distance)[0]  # (N,) d(k, k_j)
-            differ = torch.tensor([t != record.target for t in cb.targets], device=d.device)  # (N,)
-            # The same edit asked again (its image and question, up to a rephrasing) with a new answer:
-            # the old entry goes. A merely near key is no conflict.
-            again = [
-                old[:1] == asked[:1] and not set(old[1:]).isdisjoint(asked[1:]) for old in cb.asked
-            ]
-            conflict = differ & torch.tensor(again, dtype=torch.bool, device=d.device)  # (N,)
-            for j in conflict.nonzero()[:, 0].flip(0).tolist():
-                removed.append(f"{cb.asked[j][1]!r} -> {cb.targets[j]!r}")
+        """Add the edit (i, t) -> y^n of ``record``, in the paper's steps."""
+        start = time.perf_counter()
+        y = record.target
+        k, d_pos, d_neg = self.probe(record)  # 1. the key, d(Pos, k) and d(Neg, k)
+        eps = radius(d_pos, d_neg, self.config.alpha)  # 2. Eq. 3
+        image_sha1 = hashlib.sha1(record.image.tobytes()).hexdigest()
+        rephrasings = [*record.train_rephrases, *record.rephrases]
+        asked = Asked(image_sha1, record.question, rephrasings)
+        removed = self.drop_conflicts(asked, y)  # 3. the many-edit rules
+        init = None if removed else self.same_target_value(k, y)
+        eps = self.shrink_overlaps(k, eps, y)
+        value, losses = self.train(record, init)  # 4. Eq. 2
+        index = self.codebook.add(k, value, eps, y, asked)  # 5. the new entry
+        action = "conflict" if removed else "new" if init is None else "overlap"
+        seconds = time.perf_counter() - start
+        return EditReport(index, action, removed, d_pos, d_neg, eps, losses, seconds)
+
+    def probe(self, record) -> tuple[torch.Tensor, float, float]:
+        """The key k of (i, t), d(Pos, k) and d(Neg, k), from one batch of three rows:
+        (i, t), Pos = (i, R(t)) and Neg = (black, t)."""
+        cfg = self.config
+        black = anchor_image(cfg.negative, record.image.size, seed=cfg.seed)  # or white, noise
+        images = [record.image, record.image, black]
+        questions = [record.question, self.positive(record), record.question]
+        keys = self.keys_of(images, questions)  # (3, D)
+        k = keys[0]  # (D,)
+        d = distance(keys[1:], k[None], cfg.distance)  # (2, 1): d(Pos, k), d(Neg, k)
+        return k, float(d[0, 0]), float(d[1, 0])
+
+    # Many edits (the paper's "how to continually edit"): one rule per method.
+    def drop_conflicts(self, asked: Asked, target: str) -> list[str]:
+        """The same edit asked again (its image, its question up to a rephrasing) with a new
+        answer: the old entry goes. A merely near key is no conflict. Returns what went."""
+        cb = self.codebook
+        removed = []
+        for j in reversed(range(len(cb))):  # from the end: the indices left stay valid
+            if cb.targets[j] != target and asked.same_edit(cb.asked[j]):
+                removed.append(f"{cb.asked[j].question!r} -> {cb.targets[j]!r}")
                 cb.remove(j)
-                action = "conflict"
-            d, differ = d[~conflict], differ[~conflict]
-            # k inside a ball with the same target: start from that value, so it is not forgotten.
-            same = ~differ & (d <= cb.radii)
-            if same.any() and action == "new":
-                action, init = "overlap", cb.values[int(torch.where(same, d, math.inf).argmin())]
-            # Balls with different targets must not hold each other's keys: shrink both just inside.
-            # Only these entries change; Eq. 1 routes a query to its nearest key first.
-            for j in (differ & ((d <= cb.radii) | (d <= eps))).nonzero()[:, 0].tolist():
-                inside = float(d[j]) * (1 - 1e-3)  # a margin far above float round-off
-                cb.radii[j] = min(float(cb.radii[j]), inside)
-                eps = min(eps, inside)
+        return removed
+
+    def same_target_value(self, k: torch.Tensor, target: str) -> nn.Module | None:
+        """The value of the nearest entry with the same target whose ball holds k: the new value
+        starts from it, so that the earlier edit is not forgotten. None if there is none."""
+        cb = self.codebook
+        d = cb.distances(k[None])[0]  # (N,) d(k, k_j)
+        same = torch.tensor([t == target for t in cb.targets], dtype=torch.bool)  # (N,)
+        holds = same.to(d.device) & (d <= cb.radii)  # (N,)
+        if not holds.any():
+            return None
+        j = int(torch.where(holds, d, math.inf).argmin())
+        return cb.values[j]
+
+    def shrink_overlaps(self, k: torch.Tensor, eps: float, target: str) -> float:
+        """Balls with different targets must not hold each other's keys. Where the new ball and
+        entry j's overlap so, both radii shrink to just inside d(k, k_j); no other entry changes
+        (Eq. 1 sends a query to its nearest key first). Returns the new ball's radius."""
+        cb = self.codebook
+        d = cb.distances(k[None])[0]  # (N,) d(k, k_j)
+        other = torch.tensor([t != target for t in cb.targets], dtype=torch.bool)  # (N,)
+        overlap = other.to(d.device) & ((d <= cb.radii) | (d <= eps))  # (N,)
+        new_eps = eps
+        for j in overlap.nonzero()[:, 0].tolist():
+            inside = float(d[j]) * (1 - 1e-3)  # a margin far above float round-off
+            cb.radii[j] = min(float(cb.radii[j]), inside)
+            new_eps = min(new_eps, inside)
+        return new_eps
+
+    def train(self, record, init: nn.Module | None) -> tuple[nn.Module, list[float]]:
+        """Eq. 2: a new value, started from l (or from ``init``), trained on (i, t) -> y^n."""
+        cfg = self.config
         torch.manual_seed(cfg.seed)  # LoRA's A
         value = new_value(self.layer, cfg.value_form, cfg.rank)
         if init is not None:
             value.load_state_dict(init.state_dict())
-        batch = self.backbone.to_device(
-            self.backbone.encode([record.image], [record.question], [record.target])
-        )
-        losses = train_value(
-            self.backbone, self.layer_path, value, batch, cfg.steps, cfg.lr, cfg.cache
-        )  # Eq. 2
-        index = cb.add(k, value, eps, record.target, asked)
-        return EditReport(
-            index, action, removed, d_pos, d_neg, eps, losses, time.perf_counter() - start
-        )
+        batch = self.backbone.encode([record.image], [record.question], [record.target])
+        batch = self.backbone.to_device(batch)
+        path = self.layer_path
+        losses = train_value(self.backbone, path, value, batch, cfg.steps, cfg.lr, cfg.cache)
+        return value, losses
 
     def attached(self) -> Router:
         """``with editor.attached(): ...`` runs the edited model (Eq. 1)."""
         return attach(self.backbone, self.layer_path, self.codebook, self.config.pool)
 
     def remove(self, j: int) -> None:
-        """Undo edit j (the model is as if it had never been made)."""
+        """Undo edit j: the model is as if it had never been made."""
         self.codebook.remove(j)
 
     # ------------------------------------------------------------ save / load (safetensors + json)
     def save(self, path) -> None:
         """Write ``path/codebook.safetensors`` (keys, radii, values) and ``path/codebook.json``."""
         path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{path}: exists and is not a folder; cannot save a codebook there")
         path.mkdir(parents=True, exist_ok=True)
-        save_file(
-            {k: v.cpu().contiguous() for k, v in self.codebook.state_dict().items()},
-            str(path / "codebook.safetensors"),
-        )
-        meta = {
-            "format": "balancedit-codebook",
-            "version": 1,
-            "config": asdict(self.config),
-            "layer": self.layer_path,
-            "targets": self.codebook.targets,
-            "asked": self.codebook.asked,
-        }
+        state = {k: t.cpu().contiguous() for k, t in self.codebook.state_dict().items()}
+        save_file(state, str(path / "codebook.safetensors"))
+        meta = {"format": FORMAT, "version": VERSION, "config": asdict(self.config)}
+        meta["layer"] = self.layer_path
+        meta["targets"] = self.codebook.targets
+        meta["asked"] = [None if a is None else asdict(a) for a in self.codebook.asked]
         (path / "codebook.json").write_text(json.dumps(meta, indent=1) + "\n")
 
     @classmethod
     def load(cls, path, backbone: nn.Module) -> "BalancEditor":
-        """Read what ``save`` wrote, for this backbone; every entry is checked as ``add`` checks it."""
+        """Read what ``save`` wrote, for this backbone; every entry is checked as ``add`` checks
+        it. A bad file is one ValueError that names the file and what is wrong in it."""
+        files = {name: Path(path, f"codebook.{name}") for name in ("json", "safetensors")}
         try:
-            meta, state = (
-                json.loads(Path(path, "codebook.json").read_text()),
-                load_file(str(Path(path, "codebook.safetensors"))),
-            )
-            if meta.get("format") != "balancedit-codebook" or meta.get("version") != 1:
-                raise ValueError("not a BalancEdit codebook of format version 1")
+            meta = json.loads(files["json"].read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{files['json']}: cannot load a codebook: {e}") from e
+        if not isinstance(meta, dict) or set(meta) != set(META_FIELDS):
+            want = f"a json object with the fields {', '.join(META_FIELDS)}"
+            raise ValueError(f"{files['json']}: cannot load a codebook: want {want}")
+        if (meta["format"], meta["version"]) != (FORMAT, VERSION):
+            want = f"format {FORMAT!r} version {VERSION}"
+            raise ValueError(f"{files['json']}: cannot load a codebook: want {want}")
+        try:
+            state = load_file(str(files["safetensors"]))
+        except (OSError, SafetensorError) as e:
+            raise ValueError(f"{files['safetensors']}: cannot load a codebook: {e}") from e
+        try:
             editor = cls(backbone, BalancEditConfig(**meta["config"]))
-            keys = state["keys"]  # (N, D), D = the layer's inputs
-            if (meta["layer"], len(meta["targets"]), *keys.shape[1:]) != (
-                editor.layer_path,
-                len(keys),
-                editor.layer.in_features,
-            ):
-                raise ValueError(
-                    f"saved for layer {meta['layer']!r} with {len(meta['targets'])} targets for keys of shape "
-                    f"{tuple(keys.shape)}; this layer takes {editor.layer.in_features} inputs"
-                )
-            for j, target in enumerate(meta["targets"]):
-                value, prefix = (
-                    new_value(editor.layer, editor.config.value_form, editor.config.rank),
-                    f"values.{j}.",
-                )
-                value.load_state_dict(
-                    {n[len(prefix) :]: t for n, t in state.items() if n.startswith(prefix)}
-                )
-                editor.codebook.add(
-                    keys[j], value, float(state["radii"][j]), target, meta["asked"][j]
-                )
-        except (
-            OSError,
-            ValueError,
-            TypeError,
-            KeyError,
-            IndexError,
-            AttributeError,
-            RuntimeError,
-        ) as e:
-            raise ValueError(
-                f"{path}: cannot load a codebook written by BalancEditor.save: {e}"
-            ) from None
+            editor.load_entries(meta, state)
+        except (TypeError, KeyError, IndexError, ValueError, RuntimeError) as e:
+            raise ValueError(f"{path}: cannot load a codebook: {e}") from e
         return editor
+
+    def load_entries(self, meta: dict, state: dict) -> None:
+        """Add the saved entries to this (empty) editor's codebook."""
+        if meta["layer"] != self.layer_path:
+            raise ValueError(f"saved for layer {meta['layer']!r}, not {self.layer_path!r}")
+        keys = state["keys"]  # (N, D)
+        D = self.layer.in_features
+        if keys.shape != (len(meta["targets"]), D) or len(meta["asked"]) != len(keys):
+            raise ValueError(f"keys {tuple(keys.shape)}; this layer takes {D} inputs")
+        for j, target in enumerate(meta["targets"]):
+            prefix = f"values.{j}."
+            weights = {n[len(prefix) :]: t for n, t in state.items() if n.startswith(prefix)}
+            value = new_value(self.layer, self.config.value_form, self.config.rank)
+            value.load_state_dict(weights)
+            asked = None if meta["asked"][j] is None else Asked(**meta["asked"][j])
+            self.codebook.add(keys[j], value, float(state["radii"][j]), target, asked)

@@ -212,7 +212,11 @@ def _tamper(src, dst, meta=None, tensors=None, text=None):
         ("asked missing", dict(meta=lambda m: {k: v for k, v in m.items() if k != "asked"})),
         ("target not a string", dict(meta=lambda m: {**m, "targets": [1, 2]})),
         ("a target missing", dict(meta=lambda m: {**m, "targets": m["targets"][:1]})),
-        ("unknown version", dict(meta=lambda m: {**m, "version": 2})),
+        ("unknown version", dict(meta=lambda m: {**m, "version": be.VERSION + 1})),
+        ("an unknown field", dict(meta=lambda m: {**m, "extra": 1})),
+        ("an unknown config field", dict(meta=lambda m: {**m, "config": {**m["config"], "b": 2}})),
+        ("alpha not a number", dict(meta=lambda m: {**m, "config": {**m["config"], "alpha": "x"}})),
+        ("asked not an object", dict(meta=lambda m: {**m, "asked": [1, 2]})),
         ("a field missing", dict(meta=lambda m: {k: v for k, v in m.items() if k != "config"})),
         ("not an object", dict(text="[1, 2]")),
         ("not JSON", dict(text="{oops")),
@@ -226,6 +230,24 @@ def test_load_refuses_what_add_refuses(tiny, records, tmp_path, name, change):
     _tamper(tmp_path / "ok", tmp_path / "bad", **change)
     with pytest.raises(ValueError, match="cannot load"):
         be.BalancEditor.load(tmp_path / "bad", tiny)
+
+
+@pytest.mark.parametrize("size", [5, "half"])
+def test_load_names_a_truncated_tensor_file(tiny, records, tmp_path, size):
+    m = be.BalancEditor(tiny, be.BalancEditConfig(steps=1))
+    m.edit(records[0])
+    m.save(tmp_path)
+    file = tmp_path / "codebook.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[: 5 if size == 5 else len(data) // 2])
+    with pytest.raises(ValueError, match="codebook.safetensors: cannot load"):
+        be.BalancEditor.load(tmp_path, tiny)
+
+
+def test_save_onto_a_file_is_one_clear_error(tiny, tmp_path):
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(ValueError, match="taken: exists and is not a folder"):
+        be.BalancEditor(tiny).save(tmp_path / "taken")
 
 
 def test_config_rejects_unknown_values():
