@@ -1,19 +1,18 @@
-"""BalancEdit (Guo et al., ICML 2025), the method, top to bottom in the paper's order (Sec. 4).
+"""BalancEdit (Guo et al., ICML 2025), top to bottom in the paper's order (its Section 4).
 
-The model's weights are never touched. Around one layer l the editor keeps a codebook; edit j
-is an entry (key k_j, value v_j = an edited copy of l, radius eps_j, target y^n_j).
+The model's weights are never touched. Around one layer l the editor keeps a codebook: edit j is
+an entry (key k_j, value v_j = an edited copy of l, radius eps_j, target y^n_j).
 
     Eq. 1  f^l(h) = v_j(h) if d(q, k_j) <= eps_j, where j = argmin_k d(q, k); else l(h)
     Eq. 2  v_j = argmin_v L(f_new(i, t), y^n)          (Adam on v only)
     Eq. 3  eps = alpha * d(Pos, k) + (1 - alpha) * d(Neg, k)
 
-h is l's input h^{l-1}; q and k pool it over the prompt (image and question positions). Pos is
-the same image with a rephrased question; Neg is a black image with the same question. The
-backbone (models.py) encodes a batch with a ``prompt_mask`` (B, T), True at the prompt
-positions; its ``forward`` takes that mask only so that the routing hook can read it.
-Shapes: B samples, T positions, D the layer's input width, N codebook entries.
+h is l's input h^{l-1}; q and k pool it over the prompt (image and question). Pos is the same
+image with a rephrased question, Neg a black image with the same question. Shapes: B samples,
+T positions, D the layer's input width, N codebook entries.
 """
 
+import contextlib
 import hashlib
 import json
 import math
@@ -30,20 +29,17 @@ from safetensors.torch import load_file, save_file
 from data import ANCHORS, anchor_image
 from models import lm_loss
 
-CHOICES = {  # the allowed values of the config's named fields
+CHOICES = {  # allowed values of the config's fields
     "distance": ("cos", "euc"),
     "pool": ("mean", "last"),
     "negative": ANCHORS,
     "value_form": ("full", "lora"),
 }
-FORMAT = "balancedit-codebook"  # a saved codebook's json
-VERSION = 2  # 2: what an edit asked is an object with named fields
-META_FIELDS = ("format", "version", "config", "layer", "targets", "asked")
 
 
 @dataclass
 class BalancEditConfig:
-    """The method's knobs, with the defaults used on TinyVLM."""
+    """The knobs, with the defaults used on TinyVLM."""
 
     layer: str | None = None  # dotted path of layer l (an nn.Linear); None: the backbone's
     alpha: float = 0.7  # Eq. 3: 0 gives d(Neg, k), 1 gives d(Pos, k) (authors: 0.05-0.35)
@@ -53,17 +49,15 @@ class BalancEditConfig:
     steps: int = 100  # Eq. 2: Adam steps (authors: 50 on BLIP-2 OPT)
     lr: float = 1e-2  # Eq. 2: Adam's learning rate (authors: 1e-4 on BLIP-2 OPT)
     value_form: str = "full"  # v_k: a "full" copy of l (the paper's) or "lora" (l + B A)
-    rank: int = 8  # the rank of B A when value_form is "lora"
+    rank: int = 8  # the rank of B A (value_form "lora")
     cache: bool = True  # Eq. 2 on cached activations: the same values, faster
     seed: int = 0  # LoRA's A and the noise negative
 
-    def __post_init__(self):
-        """Refuse a bad value before any work, naming the field."""
+    def __post_init__(self):  # refuse a bad value before any work, naming the field
         for name, allowed in CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(
-                    f"BalancEditConfig.{name}: {getattr(self, name)!r} not in {allowed}"
-                )
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"BalancEditConfig.{name}: {value!r} is not in {allowed}")
         if not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
             raise ValueError(f"BalancEditConfig.alpha: {self.alpha!r} is not a number in [0, 1]")
         for name in ("steps", "rank"):
@@ -74,50 +68,40 @@ class BalancEditConfig:
             raise ValueError(f"BalancEditConfig.lr: {self.lr!r} is not a positive number")
 
 
-# ---------------------------------------------------------------- distance and radius (Eq. 3)
 def distance(queries: torch.Tensor, keys: torch.Tensor, metric: str) -> torch.Tensor:
-    """d(q, k) for every pair, in float32: (B, D), (N, D) -> (B, N). "cos": 1 - cos(q, k), in
-    [0, 2] (a zero vector is at distance 1 from all); "euc": ||q - k||_2 (Table 6)."""
-    q = queries.float()
-    k = keys.float()
-    if metric == "cos":
-        q_hat = F.normalize(q, dim=-1, eps=1e-8)  # (B, D)
-        k_hat = F.normalize(k, dim=-1, eps=1e-8)  # (N, D)
+    """d(q, k) for every pair, in float32: (B, D), (N, D) -> (B, N)."""
+    if metric == "cos":  # 1 - cos(q, k), in [0, 2]; a zero vector is at 1 from all
+        q_hat = F.normalize(queries.float(), dim=-1, eps=1e-8)  # (B, D)
+        k_hat = F.normalize(keys.float(), dim=-1, eps=1e-8)  # (N, D)
         return (1.0 - q_hat @ k_hat.T).clamp(min=0.0)  # (B, N)
-    if metric == "euc":
-        # Not the matmul shortcut, which rounds d(k, k) off zero.
-        return torch.cdist(q, k, compute_mode="donot_use_mm_for_euclid_dist")  # (B, N)
+    if metric == "euc":  # ||q - k||_2 (Table 6), not by matmul: d(k, k) is exactly 0
+        mode = "donot_use_mm_for_euclid_dist"
+        return torch.cdist(queries.float(), keys.float(), compute_mode=mode)  # (B, N)
     raise ValueError(f"unknown distance {metric!r}; allowed: {CHOICES['distance']}")
 
 
 def radius(d_pos, d_neg, alpha: float):
     """Eq. 3: eps = alpha * d(Pos, k) + (1 - alpha) * d(Neg, k), for floats or tensors.
 
-    The paper's main text swaps the two weights; its Appendix D (Eq. 10), the authors' code and
-    its alpha ablation (the ball shrinks as alpha grows) all use this form. alpha = 0 gives
-    d(Neg, k), the widest ball that leaves the negative out; alpha = 1 gives d(Pos, k), the
-    smallest that holds the positive.
+    The paper's main text swaps the weights; its Eq. 10, the authors' code and its ablation
+    (the ball shrinks as alpha grows) use this form: alpha = 0 leaves Neg just out, 1 holds Pos.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1]; got {alpha}")
     if alpha == 1.0:
-        return d_pos  # exactly: the form below may round off by one ulp
-    # The same sum, written as a step from d_neg towards d_pos: monotone in alpha, also in floats.
+        return d_pos  # exactly: the form below rounds off
+    # The same sum as a step from d_neg towards d_pos: monotone in alpha in floats too.
     eps = d_neg + alpha * (d_pos - d_neg)
-    # Round-off must not step past either end.
+    # Clamped: round-off never steps past either end.
     if isinstance(eps, torch.Tensor):
         return eps.clamp(torch.minimum(d_pos, d_neg), torch.maximum(d_pos, d_neg))
     return min(max(eps, min(d_pos, d_neg)), max(d_pos, d_neg))
 
 
-# ---------------------------------------------------------------- the key
 def prompt_mean(h: torch.Tensor, prompt: torch.Tensor, pool: str = "mean") -> torch.Tensor:
-    """The key (or query) of each sample: h^{l-1} (B, T, D) pooled over its prompt mask (B, T).
-
-    "mean" averages the prompt positions, never padding or the answer, so that free generation
-    and a padded batch see the same key; "last" takes the last prompt position only.
-    Returns (B, D) float32; NaN for a row with no prompt position (a KV-cache decoding step).
-    """
+    """The key (or query) of each sample, (B, D) float32: h^{l-1} (B, T, D) pooled over the
+    prompt (B, T), never padding or the answer, so that generation and a padded batch see the
+    same key. NaN for a row with no prompt position (a KV-cache decoding step)."""
     if pool == "last":
         # The running count of prompt positions reaches the row's total at its last one.
         count = prompt.cumsum(dim=1)  # (B, T)
@@ -126,7 +110,6 @@ def prompt_mean(h: torch.Tensor, prompt: torch.Tensor, pool: str = "mean") -> to
     return (h.float() * weight).sum(dim=1) / weight.sum(dim=1)  # (B, D)
 
 
-# ---------------------------------------------------------------- the codebook
 @dataclass
 class Asked:
     """What an edit asked: its image (by SHA-1), its question and the question's rephrasings."""
@@ -139,13 +122,12 @@ class Asked:
         """The same image, and the same question up to a rephrasing."""
         if other is None or other.image_sha1 != self.image_sha1:
             return False
-        mine = {self.question, *self.rephrasings}
-        return not mine.isdisjoint([other.question, *other.rephrasings])
+        theirs = [other.question, *other.rephrasings]
+        return not {self.question, *self.rephrasings}.isdisjoint(theirs)
 
 
 class Codebook(nn.Module):
-    """The entries j = (k_j, eps_j, v_j, y^n_j): keys (N, D) and radii (N,) in buffers, values
-    in a ModuleList, targets and what each edit asked (``Asked`` or None) in lists, one length."""
+    """The entries j = (k_j, eps_j, v_j, y^n_j); tensors in buffers, one length N for all."""
 
     def __init__(self, metric: str = "cos"):
         super().__init__()
@@ -153,10 +135,10 @@ class Codebook(nn.Module):
             raise ValueError(f"unknown distance {metric!r}; allowed: {CHOICES['distance']}")
         self.metric = metric  # d of Eq. 1
         self.register_buffer("keys", torch.zeros(0, 0))  # (N, D); the first key sets D
-        self.register_buffer("radii", torch.zeros(0))  # (N,)
+        self.register_buffer("radii", torch.zeros(0))  # N
         self.values = nn.ModuleList()  # v_j
         self.targets = []  # y^n_j
-        self.asked = []  # Asked of edit j
+        self.asked = []  # Asked of edit j, or None
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -170,7 +152,7 @@ class Codebook(nn.Module):
         if not math.isfinite(float(radius)) or radius < 0:
             raise ValueError(f"radius must be a finite number >= 0; got {radius!r}")
         if not isinstance(target, str):
-            raise ValueError(f"need a string target; got {target!r}")
+            raise ValueError(f"need a string target: {target!r}")
         if len(self) == 0:
             self.keys = key.new_zeros(0, D)
         self.keys = torch.cat([self.keys, key[None]])  # (N+1, D)
@@ -181,7 +163,7 @@ class Codebook(nn.Module):
         return len(self) - 1
 
     def remove(self, j: int) -> None:
-        """Delete entry j; later entries shift down by one."""
+        """Delete entry j; later entries shift down one."""
         if not 0 <= j < len(self):
             raise IndexError(f"codebook index {j} out of range for {len(self)} entries")
         keep = torch.arange(len(self), device=self.keys.device) != j  # (N,) all but j
@@ -192,34 +174,26 @@ class Codebook(nn.Module):
         del self.asked[j]
 
     @torch.no_grad()
-    def distances(self, queries: torch.Tensor) -> torch.Tensor:
-        """d(q, k_j) for every query (B, D) and entry j: (B, N)."""
-        if len(self) == 0:
-            return torch.zeros(len(queries), 0, device=queries.device)  # no key to compare
-        return distance(queries, self.keys, self.metric)
-
-    @torch.no_grad()
     def lookup(self, queries: torch.Tensor):
-        """Eq. 1's decision for each query (B, D): j = argmin_k d(q, k) (B,), d(q, k_j) (B,)
-        and hit = d(q, k_j) <= eps_j (B,). A NaN query never hits; no entry: -1, inf, False."""
+        """Eq. 1's decision per query (B, D): j = argmin_k d(q, k), d(q, k_j), hit: d <= eps_j,
+        each (B,). A NaN query never hits; with no entry: -1, inf, False."""
         B = len(queries)
         if len(self) == 0:
             j = torch.full((B,), -1, device=queries.device)
             dist = torch.full((B,), math.inf, device=queries.device)
             return j, dist, torch.zeros(B, dtype=torch.bool, device=queries.device)
-        dist, j = self.distances(queries).min(dim=1)  # (B,), (B,)
+        dist, j = distance(queries, self.keys, self.metric).min(dim=1)  # (B,), (B,)
         return j, dist, dist <= self.radii[j]
 
 
-# ---------------------------------------------------------------- the values v_k
 class LoRAValue(nn.Module):
-    """v(x) = W x + b + B A x, with layer l's W and b frozen: r (in + out) trained numbers
+    """v(x) = W x + b + B A x, W and b layer l's own (frozen): r (in + out) trained numbers
     instead of a copy of l. B starts at zero, so v starts as l."""
 
     def __init__(self, layer: nn.Linear, rank: int = 8):
         super().__init__()
         device = layer.weight.device
-        # l's own weight and bias: shared, not copied; neither trained nor saved.
+        # l's weight and bias, shared (not copied), neither trained nor saved.
         self.register_buffer("W", layer.weight.detach(), persistent=False)  # (out, in)
         bias = None if layer.bias is None else layer.bias.detach()
         self.register_buffer("b", bias, persistent=False)  # (out,) or None
@@ -233,52 +207,40 @@ class LoRAValue(nn.Module):
 
 
 def new_value(layer: nn.Linear, form: str = "full", rank: int = 8) -> nn.Module:
-    """A value that starts as layer l, trained and kept in float32 (Adam on fp16 weights loses
-    small updates): "full", a copy of l; "lora", l plus a zero low-rank update."""
+    """v, starting as layer l: a "full" copy or l + a zero "lora" update, in float32 (Adam on
+    fp16 weights loses small updates)."""
     if form == "lora":
         return LoRAValue(layer, rank)
     shape = (layer.in_features, layer.out_features)
     bias = layer.bias is not None
-    # skip_init: no random initialisation (and no draw from the RNG); the weights are l's.
+    # skip_init: no random initialisation (no draw from the RNG); the weights are l's.
     value = nn.utils.skip_init(nn.Linear, *shape, bias=bias, device=layer.weight.device)
     value.load_state_dict(layer.state_dict())  # l's weights, cast to float32
     return value
 
 
-# ---------------------------------------------------------------- routing (Eq. 1)
-class Router:
-    """Eq. 1 as a forward hook on layer l, per sample: a sample whose query falls in ball j gets
-    v_j(h); every other sample keeps l's output, bit for bit.
-
-    The layout comes from the backbone: a pre-hook on the model reads each call's
-    ``prompt_mask`` (B, T) keyword. It undoes OPT's flattening of (B, T, D) to (B*T, D) before
-    ``fc2``. With no mask, every position of a 3-D input counts and each row of a 2-D input is
-    one sample. Ends with ``detach()`` or at the end of a ``with`` block.
-    """
+class Router(contextlib.AbstractContextManager):
+    """Eq. 1 as a forward hook on layer l, per sample, until ``detach()`` or a ``with``'s end.
+    The backbone's ``forward`` takes the batch's ``prompt_mask`` (B, T) only for this router
+    to read: it undoes OPT's flattening of (B, T, D) to (B*T, D) before ``fc2``."""
 
     def __init__(self, model: nn.Module, layer_path: str, codebook: Codebook, pool: str = "mean"):
         self.codebook = codebook
         self.pool = pool  # how a query pools h^{l-1}: "mean" or "last"
         self.mask = None  # the prompt mask (B, T) of the model's current call, or None
         self.held = None  # (B,) the route chosen on the prompt, held while decoding
-        self.last_index = None  # (B,) the entry each sample used in the last call; -1: l itself
-        self.last_query = None  # (B, D) the queries of the last call
-        layer = model.get_submodule(layer_path)
-        self.handles = [
-            layer.register_forward_hook(self.route),
-            model.register_forward_pre_hook(self.read_mask, with_kwargs=True),
-        ]
+        self.last_index = None  # (B,) the entry each sample used in the last call; -1: l
+        self.last_query = None  # (B, D) the last call's queries
+        self.handles = [model.get_submodule(layer_path).register_forward_hook(self.route)]
+        self.handles.append(model.register_forward_pre_hook(self.read_mask, with_kwargs=True))
 
     def read_mask(self, model, args, kwargs):
         self.mask = kwargs.get("prompt_mask")
 
     def detach(self) -> None:
-        """Remove the hooks: the model is the plain model again."""
+        """Remove the hooks: the plain model again."""
         for handle in self.handles:
             handle.remove()
-
-    def __enter__(self):
-        return self
 
     def __exit__(self, *exc):
         self.detach()
@@ -302,8 +264,8 @@ class Router:
         if self.mask is None:
             self.held = None
         else:
-            # KV-cache decoding: a row with no prompt position keeps its prompt's route; a new
-            # batch size, or an entry removed since, holds nothing.
+            # KV-cache decoding: a row with no prompt position keeps its prompt's route. A new
+            # batch size holds nothing, nor does an entry removed since.
             held = self.held
             if held is None or len(held) != B:
                 held = torch.full_like(index, -1)
@@ -325,8 +287,7 @@ attach = Router  # with attach(model, layer_path, codebook[, pool]) as router: .
 
 
 def override(model: nn.Module, layer_path: str, value: nn.Module):
-    """f_new of Eq. 2: every output of layer l becomes v(h^{l-1}). Returns the hook's handle,
-    a context manager too: ``with override(...):`` removes the hook at the block's end."""
+    """f_new of Eq. 2: every output of layer l is v(h^{l-1}), until the hook is removed."""
 
     def hook(layer, args, out):
         return value(args[0].float()).to(out.dtype)  # v computes in float32
@@ -334,19 +295,18 @@ def override(model: nn.Module, layer_path: str, value: nn.Module):
     return model.get_submodule(layer_path).register_forward_hook(hook)
 
 
-# ---------------------------------------------------------------- training a value (Eq. 2)
 def train_value(backbone, layer_path, value, batch, steps, lr, cache=True) -> list[float]:
-    """Eq. 2: v* = argmin_v L(f_new(i, t), y^n), Adam on v's parameters only; L is the LM
-    cross-entropy on the target tokens (labels -100 elsewhere). Returns the loss at each step."""
+    """Eq. 2: v* = argmin_v L(f_new(i, t), y^n) by Adam on v's parameters only; L is the LM
+    cross-entropy on the target tokens (labels -100 elsewhere). Returns each step's loss."""
     params = [p for p in value.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
-    # The layers below l are frozen: with cache, record h^{l-1} once and run only v and the
-    # network after l at each step (None where the backbone has no tail: the plain loop).
+    # The layers below l are frozen: record h^{l-1} once, then run v and the rest of the net.
     cached = backbone.tail(batch, layer_path) if cache else None
     losses = []
     for _ in range(steps):
         if cached is None:
-            with override(backbone, layer_path, value):  # the whole model, l replaced by v
+            # The whole model, l replaced by v; a hook's handle removes it at the block's end.
+            with override(backbone, layer_path, value):
                 loss = backbone(**batch).loss
         else:
             h, rest = cached  # h^{l-1} as l saw it; rest: l's output -> logits
@@ -362,7 +322,6 @@ def train_value(backbone, layer_path, value, batch, steps, lr, cache=True) -> li
     return losses
 
 
-# ---------------------------------------------------------------- the editor
 @dataclass
 class EditReport:  # what one edit did
     index: int  # the entry of this edit
@@ -376,8 +335,7 @@ class EditReport:  # what one edit did
 
 
 class BalancEditor:
-    """BalancEdit at one layer: ``edit(record)`` adds an entry, ``attached()`` runs the edited
-    model, ``remove(j)`` undoes edit j."""
+    """BalancEdit at one layer: ``edit`` adds an entry, ``attached()`` is the edited model."""
 
     def __init__(self, backbone: nn.Module, config: BalancEditConfig = BalancEditConfig()):
         self.backbone = backbone
@@ -385,8 +343,8 @@ class BalancEditor:
         self.layer_path = config.layer or backbone.target_layer
         self.layer = backbone.get_submodule(self.layer_path)  # layer l
         if not isinstance(self.layer, nn.Linear):
-            kind = type(self.layer).__name__
-            raise ValueError(f"layer {self.layer_path!r} is a {kind}, not an nn.Linear")
+            got = type(self.layer).__name__
+            raise ValueError(f"layer {self.layer_path!r} is a {got}, not an nn.Linear")
         self.codebook = Codebook(config.distance).to(self.layer.weight.device)
 
     def __len__(self) -> int:
@@ -402,8 +360,7 @@ class BalancEditor:
         """R(t): a training rephrasing (never one that scores T-Gen), else the backbone's own."""
         if record.train_rephrases:
             return record.train_rephrases[0]
-        offered = self.backbone.rephrase(record.question)
-        unseen = [q for q in offered if q not in record.rephrases]
+        unseen = [q for q in self.backbone.rephrase(record.question) if q not in record.rephrases]
         if not unseen:
             raise ValueError(f"record {record.id}: no training rephrasing, none from the backbone")
         return unseen[0]
@@ -415,11 +372,14 @@ class BalancEditor:
         k, d_pos, d_neg = self.probe(record)  # 1. the key, d(Pos, k) and d(Neg, k)
         eps = radius(d_pos, d_neg, self.config.alpha)  # 2. Eq. 3
         image_sha1 = hashlib.sha1(record.image.tobytes()).hexdigest()
-        rephrasings = [*record.train_rephrases, *record.rephrases]
-        asked = Asked(image_sha1, record.question, rephrasings)
+        asked = Asked(image_sha1, record.question, [*record.train_rephrases, *record.rephrases])
         removed = self.drop_conflicts(asked, y)  # 3. the many-edit rules
-        init = None if removed else self.same_target_value(k, y)
-        eps = self.shrink_overlaps(k, eps, y)
+        init = None
+        if len(self.codebook):  # the rules below compare k with the keys there are
+            d = distance(k[None], self.codebook.keys, self.config.distance)[0]  # (N,) d(k, k_j)
+            same = torch.tensor([t == y for t in self.codebook.targets], device=d.device)  # (N,)
+            init = None if removed else self.same_target_value(d, same)
+            eps = self.shrink_overlaps(d, ~same, eps)
         value, losses = self.train(record, init)  # 4. Eq. 2
         index = self.codebook.add(k, value, eps, y, asked)  # 5. the new entry
         action = "conflict" if removed else "new" if init is None else "overlap"
@@ -427,21 +387,19 @@ class BalancEditor:
         return EditReport(index, action, removed, d_pos, d_neg, eps, losses, seconds)
 
     def probe(self, record) -> tuple[torch.Tensor, float, float]:
-        """The key k of (i, t), d(Pos, k) and d(Neg, k), from one batch of three rows:
-        (i, t), Pos = (i, R(t)) and Neg = (black, t)."""
+        """The key k and d(Pos, k), d(Neg, k), from one batch: (i, t), (i, R(t)), (black, t)."""
         cfg = self.config
         black = anchor_image(cfg.negative, record.image.size, seed=cfg.seed)  # or white, noise
         images = [record.image, record.image, black]
         questions = [record.question, self.positive(record), record.question]
-        keys = self.keys_of(images, questions)  # (3, D)
-        k = keys[0]  # (D,)
-        d = distance(keys[1:], k[None], cfg.distance)  # (2, 1): d(Pos, k), d(Neg, k)
-        return k, float(d[0, 0]), float(d[1, 0])
+        keys = self.keys_of(images, questions)  # (3, D): k, Pos's key, Neg's key
+        d = distance(keys[1:], keys[:1], cfg.distance)  # (2, 1): d(Pos, k), d(Neg, k)
+        return keys[0], float(d[0, 0]), float(d[1, 0])
 
-    # Many edits (the paper's "how to continually edit"): one rule per method.
+    # Many edits (the paper's "how to continually edit"), one rule per method.
     def drop_conflicts(self, asked: Asked, target: str) -> list[str]:
-        """The same edit asked again (its image, its question up to a rephrasing) with a new
-        answer: the old entry goes. A merely near key is no conflict. Returns what went."""
+        """The same edit asked again with a new answer: the old entry goes (a merely near key is
+        no conflict). Returns what went, as "question -> target"."""
         cb = self.codebook
         removed = []
         for j in reversed(range(len(cb))):  # from the end: the indices left stay valid
@@ -450,32 +408,24 @@ class BalancEditor:
                 cb.remove(j)
         return removed
 
-    def same_target_value(self, k: torch.Tensor, target: str) -> nn.Module | None:
-        """The value of the nearest entry with the same target whose ball holds k: the new value
-        starts from it, so that the earlier edit is not forgotten. None if there is none."""
-        cb = self.codebook
-        d = cb.distances(k[None])[0]  # (N,) d(k, k_j)
-        same = torch.tensor([t == target for t in cb.targets], dtype=torch.bool)  # (N,)
-        holds = same.to(d.device) & (d <= cb.radii)  # (N,)
+    def same_target_value(self, d: torch.Tensor, same: torch.Tensor) -> nn.Module | None:
+        """The nearest same-target entry (``same`` (N,)) whose ball holds k (at ``d`` (N,)): the
+        new value starts from its value, so that the earlier edit is not forgotten."""
+        holds = same & (d <= self.codebook.radii)  # (N,)
         if not holds.any():
             return None
-        j = int(torch.where(holds, d, math.inf).argmin())
-        return cb.values[j]
+        return self.codebook.values[int(torch.where(holds, d, math.inf).argmin())]  # the nearest
 
-    def shrink_overlaps(self, k: torch.Tensor, eps: float, target: str) -> float:
-        """Balls with different targets must not hold each other's keys. Where the new ball and
-        entry j's overlap so, both radii shrink to just inside d(k, k_j); no other entry changes
-        (Eq. 1 sends a query to its nearest key first). Returns the new ball's radius."""
+    def shrink_overlaps(self, d: torch.Tensor, other: torch.Tensor, eps: float) -> float:
+        """Balls with other targets (``other`` (N,)) must not hold each other's keys: where they
+        do, both radii shrink to just inside d(k, k_j). Returns the new ball's radius."""
         cb = self.codebook
-        d = cb.distances(k[None])[0]  # (N,) d(k, k_j)
-        other = torch.tensor([t != target for t in cb.targets], dtype=torch.bool)  # (N,)
-        overlap = other.to(d.device) & ((d <= cb.radii) | (d <= eps))  # (N,)
-        new_eps = eps
+        overlap = other & ((d <= cb.radii) | (d <= eps))  # (N,) either holds the other's key
         for j in overlap.nonzero()[:, 0].tolist():
             inside = float(d[j]) * (1 - 1e-3)  # a margin far above float round-off
             cb.radii[j] = min(float(cb.radii[j]), inside)
-            new_eps = min(new_eps, inside)
-        return new_eps
+            eps = min(eps, inside)
+        return eps
 
     def train(self, record, init: nn.Module | None) -> tuple[nn.Module, list[float]]:
         """Eq. 2: a new value, started from l (or from ``init``), trained on (i, t) -> y^n."""
@@ -495,10 +445,9 @@ class BalancEditor:
         return attach(self.backbone, self.layer_path, self.codebook, self.config.pool)
 
     def remove(self, j: int) -> None:
-        """Undo edit j: the model is as if it had never been made."""
+        """Undo edit j, as if it had never been made."""
         self.codebook.remove(j)
 
-    # ------------------------------------------------------------ save / load (safetensors + json)
     def save(self, path) -> None:
         """Write ``path/codebook.safetensors`` (keys, radii, values) and ``path/codebook.json``."""
         path = Path(path)
@@ -507,7 +456,7 @@ class BalancEditor:
         path.mkdir(parents=True, exist_ok=True)
         state = {k: t.cpu().contiguous() for k, t in self.codebook.state_dict().items()}
         save_file(state, str(path / "codebook.safetensors"))
-        meta = {"format": FORMAT, "version": VERSION, "config": asdict(self.config)}
+        meta = {"format": "balancedit-codebook", "version": 2, "config": asdict(self.config)}
         meta["layer"] = self.layer_path
         meta["targets"] = self.codebook.targets
         meta["asked"] = [None if a is None else asdict(a) for a in self.codebook.asked]
@@ -515,42 +464,37 @@ class BalancEditor:
 
     @classmethod
     def load(cls, path, backbone: nn.Module) -> "BalancEditor":
-        """Read what ``save`` wrote, for this backbone; every entry is checked as ``add`` checks
-        it. A bad file is one ValueError that names the file and what is wrong in it."""
-        files = {name: Path(path, f"codebook.{name}") for name in ("json", "safetensors")}
+        """Read what ``save`` wrote; a bad file is one ValueError naming the file and the fault."""
+        meta_file = Path(path, "codebook.json")
+        tensor_file = Path(path, "codebook.safetensors")
         try:
-            meta = json.loads(files["json"].read_text())
+            meta = json.loads(meta_file.read_text())
         except (OSError, ValueError) as e:
-            raise ValueError(f"{files['json']}: cannot load a codebook: {e}") from e
-        if not isinstance(meta, dict) or set(meta) != set(META_FIELDS):
-            want = f"a json object with the fields {', '.join(META_FIELDS)}"
-            raise ValueError(f"{files['json']}: cannot load a codebook: want {want}")
-        if (meta["format"], meta["version"]) != (FORMAT, VERSION):
-            want = f"format {FORMAT!r} version {VERSION}"
-            raise ValueError(f"{files['json']}: cannot load a codebook: want {want}")
+            raise ValueError(f"{meta_file}: cannot load a codebook: {e}") from e
+        fields = {"format", "version", "config", "layer", "targets", "asked"}
+        header = {"format": "balancedit-codebook", "version": 2}
+        if not isinstance(meta, dict) or set(meta) != fields or meta | header != meta:
+            want = f"{header} and the fields {sorted(fields)}"
+            raise ValueError(f"{meta_file}: cannot load a codebook: want {want}")
         try:
-            state = load_file(str(files["safetensors"]))
+            state = load_file(str(tensor_file))
         except (OSError, SafetensorError) as e:
-            raise ValueError(f"{files['safetensors']}: cannot load a codebook: {e}") from e
-        try:
+            raise ValueError(f"{tensor_file}: cannot load a codebook: {e}") from e
+        try:  # a bad field or entry: the message says which
             editor = cls(backbone, BalancEditConfig(**meta["config"]))
-            editor.load_entries(meta, state)
+            if meta["layer"] != editor.layer_path:
+                raise ValueError(f"saved for layer {meta['layer']!r}, not {editor.layer_path!r}")
+            keys = state["keys"]  # (N, D)
+            D = editor.layer.in_features
+            if keys.shape != (len(meta["targets"]), D) or len(meta["asked"]) != len(keys):
+                raise ValueError(f"keys {tuple(keys.shape)}; this layer takes {D} inputs")
+            for j, target in enumerate(meta["targets"]):
+                value = new_value(editor.layer, editor.config.value_form, editor.config.rank)
+                prefix = f"values.{j}."
+                weights = {n[len(prefix) :]: t for n, t in state.items() if n.startswith(prefix)}
+                value.load_state_dict(weights)
+                asked = None if meta["asked"][j] is None else Asked(**meta["asked"][j])
+                editor.codebook.add(keys[j], value, float(state["radii"][j]), target, asked)
         except (TypeError, KeyError, IndexError, ValueError, RuntimeError) as e:
             raise ValueError(f"{path}: cannot load a codebook: {e}") from e
         return editor
-
-    def load_entries(self, meta: dict, state: dict) -> None:
-        """Add the saved entries to this (empty) editor's codebook."""
-        if meta["layer"] != self.layer_path:
-            raise ValueError(f"saved for layer {meta['layer']!r}, not {self.layer_path!r}")
-        keys = state["keys"]  # (N, D)
-        D = self.layer.in_features
-        if keys.shape != (len(meta["targets"]), D) or len(meta["asked"]) != len(keys):
-            raise ValueError(f"keys {tuple(keys.shape)}; this layer takes {D} inputs")
-        for j, target in enumerate(meta["targets"]):
-            prefix = f"values.{j}."
-            weights = {n[len(prefix) :]: t for n, t in state.items() if n.startswith(prefix)}
-            value = new_value(self.layer, self.config.value_form, self.config.rank)
-            value.load_state_dict(weights)
-            asked = None if meta["asked"][j] is None else Asked(**meta["asked"][j])
-            self.codebook.add(keys[j], value, float(state["radii"][j]), target, asked)

@@ -1,4 +1,5 @@
-"""Edit records, the two dataset loaders the paper uses, and anchor images.
+"""The data that edits are made and scored on: edit records, the paper's two dataset
+loaders, anchor images, and the tiny world behind TinyVLM and the shipped sample.
 
 The paper (Guo et al., ICML 2025) evaluates on OKEDIT, its own benchmark, and on
 MMEdit's E-VQA; both are read here into one structure, `EditRecord`, which carries
@@ -80,9 +81,8 @@ class EditRecord:
     locality: list[Sample]  # scoring Loc (Eq. 7)
     m_locality: list[Sample]  # unrelated multimodal locality
     category: str = ""
-    q_locality: list[Sample] = field(
-        default_factory=list
-    )  # the edit's images, the other questions (q_loc)
+    # the edit's images, asked the other questions (q_loc)
+    q_locality: list[Sample] = field(default_factory=list)
 
 
 class DataError(ValueError):
@@ -95,21 +95,24 @@ class DataError(ValueError):
 ANCHORS = ("black", "white", "noise")
 
 
-def anchor_image(kind: str, size: Union[int, tuple[int, int]] = 64, seed: int = 0) -> Image.Image:
-    """A black, white or uniform-noise RGB image; `size` is an int or (w, h)."""
-    w, h = (size, size) if isinstance(size, int) else size
+def anchor_image(anchor: str, size: Union[int, tuple[int, int]] = 64, seed: int = 0) -> Image.Image:
+    """The anchor image `anchor` (one of ANCHORS): a black, white or uniform-noise RGB image;
+    `size` is an int or (w, h)."""
+    if isinstance(size, int):
+        w = size
+        h = size
+    else:
+        w, h = size
     if not (isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0):
         raise ValueError(f"anchor_image: size must be a positive int or (w, h), got {size!r}")
-    if kind == "black":
+    if anchor == "black":
         pixels = np.zeros((h, w, 3), dtype=np.uint8)
-    elif kind == "white":
+    elif anchor == "white":
         pixels = np.full((h, w, 3), 255, dtype=np.uint8)
-    elif kind == "noise":
+    elif anchor == "noise":
         pixels = np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
     else:
-        raise ValueError(
-            f"anchor_image: unknown kind {kind!r}; allowed kinds: {', '.join(ANCHORS)}"
-        )
+        raise ValueError(f"anchor_image: unknown anchor {anchor!r}; allowed: {', '.join(ANCHORS)}")
     return Image.fromarray(pixels, mode="RGB")
 
 
@@ -155,8 +158,8 @@ def _is_dict_list(v: Any) -> bool:
     return isinstance(v, list) and all(isinstance(x, dict) for x in v)
 
 
-# name -> (check, description for "should be {description}")
-_KINDS = {
+# expected type name -> (check, description for "should be {description}")
+_EXPECTED = {
     "str": (_is_str, "a string"),
     "id": (_is_id, "an int or a string"),
     "int": (_is_int, "an int"),
@@ -169,20 +172,21 @@ _KINDS = {
 def _field(
     obj: dict,
     name: str,
-    kind: str,
+    expected: str,
     file: Any,
     record: str,
     default: Any = _MISSING,
     nonempty: bool = True,
 ) -> Any:
-    """obj[name], checked: present (unless a default is given), of `kind`, and
-    (if `nonempty`) not an empty string / empty list / list with an empty string."""
+    """obj[name], checked: present (unless a default is given), of the type `expected` (a key
+    of _EXPECTED), and (if `nonempty`) not an empty string / empty list / list with an empty
+    string."""
     if name not in obj:
         if default is _MISSING:
             raise _err(file, record, name, "is missing")
         return default
     value = obj[name]
-    check, description = _KINDS[kind]
+    check, description = _EXPECTED[expected]
     if not check(value):
         raise _err(file, record, name, f"should be {description}, got {_type_name(value)}")
     if nonempty:
@@ -332,7 +336,8 @@ def load_okedit(
     if limit is not None and limit < 0:
         raise ValueError(f"load_okedit: limit must be >= 0, got {limit}")
 
-    ann_path, q_path = root / "annotations.json", root / "questions.json"
+    ann_path = root / "annotations.json"
+    q_path = root / "questions.json"
     annotations = _read_json(ann_path, list)
     questions = _question_index(q_path)
     records: list[EditRecord] = []
@@ -394,7 +399,8 @@ def _okedit_record(
 
     # --- the edit image: COCO name, .jpg as the authors ship it, or lossless .png
     stem = image_root / "val2014" / f"COCO_val2014_{image_id:012d}"
-    jpg, png = stem.with_suffix(".jpg"), stem.with_suffix(".png")
+    jpg = stem.with_suffix(".jpg")
+    png = stem.with_suffix(".png")
     if not jpg.is_file() and not png.is_file():
         raise DataError(f"{jpg} or {png.name}: record {rid}: field 'image': file not found")
     image = _open_image(jpg if jpg.is_file() else png, rid, "image")
@@ -510,7 +516,10 @@ def write_okedit(
         raise DataError(
             f"write_okedit: image_ids must be {len(records)} distinct non-negative ints"
         )
-    annotations, questions, seen, written = [], [], set(), []
+    annotations = []
+    questions = []
+    seen = set()
+    written = []
     for r, image_id in zip(records, image_ids):
         if not (
             isinstance(r.id, str) and re.fullmatch(r"-?[0-9]+", r.id) and str(int(r.id)) == r.id
@@ -556,10 +565,10 @@ def write_okedit(
             rel = f"m_loc/{r.id}/{k}.png"
             written.append(_save_png(s.image, out / rel))
             m_loc.append({"image": rel, "question": s.question, "answer": s.answer})
-        own = {
-            r.image.tobytes(): f"val2014/{stem.name}.png",  # q_locality asks the record's own images
-            **{im.tobytes(): f"rephrase/{r.id}/{n}" for n, im in zip(rep_names, r.rephrase_images)},
-        }
+        # q_locality asks the record's own images: where each of them was just written
+        own = {r.image.tobytes(): f"val2014/{stem.name}.png"}
+        for n, im in zip(rep_names, r.rephrase_images):
+            own[im.tobytes()] = f"rephrase/{r.id}/{n}"
         q_loc = []
         for k, s in enumerate(r.q_locality):
             if s.image is None or s.image.tobytes() not in own:
@@ -609,7 +618,8 @@ def load_mmedit(
     limit: Optional[int] = None,
 ) -> list[EditRecord]:
     """Read MMEdit's E-VQA json into EditRecords (id = str(list index))."""
-    path, image_root = Path(json_path), Path(image_root)
+    path = Path(json_path)
+    image_root = Path(image_root)
     if limit is not None and limit < 0:
         raise ValueError(f"load_mmedit: limit must be >= 0, got {limit}")
     data = _read_json(path, list)
@@ -651,7 +661,8 @@ def write_mmedit(
     {i}_rephrase.png, {i}_m_loc.png under image_root. Raises rather than drop
     anything MMEdit cannot hold (ids other than list positions, train rephrases,
     category, more than one rephrase / rephrase image / locality / m_loc)."""
-    path, image_root = Path(json_path), Path(image_root)
+    path = Path(json_path)
+    image_root = Path(image_root)
     items = []
     for i, r in enumerate(records):
         shape = {
@@ -728,18 +739,16 @@ def _made_up_words(n: int, seed: int, avoid: set[str] = frozenset()) -> list[str
     rng = random.Random(seed)
     words: list[str] = []
     while len(words) < n:
-        w = "".join(
-            rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(2)
-        ) + rng.choice("knrsx")
+        syllables = "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(2))
+        w = syllables + rng.choice("knrsx")
         if w not in words and w not in avoid:
             words.append(w)
     return words
 
 
 KIND_NAMES = dict(zip(KINDS, _made_up_words(len(KINDS), seed=1)))  # what each kind is called
-NEW_WORDS = _made_up_words(
-    64, seed=2, avoid=set(KIND_NAMES.values())
-)  # edit targets y^n, never trained on
+# The edit targets y^n, never trained on.
+NEW_WORDS = _made_up_words(64, seed=2, avoid=set(KIND_NAMES.values()))
 
 QUESTIONS = {  # family -> ten paraphrases
     "shape": [
@@ -830,8 +839,10 @@ def _centre(rng: random.Random, r: int, split: str) -> tuple[int, int]:
     """The object's centre: cx + cy is even in "train" renderings and odd in "eval" ones."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    lo, hi = SIZE // 2 - JITTER, SIZE // 2 + JITTER
-    cx, cy = rng.randint(lo, hi), rng.randint(lo, hi)
+    lo = SIZE // 2 - JITTER
+    hi = SIZE // 2 + JITTER
+    cx = rng.randint(lo, hi)
+    cy = rng.randint(lo, hi)
     if (cx + cy) % 2 != (0 if split == "train" else 1):  # the train/eval partition
         cy += 1 if cy < hi else -1
     return cx, cy
@@ -924,21 +935,29 @@ def make_records(
     edited_shapes = rng.sample(SHAPES, len(SHAPES) // 2)  # shape scope: half of the shapes
     kinds = _edited_kinds(rng, n_locality, n // 2)  # kind scope
     target_of = dict(zip([*edited_shapes, *kinds], words))  # one target per shape / kind
-    kept = {
-        "name": lambda k: k not in kinds,
-        "shape": lambda k: k[0] not in edited_shapes,  # no edit changes
-        "colour": lambda k: True,
-    }  # family f of kind k
+
+    def unedited(family: str, k: tuple[str, str]) -> bool:
+        """No edit changes the answer of this question family on kind k."""
+        if family == "name":
+            return k not in kinds
+        if family == "shape":
+            return k[0] not in edited_shapes
+        return True  # no edit changes a colour
+
     records = []
     for i in range(n):
         if i % 2 == 0:  # scope "kind": the name of one kind
             kind = kinds[(i // 2) % len(kinds)]
-            family, target, scope = "name", target_of[kind], [kind]
+            family = "name"
+            target = target_of[kind]
+            scope = [kind]
             near = [k for k in _near_misses(kind) if k not in kinds]
         else:  # scope "shape": the shape word of every colour of one shape
-            kind = (rng.choice(edited_shapes), rng.choice(sorted(COLOURS)))
-            family, target = "shape", target_of[kind[0]]
-            scope = [k for k in KINDS if k[0] == kind[0]]
+            shape = rng.choice(edited_shapes)
+            kind = (shape, rng.choice(sorted(COLOURS)))
+            family = "shape"
+            target = target_of[shape]
+            scope = [k for k in KINDS if k[0] == shape]
             near = [k for k in KINDS if k[1] == kind[1] and k[0] not in edited_shapes]
         questions = rng.sample(QUESTIONS[family], 1 + n_rephrases + n_train_rephrases)
         question = questions[0]
@@ -948,13 +967,25 @@ def make_records(
         for _ in range(n_images):
             k = rng.choice(scope)
             shown.append((k, render(k, rng, "eval")))
-        # q_locality: each of the edit's images asked another family (alternating among those kept), so
-        # that no edit, alone or with the others, should change the answer; from a stream of its own so
-        # that every rendering above stays what it was.
-        others, qrng = (
-            [f for f in QUESTIONS if f != family],
-            random.Random(f"q_locality {seed} {i}"),
-        )
+        locality = []
+        for k in rng.sample(near, n_locality):
+            locality.append(Sample(render(k, rng, "eval"), question, answer_of(k, family)))
+        m_locality = []
+        for k in unrelated:
+            m_image = render(k, rng, "eval")  # drawn before its question, as always
+            m_question = rng.choice(QUESTIONS["colour"])
+            m_locality.append(Sample(m_image, m_question, answer_of(k, "colour")))
+        # q_locality: each of the edit's images asked another family, one that no edit changes
+        # on the image's kind (alternating among those), so that no edit, alone or with the
+        # others, should change the answer. It draws from a stream of its own, so that every
+        # rendering above stays what it was.
+        qrng = random.Random(f"q_locality {seed} {i}")
+        others = [f for f in QUESTIONS if f != family]
+        q_locality = []
+        for j, (k, im) in enumerate(shown):
+            safe = [f for f in others if unedited(f, k)]
+            f = safe[j % len(safe)]
+            q_locality.append(Sample(im, qrng.choice(QUESTIONS[f]), answer_of(k, f)))
         records.append(
             EditRecord(
                 id=str(i + 1),
@@ -965,24 +996,9 @@ def make_records(
                 rephrases=questions[1 : 1 + n_rephrases],
                 train_rephrases=questions[1 + n_rephrases :],
                 rephrase_images=[im for _, im in shown[1:]],
-                q_locality=[
-                    Sample(im, qrng.choice(QUESTIONS[f]), answer_of(k, f))
-                    for j, (k, im) in enumerate(shown)
-                    for safe in [[f for f in others if kept[f](k)]]
-                    for f in [safe[j % len(safe)]]
-                ],
-                locality=[
-                    Sample(render(k, rng, "eval"), question, answer_of(k, family))
-                    for k in rng.sample(near, n_locality)
-                ],
-                m_locality=[
-                    Sample(
-                        render(k, rng, "eval"),
-                        rng.choice(QUESTIONS["colour"]),
-                        answer_of(k, "colour"),
-                    )
-                    for k in unrelated
-                ],
+                q_locality=q_locality,
+                locality=locality,
+                m_locality=m_locality,
                 category="kind" if i % 2 == 0 else "shape",
             )
         )
@@ -1002,11 +1018,10 @@ def load_sample(limit: Optional[int] = None) -> list[EditRecord]:
     return load_okedit(SAMPLE_DIR, limit=limit)
 
 
-def make_sample(seed: int, out_dir: Union[str, os.PathLike], n: int = 40) -> list[EditRecord]:
-    """Write `n` world records in the OKEDIT layout (byte-identical for the same seed)."""
-    records = make_records(seed, n)
-    write_okedit(records, out_dir)
-    return records
+def make_sample(seed: int, out_dir: Union[str, os.PathLike], n: int = 40) -> list[Path]:
+    """Write `make_records(seed, n)` in the OKEDIT layout (byte-identical for the same seed);
+    returns the paths written."""
+    return write_okedit(make_records(seed, n), out_dir)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1029,17 +1044,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        records = make_records(args.seed, args.n)
-        written = write_okedit(records, args.out)
+        written = make_sample(args.seed, args.out, args.n)
     except (ValueError, OSError) as e:
         parser.exit(2, f"data.py make-sample: error: {e}\n")
     mine = set(written)
     others = [p for p in Path(args.out).rglob("*") if p.is_file() and p not in mine]
-    print(
-        f"wrote {len(records)} records, {len(written)} files, "
-        f"{sum(p.stat().st_size for p in written)} bytes to {args.out}"
-        + (f" ({len(others)} other files already there were left as they were)" if others else "")
-    )
+    size = sum(p.stat().st_size for p in written)
+    message = f"wrote {args.n} records, {len(written)} files, {size} bytes to {args.out}"
+    if others:
+        message += f" ({len(others)} other files already there were left as they were)"
+    print(message)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Backbones: the vision-language models that BalancEdit edits.
+"""The vision-language backbones that BalancEdit edits, each behind one small interface.
 
 Every backbone is an ``nn.Module`` with one small interface, so that nothing
 outside this file needs to know which one it holds:
@@ -13,11 +13,14 @@ outside this file needs to know which one it holds:
   ``prompt_mask`` (image + question positions: what a key averages over);
 - ``forward(**batch)`` -> ``LMOutput(logits, loss, past_key_values)``;
   ``prompt_mask`` is not used by the network: it is an argument so that a
-  routing hook attached to the backbone can read it (balancedit.attach);
+  routing hook attached to the backbone can read it (balancedit.Router reads
+  it; balancedit.attach installs the hook);
 - ``generate(images, questions)`` -> answer strings (greedy, KV cache: the
   prompt is one forward call, then one call per new token with an all-False
   prompt mask, so a routing hook holds the route it chose on the prompt);
-- ``rephrase(question)`` -> other phrasings of the question (optional).
+- ``rephrase(question)`` -> other phrasings of the question;
+- ``tail(batch, layer_path)`` -> ``(h, rest)`` for cached training, or
+  None; ``layer_input(batch, layer_path)`` -> the layer's input ``(B, T, D)``.
 
 Three backbones:
 
@@ -47,7 +50,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -60,9 +63,10 @@ import data
 ASSETS = Path(__file__).resolve().parent / "assets"
 TINY_DIR = ASSETS / "tinyvlm"
 PROMPT = "Question: {} Short answer:"  # BLIP-2's VQA prompt
-BLIP2_OPT = (
-    "Salesforce/blip2-opt-2.7b"  # the authors' backbone: loaded only when a user asks for it
-)
+# The text-only prompt that asks the language model for a paraphrase (Backbone.rephrase).
+REPHRASE = "Rewrite the question in other words.\nQuestion: {}\nRewritten question:"
+# The authors' backbone: loaded only when a user asks for it.
+BLIP2_OPT = "Salesforce/blip2-opt-2.7b"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -88,7 +92,8 @@ def pixels(images: Sequence[Image.Image], size: int) -> torch.Tensor:
         for im in images
     ]
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (B, 3, H, W)
-    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
@@ -117,8 +122,48 @@ def left_pad(rows: list[list[int]], prompt_lens: list[int], pad_id: int) -> dict
     }
 
 
+def record_inputs(
+    backbone: nn.Module,
+    batch: dict[str, torch.Tensor],
+    modules: dict[str, nn.Module],
+    kwargs_of: Optional[nn.Module] = None,
+) -> dict[str, Any]:
+    """Run ``backbone`` once on ``batch`` and return what it fed the hooked modules.
+
+    ``seen[name]`` is the first input ``modules[name]`` received and ``seen["kwargs"]`` the
+    keyword arguments ``kwargs_of`` received (when given); the first call counts. The hooks
+    change nothing and are removed even when the forward fails. Runs in the caller's grad mode.
+    """
+    seen: dict[str, Any] = {}
+
+    def keep_input(name: str):
+        def hook(module, args, output):
+            seen.setdefault(name, args[0])
+
+        return hook
+
+    def keep_kwargs(module, args, kwargs):
+        seen.setdefault("kwargs", kwargs)
+
+    handles = [module.register_forward_hook(keep_input(n)) for n, module in modules.items()]
+    if kwargs_of is not None:
+        handles.append(kwargs_of.register_forward_pre_hook(keep_kwargs, with_kwargs=True))
+    try:
+        backbone(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
 class Backbone(nn.Module):
-    """The shared part of every backbone: greedy generation with a KV cache, and devices."""
+    """The shared part of every backbone: encoding, greedy generation with a KV cache,
+    rephrasing, decoding and devices.
+
+    A backbone supplies ``n_image_tokens``, ``image_token_id``, ``pad_token_id``,
+    ``tokenizer``, ``prompt_ids(prompt)`` (the tokens of a filled-in template),
+    ``answer_ids(answer)`` (answer tokens + EOS), ``pixel_values(images)`` and ``forward``.
+    """
 
     target_layer: str
     eos_token_id: int
@@ -136,8 +181,14 @@ class Backbone(nn.Module):
             for k, v in batch.items()
         }
 
-    # A backbone supplies: n_image_tokens, image_token_id, pad_token_id, prompt_ids(prompt)
-    # (the tokens of a filled-in template), answer_ids(answer) (answer tokens + EOS), pixel_values(images).
+    def token_ids(self, text: str) -> list[int]:
+        """The tokenizer's ids for ``text``, without special tokens (no BOS, no EOS)."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode_tokens(self, ids: list[int]) -> str:
+        """Generated token ids -> answer text, without special tokens."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
     def encode(
         self,
         images: Sequence[Optional[Image.Image]],
@@ -145,9 +196,9 @@ class Backbone(nn.Module):
         answers: Optional[Sequence[str]] = None,
         template: str = PROMPT,
     ) -> dict[str, torch.Tensor]:
-        """Rows ``[prompt tokens before the image][image placeholders][prompt tokens][answer tokens, EOS]``,
-        left-padded, on the decoder's positions (B, T); see the module docstring and ``segments``.
-        Image None = text-only row."""
+        """Left-padded rows on the decoder's positions (B, T), each
+        ``[prompt before the image][image placeholders][prompt][answer tokens, EOS]``;
+        see the module docstring and ``segments``. Image None = text-only row."""
         if len(images) != len(questions) or (
             answers is not None and len(answers) != len(questions)
         ):
@@ -157,7 +208,8 @@ class Backbone(nn.Module):
             raise ValueError("encode: a batch is either all images or all text-only (image None)")
         image = bool(images) and all(with_images)
         image_ids = [self.image_token_id] * self.n_image_tokens if image else []
-        rows, prompt_lens = [], []
+        rows = []
+        prompt_lens = []
         for i, q in enumerate(questions):
             before, after = self.segments(template.format(q), image)
             prompt = before + image_ids + after
@@ -167,8 +219,8 @@ class Backbone(nn.Module):
         for q, row in zip(questions, rows):
             if len(row) > self.max_positions:
                 raise ValueError(
-                    f"the question {q!r} needs {len(row)} positions with the image and its answer; "
-                    f"the model has {self.max_positions}"
+                    f"the question {q!r} needs {len(row)} positions with the image and its "
+                    f"answer; the model has {self.max_positions}"
                 )
         batch = left_pad(rows, prompt_lens, self.pad_token_id)
         if image:
@@ -179,27 +231,19 @@ class Backbone(nn.Module):
     def layer_input(self, batch: dict[str, torch.Tensor], layer_path: str) -> torch.Tensor:
         """The input h^{l-1} that layer ``layer_path`` sees when the backbone runs on ``batch``,
         on the batch's positions (B, T, D) (OPT's fc2 sees them flattened to (B*T, D))."""
-        seen = []
-        layer = self.get_submodule(layer_path)
-        handle = layer.register_forward_hook(lambda module, args, out: seen.append(args[0]))
-        try:
-            self(**batch)
-        finally:
-            handle.remove()
+        seen = record_inputs(self, batch, {"h": self.get_submodule(layer_path)})
         B, T = batch["attention_mask"].shape
-        return seen[0].reshape(B, T, -1)  # (B, T, D)
+        return seen["h"].reshape(B, T, -1)  # (B, T, D)
 
     def segments(self, prompt: str, image: bool = True) -> tuple[list[int], list[int]]:
         """The prompt's tokens before and after the image positions (here: all after them)."""
         return [], self.prompt_ids(prompt)
 
-    def decode_tokens(self, ids: list[int]) -> str:
-        raise NotImplementedError
-
     def check(self, records: Sequence[data.EditRecord]) -> None:
-        """Refuse, before any work, a record this backbone cannot encode: a target word it cannot
-        spell (it would be edited as <unk> and never generated), or a question that does not fit
-        in its positions with the image and the answer (or the generated tokens)."""
+        """Refuse, before any work, a record this backbone cannot encode: a target word it
+        cannot spell (it would be edited as <unk> and never generated), or a question that
+        does not fit in its positions with the image and the answer (or the generated tokens).
+        """
         unknown = getattr(self.tokenizer, "unk_token_id", None)
         for r in records:
             for word in r.target.split():
@@ -208,9 +252,9 @@ class Backbone(nn.Module):
                         f"record {r.id}: the target {r.target!r} has a word this backbone "
                         f"cannot spell: {word!r}"
                     )
-            for q, a in [(q, r.target) for q in (r.question, *r.rephrases, *r.train_rephrases)] + [
-                (s.question, s.answer) for s in (*r.locality, *r.m_locality)
-            ]:
+            asked = [(q, r.target) for q in (r.question, *r.rephrases, *r.train_rephrases)]
+            asked += [(s.question, s.answer) for s in (*r.locality, *r.m_locality)]
+            for q, a in asked:
                 n = (
                     self.n_image_tokens
                     + len(self.prompt_ids(PROMPT.format(q)))
@@ -223,11 +267,15 @@ class Backbone(nn.Module):
                     )
 
     def rephrase(self, question: str) -> list[str]:
-        raise NotImplementedError(f"{type(self).__name__} cannot rephrase questions")
+        """Ask the language model (text only, greedy) for a paraphrase: the positive of Eq. 3
+        for records that bring no training rephrasings (MMEdit)."""
+        text = self.generate([None], [question], max_new_tokens=32, template=REPHRASE)[0]
+        text = text.strip().split("\n")[0].strip()
+        return [text] if text and text != question else []
 
     def tail(self, batch: dict[str, torch.Tensor], layer_path: str):
-        """Cached-activation training support: ``(h, tail)`` with ``h`` the input layer
-        ``layer_path`` sees on ``batch`` and ``tail(y)`` the logits when the layer outputs
+        """Cached-activation training support: ``(h, rest)`` with ``h`` the input layer
+        ``layer_path`` sees on ``batch`` and ``rest(y)`` the logits when the layer outputs
         ``y``, running only the network after the layer. None: not supported here (the
         editor then runs the full forward at every step)."""
         return None
@@ -253,9 +301,8 @@ class Backbone(nn.Module):
             token = out.logits[:, -1].argmax(-1)  # (B,)
             new_tokens.append(token)
             done |= token == self.eos_token_id
-            if (
-                done.all() or mask.shape[1] == self.max_positions
-            ):  # every answer ended, or no position left
+            # Stop when every answer has ended, or when no position is left.
+            if done.all() or mask.shape[1] == self.max_positions:
                 break
             mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
             out = self(
@@ -268,9 +315,63 @@ class Backbone(nn.Module):
         tokens = torch.stack(new_tokens, dim=1).tolist()  # (B, steps)
         answers = []
         for row in tokens:
-            row = row[: row.index(self.eos_token_id)] if self.eos_token_id in row else row
+            if self.eos_token_id in row:
+                row = row[: row.index(self.eos_token_id)]
             answers.append(self.decode_tokens(row))
         return answers
+
+
+def decoder_tail(
+    backbone: nn.Module,
+    batch: dict[str, torch.Tensor],
+    layer_path: str,
+    layers: Sequence[nn.Module],
+    target: str,
+    residual_at: str,
+    kept: tuple[str, ...],
+    finish_layer: Callable[..., torch.Tensor],
+    head: Callable[[torch.Tensor], torch.Tensor],
+):
+    """``Backbone.tail`` for a decoder-only LM: the part every decoder shares.
+
+    ``target`` and ``residual_at`` name submodules of a decoder layer: ``layer_path`` must be
+    some layer L's ``target`` (else None is returned), and the input of ``residual_at`` is the
+    residual stream that the target's output joins. One forward records h (the target's
+    input), that residual stream, and the keyword arguments named in ``kept`` that layer L+1
+    receives. Returns ``(h, rest)``: ``rest(y)`` runs ``finish_layer(layer L, h, residual,
+    y)`` (what layer L computes after the target), the layers after L, then ``head`` (final
+    norm, LM head) -> logits (B, T, V).
+    """
+    layers = list(layers)
+    module = backbone.get_submodule(layer_path)
+    found = [
+        i for i, layer in enumerate(layers) if dict(layer.named_modules()).get(target) is module
+    ]
+    if not found:
+        return None
+    L = found[0]
+    layer = layers[L]
+    watched = {"h": module, "residual": layer.get_submodule(residual_at)}
+    following = layers[L + 1] if L + 1 < len(layers) else None
+    # Grad mode on, as in the naive loop's forward: some kernels (torch's fused attention
+    # fast path, used by open_clip's ViT) take another route under no_grad, and the
+    # cached activations must be exactly those the naive loop sees.
+    with torch.enable_grad():
+        seen = record_inputs(backbone, batch, watched, kwargs_of=following)
+    # detach: the recorded graph is dropped with `seen` when this function returns
+    h = seen["h"].detach()
+    residual = seen["residual"].detach()
+    later = {k: v for k, v in seen.get("kwargs", {}).items() if k in kept}
+
+    def rest(y: torch.Tensor) -> torch.Tensor:
+        hidden = finish_layer(layer, h, residual, y)  # (B, T, D)
+        for later_layer in layers[L + 1 :]:
+            hidden = later_layer(hidden, **later)
+            if isinstance(hidden, tuple):  # transformers < 5 returns a tuple
+                hidden = hidden[0]
+        return head(hidden)  # (B, T, V)
+
+    return h, rest
 
 
 def opt_tail(
@@ -282,66 +383,39 @@ def opt_tail(
 ):
     """``Backbone.tail`` for an OPT decoder whose target is one decoder layer's ``fc2``.
 
-    One forward records what the rest of the network needs: the input of ``fc2`` (h),
-    the FFN's residual stream, and the arguments the later decoder layers receive
-    (attention mask, positions). ``tail(y)`` then recomputes exactly what OPT computes
-    after ``fc2``: the residual add, the later layers, the final layer norm, the LM head.
-    Returns None when ``layer_path`` is not a decoder layer's ``fc2``.
+    h is the input of ``fc2`` (B*T, F); the residual stream is the FFN's input; the later
+    layers need the attention mask and positions. ``rest(y)`` recomputes exactly what
+    OPT computes after ``fc2``: the residual add, the later layers, the final layer norm, the
+    LM head. Returns None when ``layer_path`` is not a decoder layer's ``fc2``.
     """
-    layers = list(decoder.layers)
-    target = backbone.get_submodule(layer_path)
-    matches = [i for i, layer in enumerate(layers) if layer.fc2 is target]
-    if not matches:
-        return None
-    L = matches[0]
-    layer = layers[L]
-    seen: dict[str, Any] = {}
-    residual_at = layer.final_layer_norm if layer.do_layer_norm_before else layer.fc1
-
-    def record(name):  # a hook that stores the first input (or kwargs) it sees and changes nothing
-        def hook(module, args, kwargs_or_output):
-            seen.setdefault(name, kwargs_or_output if name == "later" else args[0])
-
-        return hook
-
-    hooks = [
-        target.register_forward_hook(record("h")),
-        residual_at.register_forward_hook(record("residual")),
-    ]
-    if L + 1 < len(layers):
-        hooks.append(layers[L + 1].register_forward_pre_hook(record("later"), with_kwargs=True))
-    try:
-        # Grad mode on, as in the naive loop's forward: some kernels (torch's fused attention
-        # fast path, used by open_clip's ViT) take another route under no_grad, and the
-        # cached activations must be exactly those the naive loop sees.
-        with torch.enable_grad():
-            backbone(**batch)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    pre_norm = decoder.config.do_layer_norm_before
     B, T = batch["attention_mask"].shape
-    h, residual = seen["h"].detach(), seen["residual"].detach()  # (B*T, F), (B*T, D)
-    later = {
-        k: v for k, v in seen.get("later", {}).items() if k in ("attention_mask", "position_ids")
-    }
-    seen.clear()  # drop the recorded graph
 
-    def tail(y: torch.Tensor) -> torch.Tensor:  # y: (B*T, D) fc2 output
+    def finish_layer(layer, h, residual, y):  # y: (B*T, D) fc2 output
         hidden = (residual + y).view(B, T, -1)  # (B, T, D)
-        if not layer.do_layer_norm_before:
+        if not pre_norm:
             hidden = layer.final_layer_norm(hidden)
-        for later_layer in layers[L + 1 :]:
-            hidden = later_layer(hidden, **later)
-            hidden = (
-                hidden[0] if isinstance(hidden, tuple) else hidden
-            )  # transformers < 5 returns a tuple
+        return hidden
+
+    def head(hidden):
         if decoder.final_layer_norm is not None:
             hidden = decoder.final_layer_norm(hidden)
         if decoder.project_out is not None:
             hidden = decoder.project_out(hidden)
-        return lm_head(hidden)  # (B, T, V)
+        return lm_head(hidden)
 
-    return h, tail
+    return decoder_tail(
+        backbone,
+        batch,
+        layer_path,
+        decoder.layers,
+        target="fc2",
+        # the FFN's residual: the input of its layer norm (pre-norm OPT) or of fc1 (post-norm)
+        residual_at="final_layer_norm" if pre_norm else "fc1",
+        kept=("attention_mask", "position_ids"),
+        finish_layer=finish_layer,
+        head=head,
+    )
 
 
 def llama_tail(
@@ -351,66 +425,35 @@ def llama_tail(
     model: nn.Module,
     lm_head: nn.Module,
 ):
-    """``Backbone.tail`` for a LLaMA-family decoder (``model`` holds ``layers`` and ``norm``) whose
-    target is one decoder layer's ``mlp.up_proj``.
+    """``Backbone.tail`` for a LLaMA-family decoder (``model`` holds ``layers`` and ``norm``)
+    whose target is one decoder layer's ``mlp.up_proj``.
 
-    One forward records the input of ``up_proj`` (h, which is also the input of ``gate_proj``), the
-    MLP's residual stream, and the keyword arguments the later decoder layers receive (attention
-    mask, position ids, the rotary ``position_embeddings``). ``tail(y)`` then recomputes exactly what
-    LLaMA computes after ``up_proj``: ``down_proj(act(gate_proj(h)) * y)``, the residual add, the
-    later layers, the final RMSNorm, the LM head. Returns None when ``layer_path`` is not a decoder
-    layer's ``mlp.up_proj``.
+    h is the input of ``up_proj`` (B, T, D), which is also the input of ``gate_proj``; the
+    residual stream is the MLP's input; the later layers need the attention mask, position
+    ids and the rotary ``position_embeddings``. ``rest(y)`` recomputes exactly what
+    LLaMA computes after ``up_proj``: ``down_proj(act(gate_proj(h)) * y)``, the residual add,
+    the later layers, the final RMSNorm, the LM head. Returns None when ``layer_path`` is not
+    a decoder layer's ``mlp.up_proj``.
     """
-    layers = list(model.layers)
-    target = backbone.get_submodule(layer_path)
-    matches = [
-        i
-        for i, layer in enumerate(layers)
-        if getattr(getattr(layer, "mlp", None), "up_proj", None) is target
-    ]
-    if not matches:
-        return None
-    L = matches[0]
-    layer = layers[L]
-    seen: dict[str, Any] = {}
 
-    def record(name):  # a hook that stores the first input (or kwargs) it sees and changes nothing
-        def hook(module, args, kwargs_or_output):
-            seen.setdefault(name, kwargs_or_output if name == "later" else args[0])
-
-        return hook
-
-    hooks = [
-        target.register_forward_hook(record("h")),
-        layer.post_attention_layernorm.register_forward_hook(record("residual")),
-    ]
-    if L + 1 < len(layers):
-        hooks.append(layers[L + 1].register_forward_pre_hook(record("later"), with_kwargs=True))
-    try:
-        with torch.enable_grad():  # grad mode, as in the naive loop's forward (see opt_tail)
-            backbone(**batch)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    h, residual = seen["h"].detach(), seen["residual"].detach()  # (B, T, D), (B, T, D)
-    later = {
-        k: v
-        for k, v in seen.get("later", {}).items()  # recorded before the clear
-        if k in ("attention_mask", "position_ids", "position_embeddings", "cache_position")
-    }
-    seen.clear()  # drop the recorded graph
-
-    def tail(y: torch.Tensor) -> torch.Tensor:  # y: (B, T, F) up_proj output
+    def finish_layer(layer, h, residual, y):  # y: (B, T, F) up_proj output
         mlp = layer.mlp
-        hidden = residual + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * y)  # (B, T, D)
-        for later_layer in layers[L + 1 :]:
-            hidden = later_layer(hidden, **later)
-            hidden = (
-                hidden[0] if isinstance(hidden, tuple) else hidden
-            )  # transformers < 5 returns a tuple
-        return lm_head(model.norm(hidden))  # (B, T, V)
+        return residual + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * y)  # (B, T, D)
 
-    return h, tail
+    def head(hidden):
+        return lm_head(model.norm(hidden))
+
+    return decoder_tail(
+        backbone,
+        batch,
+        layer_path,
+        model.layers,
+        target="mlp.up_proj",
+        residual_at="post_attention_layernorm",
+        kept=("attention_mask", "position_ids", "position_embeddings", "cache_position"),
+        finish_layer=finish_layer,
+        head=head,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -473,7 +516,8 @@ class TinyVLM(Backbone):
         self.config = config
         self.tokenizer = tokenizer if tokenizer is not None else build_tokenizer(data.vocabulary())
         tok = self.tokenizer
-        self.pad_token_id, self.eos_token_id = tok.pad_token_id, tok.eos_token_id
+        self.pad_token_id = tok.pad_token_id
+        self.eos_token_id = tok.eos_token_id
         self.image_token_id = tok.convert_tokens_to_ids("<image>")
         self.n_image_tokens = (config.image_size // config.patch_size) ** 2
         self.vision = _build_vision_tower(
@@ -511,10 +555,10 @@ class TinyVLM(Backbone):
 
     # -- interface ---------------------------------------------------------
     def prompt_ids(self, prompt: str) -> list[int]:
-        return self._ids(prompt)
+        return self.token_ids(prompt)
 
     def answer_ids(self, answer: str) -> list[int]:
-        return self._ids(answer) + [self.eos_token_id]
+        return self.token_ids(answer) + [self.eos_token_id]
 
     def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return pixels(images, self.config.image_size)
@@ -534,6 +578,7 @@ class TinyVLM(Backbone):
             _, patches = self.vision(pixel_values)  # (B, P, W)
             image_embeds = self.projector(patches).to(embeds.dtype)  # (B, P, D)
             at_image = (input_ids == self.image_token_id)[..., None]  # (B, T, 1)
+            # the patch embeddings fill the placeholder positions, row by row, in order
             embeds = embeds.masked_scatter(at_image, image_embeds)
         out = self.lm(
             inputs_embeds=embeds,
@@ -544,18 +589,12 @@ class TinyVLM(Backbone):
         loss = lm_loss(out.logits, labels) if labels is not None else None
         return LMOutput(out.logits, loss, out.past_key_values if use_cache else None)
 
-    def decode_tokens(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
-
     def tail(self, batch: dict[str, torch.Tensor], layer_path: str):
         return opt_tail(self, batch, layer_path, self.lm.model.decoder, self.lm.lm_head)
 
     def rephrase(self, question: str) -> list[str]:
         """TinyVLM knows its world's paraphrases (the stand-in for asking an LLM to rephrase)."""
         return data.rephrasings(question)
-
-    def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     # -- checkpoint ----------------------------------------------------------
     def save_pretrained(self, out_dir: str | os.PathLike) -> None:
@@ -564,11 +603,12 @@ class TinyVLM(Backbone):
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
+        # Not the LM head: it is tied to the input embeddings.
         state = {
             k: v.detach().contiguous().clone()
             for k, v in self.state_dict().items()
             if k != "lm.lm_head.weight"
-        }  # tied to the input embeddings
+        }
         save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
         (out / "config.json").write_text(
             json.dumps(asdict(self.config), indent=1, sort_keys=True) + "\n"
@@ -641,9 +681,12 @@ class Blip2OPT(Backbone):
                 f"Blip2OPT: processor has {processor.num_query_tokens} query tokens, "
                 f"model {config.num_query_tokens}"
             )
-        self.model, self.processor = model, processor
-        self.tokenizer = tok = processor.tokenizer
-        self.pad_token_id, self.eos_token_id = tok.pad_token_id, tok.eos_token_id
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        tok = self.tokenizer
+        self.pad_token_id = tok.pad_token_id
+        self.eos_token_id = tok.eos_token_id
         self.image_token_id = config.image_token_id
         self.n_image_tokens = config.num_query_tokens  # the Q-Former's query tokens
         last = config.text_config.num_hidden_layers - 1
@@ -682,21 +725,12 @@ class Blip2OPT(Backbone):
         return self.tokenizer(prompt)["input_ids"]  # with BOS, as the processor
 
     def answer_ids(self, answer: str) -> list[int]:
-        return self._ids(" " + answer) + [self.eos_token_id]
-
-    REPHRASE = "Rewrite the question in other words.\nQuestion: {}\nRewritten question:"
-
-    def rephrase(self, question: str) -> list[str]:
-        """Ask the language model (text only, greedy) for a paraphrase: the positive of Eq. 3
-        for records that bring no training rephrasings (MMEdit)."""
-        text = self.generate([None], [question], max_new_tokens=32, template=self.REPHRASE)[0]
-        text = text.strip().split("\n")[0].strip()
-        return [text] if text and text != question else []
+        return self.token_ids(" " + answer) + [self.eos_token_id]
 
     def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        return self.processor.image_processor(
-            [im.convert("RGB") for im in images], return_tensors="pt"
-        )["pixel_values"]  # (B, 3, H, W)
+        rgb = [im.convert("RGB") for im in images]
+        # (B, 3, H, W)
+        return self.processor.image_processor(rgb, return_tensors="pt")["pixel_values"]
 
     def forward(
         self,
@@ -733,15 +767,9 @@ class Blip2OPT(Backbone):
         loss = lm_loss(out.logits, labels) if labels is not None else None
         return LMOutput(out.logits, loss, cache if use_cache else None)
 
-    def decode_tokens(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
-
     def tail(self, batch: dict[str, torch.Tensor], layer_path: str):
         lm = self.model.language_model
         return opt_tail(self, batch, layer_path, lm.model.decoder, lm.lm_head)
-
-    def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def offline_blip2_processor(n_query: int = 4, image_size: int = 32):
@@ -809,9 +837,11 @@ def random_blip2(
     )
     torch.manual_seed(seed)
     model = Blip2ForConditionalGeneration(config)
-    with torch.no_grad():  # make the images matter in a random model:
-        model.query_tokens.normal_()  # HF initialises the query tokens to zeros, and its
-        for name, p in model.named_parameters():  # std 0.02 leaves the image path near-constant
+    # Make the images matter in a random model: HF initialises the query tokens to zeros, and
+    # its std 0.02 leaves the image path near-constant.
+    with torch.no_grad():
+        model.query_tokens.normal_()
+        for name, p in model.named_parameters():
             if name.startswith(("vision_model", "qformer", "language_projection")) and p.dim() >= 2:
                 p.normal_(std=p.shape[-1] ** -0.5)
     return Blip2OPT(model, processor).eval()
@@ -845,8 +875,6 @@ class MiniGPT4(Backbone):
     mask, so a left-padded row sees what it sees alone.
     """
 
-    REPHRASE = Blip2OPT.REPHRASE
-
     def __init__(
         self,
         vision_model: nn.Module,
@@ -866,28 +894,26 @@ class MiniGPT4(Backbone):
                 f"MiniGPT4: llama_proj maps {llama_proj.in_features} -> {llama_proj.out_features}, "
                 f"needs Q-Former {qformer.config.hidden_size} -> LLaMA {config.hidden_size}"
             )
-        self.vision_model, self.qformer, self.query_tokens = (
-            vision_model,
-            qformer,
-            query_tokens,
-        )  # (1, Q, H)
-        self.llama_proj, self.llama_model = llama_proj, llama_model
-        self.vision_model.post_layernorm.eps = (
-            1e-5  # ln_vision is a default nn.LayerNorm (HF's BLIP-2: 1e-6)
-        )
-        self.tokenizer = tok = tokenizer
+        self.vision_model = vision_model
+        self.qformer = qformer
+        self.query_tokens = query_tokens  # (1, Q, H)
+        self.llama_proj = llama_proj
+        self.llama_model = llama_model
+        # ln_vision is a default nn.LayerNorm (HF's BLIP-2: 1e-6)
+        self.vision_model.post_layernorm.eps = 1e-5
+        self.tokenizer = tokenizer
+        tok = tokenizer
         self.image_token_id = tok.convert_tokens_to_ids(IMAGE_HERE)
         if self.image_token_id is None or self.image_token_id == tok.unk_token_id:
             raise ValueError(f"MiniGPT4: the tokenizer has no {IMAGE_HERE} token")
-        self.pad_token_id = (
-            tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        )  # as MiniGPT-4
+        self.pad_token_id = tok.pad_token_id
+        if self.pad_token_id is None:
+            self.pad_token_id = tok.eos_token_id  # as MiniGPT-4
         self.eos_token_id = tok.eos_token_id
         self.n_image_tokens = query_tokens.shape[1]
         self.image_size = vision_model.config.image_size
-        self.target_layer = (
-            f"llama_model.model.layers.{config.num_hidden_layers - 1}.mlp.up_proj"  # Vicuna-7B: 31
-        )
+        last = config.num_hidden_layers - 1  # Vicuna-7B: 31
+        self.target_layer = f"llama_model.model.layers.{last}.mlp.up_proj"
         self.max_positions = config.max_position_embeddings
 
     @classmethod
@@ -901,11 +927,13 @@ class MiniGPT4(Backbone):
     ) -> "MiniGPT4":
         """Assemble MiniGPT-4 from local files only (nothing downloads):
 
-        - ``blip2_dir``: a Hugging Face BLIP-2 directory (config.json, safetensors); only its vision
-          tower, Q-Former and query tokens are read. MiniGPT-4 takes them from LAVIS's
-          ``blip2_pretrained_flant5xxl.pth``, which Hugging Face converted as ``Salesforce/blip2-flan-t5-xxl``.
+        - ``blip2_dir``: a Hugging Face BLIP-2 directory (config.json, safetensors); only its
+          vision tower, Q-Former and query tokens are read. MiniGPT-4 takes them from LAVIS's
+          ``blip2_pretrained_flant5xxl.pth``, which Hugging Face converted as
+          ``Salesforce/blip2-flan-t5-xxl``.
         - ``vicuna_dir``: a Hugging Face LLaMA directory with its tokenizer (Vicuna-7B v0).
-        - ``projection_file``: MiniGPT-4's released checkpoint; ``model['llama_proj.weight' / 'llama_proj.bias']``.
+        - ``projection_file``: MiniGPT-4's released checkpoint, holding
+          ``model['llama_proj.weight']`` and ``model['llama_proj.bias']``.
 
         Defaults: CUDA if available; fp16 on CUDA, fp32 on CPU."""
         from safetensors import safe_open
@@ -917,9 +945,9 @@ class MiniGPT4(Backbone):
             LlamaForCausalLM,
         )
 
-        blip2_dir, vicuna_dir, projection_file = (
-            Path(p).expanduser() for p in (blip2_dir, vicuna_dir, projection_file)
-        )
+        blip2_dir = Path(blip2_dir).expanduser()
+        vicuna_dir = Path(vicuna_dir).expanduser()
+        projection_file = Path(projection_file).expanduser()
         for path, what in (
             (blip2_dir, "BLIP-2 checkpoint directory"),
             (vicuna_dir, "Vicuna directory"),
@@ -941,7 +969,8 @@ class MiniGPT4(Backbone):
             if index.is_file()
             else ["model.safetensors"]
         )
-        state, wanted = {}, ("vision_model.", "qformer.", "query_tokens")
+        state = {}
+        wanted = ("vision_model.", "qformer.", "query_tokens")
         for shard in shards:
             if not (blip2_dir / shard).is_file():
                 raise FileNotFoundError(
@@ -950,15 +979,14 @@ class MiniGPT4(Backbone):
             with safe_open(str(blip2_dir / shard), framework="pt") as f:
                 state.update({k: f.get_tensor(k) for k in f.keys() if k.startswith(wanted)})
         with torch.device("meta"):  # no random init: every tensor comes from the checkpoint
-            vision, qformer = (
-                Blip2VisionModel(config.vision_config),
-                Blip2QFormerModel(config.qformer_config),
-            )
+            vision = Blip2VisionModel(config.vision_config)
+            qformer = Blip2QFormerModel(config.qformer_config)
         for prefix, module in (("vision_model.", vision), ("qformer.", qformer)):
             missing = [prefix + k for k in module.state_dict() if prefix + k not in state]
             if missing:
                 raise ValueError(
-                    f"{blip2_dir}: no {missing[0]!r} (and {len(missing) - 1} more) in the BLIP-2 weights"
+                    f"{blip2_dir}: no {missing[0]!r} (and {len(missing) - 1} more) "
+                    f"in the BLIP-2 weights"
                 )
             module.load_state_dict(
                 {k: state[prefix + k].to(dtype) for k in module.state_dict()}, assign=True
@@ -987,7 +1015,8 @@ class MiniGPT4(Backbone):
             {"weight": weights["llama_proj.weight"], "bias": weights["llama_proj.bias"]}
         )
 
-        # Vicuna, with the image placeholder added to its tokenizer (never embedded: forward replaces it).
+        # Vicuna, with the image placeholder added to its tokenizer (never embedded: forward
+        # replaces it).
         llama = LlamaForCausalLM.from_pretrained(vicuna_dir, dtype=dtype, local_files_only=True)
         tok = AutoTokenizer.from_pretrained(vicuna_dir, local_files_only=True)
         if tok.convert_tokens_to_ids(IMAGE_HERE) in (None, tok.unk_token_id):
@@ -996,32 +1025,30 @@ class MiniGPT4(Backbone):
 
     # -- interface ---------------------------------------------------------
     def segments(self, prompt: str, image: bool = True) -> tuple[list[int], list[int]]:
-        """The tokens before and after the image positions of a filled-in conversation: BOS and
-        ``###Human: <Img>``, then ``</Img> {prompt} ###Assistant: `` (text-only: all in the first)."""
+        """The tokens before and after the image positions of a filled-in conversation: BOS
+        and ``###Human: <Img>``, then ``</Img> {prompt} ###Assistant: `` (text-only: all in
+        the first)."""
         if not image:
             return self.tokenizer(MINIGPT4_TEXT_PROMPT.format(prompt))["input_ids"], []
         before, after = MINIGPT4_PROMPT.split(IMAGE_HERE)
-        return self.tokenizer(before)["input_ids"], self._ids(
-            after.format(prompt)
-        )  # BOS with the first, as MiniGPT-4
+        # BOS with the first part, as MiniGPT-4 tokenizes it
+        return self.tokenizer(before)["input_ids"], self.token_ids(after.format(prompt))
 
     def prompt_ids(self, prompt: str) -> list[int]:
         before, after = self.segments(prompt)
         return before + after  # the prompt's tokens around the image positions
 
     def answer_ids(self, answer: str) -> list[int]:
-        return self._ids(answer) + [self.eos_token_id]
+        return self.token_ids(answer) + [self.eos_token_id]
 
     def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        return pixels(
-            images, self.image_size
-        )  # MiniGPT-4's eval processor: bicubic resize, CLIP mean/std
+        # MiniGPT-4's eval processor: bicubic resize, CLIP mean/std
+        return pixels(images, self.image_size)
 
     def image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """MiniGPT-4's encode_img: (B, 3, H, W) -> (B, Q, D) inputs of the language model."""
-        image = self.vision_model(
-            pixel_values=pixel_values
-        ).last_hidden_state  # (B, 1+P, W), after ln_vision
+        # (B, 1+P, W), after ln_vision
+        image = self.vision_model(pixel_values=pixel_values).last_hidden_state
         queries = self.query_tokens.expand(image.shape[0], -1, -1)  # (B, Q, H)
         ones = torch.ones(image.shape[:-1], dtype=torch.long, device=image.device)  # (B, 1+P)
         out = self.qformer(
@@ -1040,11 +1067,11 @@ class MiniGPT4(Backbone):
         use_cache: bool = False,
     ) -> LMOutput:
         at_image = input_ids == self.image_token_id  # (B, T)
-        token_ids = input_ids.masked_fill(
-            at_image, self.pad_token_id
-        )  # the placeholder is never embedded
-        embeds = self.llama_model.get_input_embeddings()(token_ids)  # (B, T, D)
+        # The placeholder is never embedded: its positions get the image embeddings.
+        embed_ids = input_ids.masked_fill(at_image, self.pad_token_id)
+        embeds = self.llama_model.get_input_embeddings()(embed_ids)  # (B, T, D)
         if pixel_values is not None:
+            # masked_scatter needs as many placeholders as image embeddings: B x Q
             if at_image.sum() != len(input_ids) * self.n_image_tokens:
                 raise ValueError(
                     f"MiniGPT4.forward: each row needs {self.n_image_tokens} image tokens"
@@ -1053,10 +1080,10 @@ class MiniGPT4(Backbone):
             embeds = embeds.masked_scatter(at_image[..., None], image_embeds)
         elif past_key_values is None and at_image.any():
             raise ValueError("MiniGPT4.forward: image tokens in input_ids but no pixel_values")
-        # LLaMA numbers positions 0, 1, ... whatever the mask; count real tokens only, as generate does.
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[
-            :, -input_ids.shape[1] :
-        ]  # (B, T)
+        # LLaMA numbers positions 0, 1, ... whatever the mask; count real tokens only (pads
+        # get 0), as generate does, and keep the positions of this call's tokens.
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        positions = positions[:, -input_ids.shape[1] :]  # (B, T)
         out = self.llama_model(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
@@ -1070,17 +1097,8 @@ class MiniGPT4(Backbone):
     def decode_tokens(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).split("###")[0].strip()
 
-    def rephrase(self, question: str) -> list[str]:
-        """Ask the language model (text only, greedy) for a paraphrase, as Blip2OPT does."""
-        text = self.generate([None], [question], max_new_tokens=32, template=self.REPHRASE)[0]
-        text = text.strip().split("\n")[0].strip()
-        return [text] if text and text != question else []
-
     def tail(self, batch: dict[str, torch.Tensor], layer_path: str):
         return llama_tail(self, batch, layer_path, self.llama_model.model, self.llama_model.lm_head)
-
-    def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def offline_minigpt4_tokenizer():
@@ -1088,7 +1106,7 @@ def offline_minigpt4_tokenizer():
     memory: BOS ``<s>`` prepended as LLaMA's tokenizer does, EOS ``</s>``, and ``<ImageHere>``."""
     from tokenizers import processors
 
-    template = MINIGPT4_PROMPT.replace(IMAGE_HERE, " ") + Blip2OPT.REPHRASE
+    template = MINIGPT4_PROMPT.replace(IMAGE_HERE, " ") + REPHRASE
     tok = build_tokenizer(
         ["<s>", IMAGE_HERE, *re.findall(r"\w+|[^\w\s]+", template), *data.vocabulary()]
     )

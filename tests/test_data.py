@@ -1,5 +1,5 @@
 """Tests for data.py: anchor images, exact round trips of both layouts,
-deterministic writing, and a clear DataError for each kind of bad input."""
+deterministic writing, and a clear DataError for each sort of bad input."""
 
 import json
 import shutil
@@ -120,11 +120,9 @@ def test_anchor_black_white():
 
 
 def test_anchor_noise_deterministic_per_seed():
-    a, b, c = (
-        anchor_image("noise", seed=1),
-        anchor_image("noise", seed=1),
-        anchor_image("noise", seed=2),
-    )
+    a = anchor_image("noise", seed=1)
+    b = anchor_image("noise", seed=1)
+    c = anchor_image("noise", seed=2)
     assert a == b
     assert a != c
     arr = np.asarray(a)
@@ -138,7 +136,7 @@ def test_anchor_sizes():
     assert np.asarray(anchor_image("noise", size=(12, 5))).shape == (5, 12, 3)
 
 
-def test_anchor_bad_kind():
+def test_anchor_unknown_name():
     with pytest.raises(ValueError, match="black, white, noise"):
         anchor_image("grey")
 
@@ -200,7 +198,8 @@ def test_okedit_authors_form(okedit_dir):
         a["answers"] = [{"answer": "old17"}, {"answer": "other"}]
         a["locality_answer"] = "la170"
         del a["locality_questions"], a["m_loc"], a["category"]
-        a["image_object"], a["locality_image_object"] = "cat", "dog"
+        a["image_object"] = "cat"
+        a["locality_image_object"] = "dog"
         return anns
 
     edit_json(okedit_dir / "annotations.json", authors)
@@ -220,12 +219,14 @@ def test_mmedit_round_trip():
 
 
 def test_write_twice_byte_identical(tmp_path):
-    ok, mm = [okedit_record(3), okedit_record(4)], [mmedit_record(0), mmedit_record(1)]
+    ok = [okedit_record(3), okedit_record(4)]
+    mm = [mmedit_record(0), mmedit_record(1)]
     for name in ("a", "b"):
         write_okedit(ok, tmp_path / name / "ok")
         write_mmedit(mm, tmp_path / name / "mm" / "e.json", tmp_path / name / "mm" / "img")
     write_okedit(ok, tmp_path / "a" / "ok")  # rewriting in place is allowed and changes nothing
-    a, b = all_files(tmp_path / "a"), all_files(tmp_path / "b")
+    a = all_files(tmp_path / "a")
+    b = all_files(tmp_path / "b")
     assert a == b and len(a) > 10
 
 
@@ -393,7 +394,8 @@ def test_okedit_missing_rephrase_dir(okedit_dir):
 
 def test_okedit_zero_locality_images(okedit_dir):
     def none(a):
-        a[0]["locality_answer"], a[0]["locality_questions"] = [], []
+        a[0]["locality_answer"] = []
+        a[0]["locality_questions"] = []
         return a
 
     edit_json(okedit_dir / "annotations.json", none)
@@ -602,7 +604,8 @@ def test_sixteen_bit_grey_scales_to_8_bits(okedit_dir):
     v = np.array([[0, 128, 129, 257, 32768, 65279, 65535]], dtype=np.uint16)
     want = np.round(v / 257).astype(np.uint8)
     assert want.tolist() == [[0, 0, 1, 1, 128, 254, 255]]
-    # a 16-bit PNG opens as "I;16" (as "I" in older Pillow, which cannot write "I" as PNG: TIFF then)
+    # a 16-bit PNG opens as "I;16" (as "I" in older Pillow, which cannot write "I" as PNG:
+    # TIFF then)
     for image, fmt in ((Image.fromarray(v), "PNG"), (Image.fromarray(v.astype(np.int32)), "TIFF")):
         got = load_as_rephrase_image(okedit_dir, image, format=fmt)
         assert (got == want[..., None]).all(), (image.mode, got[..., 0])
@@ -638,7 +641,8 @@ def test_transparent_images_are_composited_onto_white(okedit_dir):
 
 
 def test_opaque_images_load_as_before(okedit_dir):
-    rgb, grey = rand_image(), rand_image().convert("L")
+    rgb = rand_image()
+    grey = rand_image().convert("L")
     p = rand_image().convert("P")
     for image in (rgb, grey, p):
         assert (

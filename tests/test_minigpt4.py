@@ -85,7 +85,8 @@ def test_encode_golden_row_and_target_layer():
         batch["labels"][0].tolist()
         == [-100] * (len(tokens) - 2 + n_pad) + batch["input_ids"][0, -2:].tolist()
     )
-    real, labelled = batch["attention_mask"].bool(), batch["labels"] != -100
+    real = batch["attention_mask"].bool()
+    labelled = batch["labels"] != -100
     assert torch.equal(batch["prompt_mask"], real & ~labelled)  # BOS, image and question positions
     assert ((batch["input_ids"] == m.image_token_id).sum(1) == N_QUERY).all()
     assert batch["pixel_values"].shape == (2, 3, 32, 32)
@@ -99,9 +100,8 @@ def test_padding_decoding_text_only_and_misuse():
     with torch.no_grad():
         batch = encode(m, [3, 1, 5])
         logits = m(**batch).logits
-        for b, i in enumerate(
-            [3, 1, 5]
-        ):  # positions from the mask: a padded row sees what it sees alone
+        # positions from the mask: a padded row sees what it sees alone
+        for b, i in enumerate([3, 1, 5]):
             real = batch["attention_mask"][b].bool()
             assert torch.allclose(logits[b][real], m(**encode(m, [i])).logits[0], atol=1e-5)
         batch = encode(m, [0, 4], with_answers=False)
@@ -141,9 +141,8 @@ def test_padding_decoding_text_only_and_misuse():
 def test_end_to_end_edit_changes_the_row_and_keeps_the_black_image_bit_for_bit():
     m = model()
     editor, record, report = edited()
-    black = data.anchor_image(
-        "black", data.SIZE
-    )  # the negative itself: outside a ball of radius d_pos
+    # the negative itself: outside a ball of radius d_pos
+    black = data.anchor_image("black", data.SIZE)
     batch = m.encode([record.image, black], [record.question] * 2, [record.target] * 2)
     with torch.no_grad():
         plain = m(**batch).logits
@@ -160,9 +159,9 @@ def test_out_of_scope_rows_are_bit_identical_in_a_mixed_batch():
     editor, record, report = edited()
     # A random model tells images apart far better than questions: black-image rows are the ones
     # out of scope (the white and the noise image may fall in the ball of radius d_pos).
-    black, white, noise = (
-        data.anchor_image(kind, data.SIZE) for kind in ("black", "white", "noise")
-    )
+    black = data.anchor_image("black", data.SIZE)
+    white = data.anchor_image("white", data.SIZE)
+    noise = data.anchor_image("noise", data.SIZE)
     images = [black, record.image, black, white, black, noise]
     questions = [
         "what shape do you see?",
@@ -236,9 +235,9 @@ def test_cached_training_matches_the_naive_loop_on_a_padded_batch(layers):
         weights[cache] = value.weight.detach().clone()
     torch.testing.assert_close(weights[True], weights[False], rtol=1e-5, atol=1e-7)
     assert not torch.equal(weights[True], m.get_submodule(path).weight)
-    h, tail = m.tail(batch, path)
+    h, rest = m.tail(batch, path)
     with torch.no_grad():
-        assert torch.equal(tail(m.get_submodule(path)(h)), m(**batch).logits)
+        assert torch.equal(rest(m.get_submodule(path)(h)), m(**batch).logits)
     assert m.tail(batch, "llama_model.model.layers.1.mlp.down_proj") is None
 
 
@@ -251,7 +250,9 @@ def test_from_pretrained_reads_local_files_only(tmp_path):
     from transformers import Blip2Config
 
     m = model()
-    blip2, vicuna, ckpt = tmp_path / "blip2", tmp_path / "vicuna", tmp_path / "minigpt4.pth"
+    blip2 = tmp_path / "blip2"
+    vicuna = tmp_path / "vicuna"
+    ckpt = tmp_path / "minigpt4.pth"
     Blip2Config(
         vision_config=m.vision_model.config.to_dict(),
         qformer_config=m.qformer.config.to_dict(),
@@ -365,17 +366,21 @@ def test_the_real_size_on_the_meta_device():
             models.offline_minigpt4_tokenizer(),
         )
     # 985,952,256 ViT + 105,137,664 Q-Former (query path only) + 24,576 query tokens (32 x 768)
-    # + 3,149,824 llama_proj (768 x 4096 + 4096) + 6,738,415,616 LLaMA-7B (embeddings and LM head untied)
+    # + 3,149,824 llama_proj (768 x 4096 + 4096)
+    # + 6,738,415,616 LLaMA-7B (embeddings and LM head untied)
     assert sum(p.numel() for p in m.parameters()) == 7_832_679_936
     assert sum(p.numel() for p in llama.parameters()) == 6_738_415_616
     assert m.target_layer == "llama_model.model.layers.31.mlp.up_proj" and m.n_image_tokens == 32
     up = m.get_submodule(m.target_layer)
     assert (up.in_features, up.out_features, up.bias) == (4096, 11008, None)  # LLaMA has no bias
-    nbytes = lambda module: sum(p.numel() * p.element_size() for p in module.parameters())
+
+    def nbytes(module):
+        return sum(p.numel() * p.element_size() for p in module.parameters())
+
     fp16 = nn.Linear(4096, 11008, bias=False, device="meta", dtype=torch.float16)
-    assert (
-        nbytes(fp16) == 4096 * 11008 * 2 == 90_177_536 and 8 * (4096 + 11008) * 2 == 241_664
-    )  # fp16: full, rank 8
+    # fp16: full, rank 8
+    assert nbytes(fp16) == 4096 * 11008 * 2 == 90_177_536
+    assert 8 * (4096 + 11008) * 2 == 241_664
     assert (
         nbytes(be.new_value(nn.Linear(4096, 11008, bias=False, device="meta")))
         == 4096 * 11008 * 4

@@ -9,6 +9,7 @@ import itertools
 import pytest
 import torch
 import torch.nn as nn
+from conftest import TINY
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -17,7 +18,6 @@ import data
 import models
 
 FAST = settings(max_examples=8, deadline=None)
-from conftest import TINY
 
 POOL = list(itertools.islice(data.training_stream(0), 6))  # questions of 4 to 9 words
 N_QUERY = 4
@@ -124,7 +124,8 @@ def test_blip2_encode_golden_row():
     assert batch["prompt_mask"][0].tolist() == [False] * n_pad + [True] * len(prompt) + [False] * 2
     assert batch["pixel_values"].shape == (2, 3, 32, 32)
     # every row: prompt = real positions without labels; image tokens all inside the prompt
-    real, labelled = batch["attention_mask"].bool(), batch["labels"] != -100
+    real = batch["attention_mask"].bool()
+    labelled = batch["labels"] != -100
     assert torch.equal(batch["prompt_mask"], real & ~labelled)
     assert ((batch["input_ids"] == model.image_token_id).sum(1) == N_QUERY).all()
 
@@ -132,10 +133,8 @@ def test_blip2_encode_golden_row():
 def test_blip2_encode_matches_the_processor():
     model = backbone("blip2")
     samples = POOL[:3]
-    images, prompts = (
-        [s.image for s in samples],
-        [models.PROMPT.format(s.question) for s in samples],
-    )
+    images = [s.image for s in samples]
+    prompts = [models.PROMPT.format(s.question) for s in samples]
     ours = model.encode(images, [s.question for s in samples])
     theirs = model.processor(images=images, text=prompts, padding=True, return_tensors="pt")
     assert torch.equal(ours["pixel_values"], theirs["pixel_values"])
@@ -243,15 +242,14 @@ def test_blip2_from_pretrained_reads_a_local_directory(tmp_path):
 def test_blip2_tail_recomputes_the_logits_after_the_target_layer():
     model = backbone("blip2")
     batch = encode(model, [1, 5])
-    h, tail = model.tail(batch, model.target_layer)
+    h, rest = model.tail(batch, model.target_layer)
     layer = model.get_submodule(model.target_layer)
     with torch.no_grad():
         full = model(**batch).logits
-        assert torch.allclose(tail(layer(h)), full, atol=1e-5)
+        assert torch.allclose(rest(layer(h)), full, atol=1e-5)
         y = layer(h)
-        assert not torch.allclose(
-            tail(y + torch.randn_like(y)), full, atol=1e-3
-        )  # not a shift: LayerNorm
+        # a shifted output changes the logits (LayerNorm would undo a constant shift)
+        assert not torch.allclose(rest(y + torch.randn_like(y)), full, atol=1e-3)
     assert model.tail(batch, "model.language_model.model.decoder.layers.0.fc1") is None
 
 
@@ -283,7 +281,8 @@ def test_blip2_from_a_missing_directory_names_it(tmp_path):
 
 
 def test_train_tiny_needs_an_out_directory(capsys):
-    """No default --out, so a bare `train-tiny` cannot overwrite the shipped checkpoint (parser only)."""
+    """No default --out, so a bare `train-tiny` cannot overwrite the shipped checkpoint
+    (parser only)."""
     shipped = {p: p.read_bytes() for p in models.TINY_DIR.rglob("*") if p.is_file()}
     with pytest.raises(SystemExit) as e:
         models.build_parser().parse_args(["train-tiny"])

@@ -29,7 +29,8 @@ def test_different_seeds_give_different_records():
 @settings(max_examples=200, deadline=None)
 @given(seeds, st.integers(14, 21))
 def test_centre_parity_splits_train_from_eval(seed, r):
-    lo, hi = data.SIZE // 2 - data.JITTER, data.SIZE // 2 + data.JITTER
+    lo = data.SIZE // 2 - data.JITTER
+    hi = data.SIZE // 2 + data.JITTER
     assert lo - r >= 0 and hi + r < data.SIZE  # the object stays inside the image
     cx, cy = data._centre(random.Random(seed), r, "train")
     assert (cx + cy) % 2 == 0 and lo <= cx <= hi and lo <= cy <= hi
@@ -76,7 +77,8 @@ def test_records_are_well_formed(seed):
 def test_records_can_all_be_applied_at_once(seed):
     """Sequential consistency: one answer -> one target, and no locality sample is edited."""
     records = data.make_records(seed, n=40)
-    target_of, edited = {}, set()
+    target_of = {}
+    edited = set()
     for r in records:
         key = (data.FAMILY_OF[r.question], r.answer)
         assert target_of.setdefault(key, r.target) == r.target
@@ -117,9 +119,8 @@ def test_shipped_sample_is_the_committed_seed(tmp_path):
 
 
 def test_many_records_for_long_sequential_runs():
-    records = data.make_records(
-        0, n=130
-    )  # more kind edits than there are new words: targets repeat
+    # more kind edits than there are new words: targets repeat
+    records = data.make_records(0, n=130)
     assert len(records) == 130 and len({r.id for r in records}) == 130
     assert all(r.target in data.NEW_WORDS and r.target != r.answer for r in records)
 
@@ -129,7 +130,8 @@ def _files(root):
 
 
 def test_make_sample_counts_only_the_files_it_wrote(tmp_path, capsys):
-    """A smaller sample written over a bigger one reports this run's files; the rest stay as they were."""
+    """A smaller sample written over a bigger one reports this run's files; the rest stay as
+    they were."""
     data.main(["make-sample", "-n", "2", "--out", str(tmp_path / "small")])
     small = _files(tmp_path / "small")
     assert (
