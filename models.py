@@ -11,7 +11,7 @@ outside this file needs to know which one it holds:
   positions hold an image placeholder token), ``pixel_values``,
   ``attention_mask``, ``labels`` (-100 outside the answer tokens) and
   ``prompt_mask`` (image + question positions: what a key averages over);
-- ``forward(**batch)`` -> ``LMOutput(logits, loss, past_key_values)``;
+- ``forward(**batch)`` -> ``LMOutput(logits, loss, kv_cache)``;
   ``prompt_mask`` is not used by the network: it is an argument so that a
   routing hook attached to the backbone can read it (balancedit.Router reads
   it; balancedit.attach installs the hook);
@@ -75,7 +75,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 class LMOutput:
     logits: torch.Tensor  # (B, T, V)
     loss: Optional[torch.Tensor] = None  # mean cross-entropy over the answer tokens
-    past_key_values: Any = None
+    kv_cache: Any = None  # the decoder's KV cache (a transformers Cache), when use_cache=True
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -309,7 +309,7 @@ class Backbone(nn.Module):
                 input_ids=token[:, None],
                 attention_mask=mask,
                 prompt_mask=torch.zeros(B, 1, dtype=torch.bool, device=mask.device),
-                past_key_values=out.past_key_values,
+                kv_cache=out.kv_cache,
                 use_cache=True,
             )
         tokens = torch.stack(new_tokens, dim=1).tolist()  # (B, steps)
@@ -367,8 +367,6 @@ def decoder_tail(
         hidden = finish_layer(layer, h, residual, y)  # (B, T, D)
         for later_layer in layers[L + 1 :]:
             hidden = later_layer(hidden, **later)
-            if isinstance(hidden, tuple):  # transformers < 5 returns a tuple
-                hidden = hidden[0]
         return head(hidden)  # (B, T, V)
 
     return h, rest
@@ -570,7 +568,7 @@ class TinyVLM(Backbone):
         pixel_values: Optional[torch.Tensor] = None,
         prompt_mask: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
-        past_key_values: Any = None,
+        kv_cache: Any = None,
         use_cache: bool = False,
     ) -> LMOutput:
         embeds = self.lm.get_input_embeddings()(input_ids)  # (B, T, D)
@@ -583,11 +581,11 @@ class TinyVLM(Backbone):
         out = self.lm(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=kv_cache,
             use_cache=use_cache,
         )
         loss = lm_loss(out.logits, labels) if labels is not None else None
-        return LMOutput(out.logits, loss, out.past_key_values if use_cache else None)
+        return LMOutput(out.logits, loss, out.cache if use_cache else None)
 
     def tail(self, batch: dict[str, torch.Tensor], layer_path: str):
         return opt_tail(self, batch, layer_path, self.lm.model.decoder, self.lm.lm_head)
@@ -739,7 +737,7 @@ class Blip2OPT(Backbone):
         pixel_values: Optional[torch.Tensor] = None,
         prompt_mask: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
-        past_key_values: Any = None,
+        kv_cache: Any = None,
         use_cache: bool = False,
     ) -> LMOutput:
         if pixel_values is not None:
@@ -748,24 +746,24 @@ class Blip2OPT(Backbone):
                 pixel_values=pixel_values,
                 input_ids=input_ids,
                 attention_mask=attention_mask,
-                past_key_values=past_key_values,
+                cache=kv_cache,
                 use_cache=use_cache,
             )
-            cache = out.language_model_outputs.past_key_values
+            new_cache = out.language_model_outputs.cache
         else:
             # Text-only batches and decoding steps (the image is already in the KV cache); the
             # BLIP-2 forward requires pixel_values, so call its OPT directly.
-            if past_key_values is None and (input_ids == self.image_token_id).any():
+            if kv_cache is None and (input_ids == self.image_token_id).any():
                 raise ValueError("Blip2OPT.forward: image tokens in input_ids but no pixel_values")
             out = self.model.language_model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
-                past_key_values=past_key_values,
+                cache=kv_cache,
                 use_cache=use_cache,
             )
-            cache = out.past_key_values
+            new_cache = out.cache
         loss = lm_loss(out.logits, labels) if labels is not None else None
-        return LMOutput(out.logits, loss, cache if use_cache else None)
+        return LMOutput(out.logits, loss, new_cache if use_cache else None)
 
     def tail(self, batch: dict[str, torch.Tensor], layer_path: str):
         lm = self.model.language_model
@@ -1063,7 +1061,7 @@ class MiniGPT4(Backbone):
         pixel_values: Optional[torch.Tensor] = None,
         prompt_mask: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
-        past_key_values: Any = None,
+        kv_cache: Any = None,
         use_cache: bool = False,
     ) -> LMOutput:
         at_image = input_ids == self.image_token_id  # (B, T)
@@ -1078,7 +1076,7 @@ class MiniGPT4(Backbone):
                 )
             image_embeds = self.image_embeds(pixel_values).to(embeds.dtype)  # (B, Q, D)
             embeds = embeds.masked_scatter(at_image[..., None], image_embeds)
-        elif past_key_values is None and at_image.any():
+        elif kv_cache is None and at_image.any():
             raise ValueError("MiniGPT4.forward: image tokens in input_ids but no pixel_values")
         # LLaMA numbers positions 0, 1, ... whatever the mask; count real tokens only (pads
         # get 0), as generate does, and keep the positions of this call's tokens.
@@ -1088,11 +1086,11 @@ class MiniGPT4(Backbone):
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             position_ids=positions,
-            past_key_values=past_key_values,
+            cache=kv_cache,
             use_cache=use_cache,
         )
         loss = lm_loss(out.logits, labels) if labels is not None else None
-        return LMOutput(out.logits, loss, out.past_key_values if use_cache else None)
+        return LMOutput(out.logits, loss, out.cache if use_cache else None)
 
     def decode_tokens(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).split("###")[0].strip()

@@ -113,7 +113,7 @@ def test_padding_decoding_text_only_and_misuse():
             input_ids=token,
             attention_mask=mask,
             prompt_mask=torch.zeros_like(token, dtype=torch.bool),
-            past_key_values=prefill.past_key_values,
+            kv_cache=prefill.kv_cache,
             use_cache=True,
         )
         full = m(

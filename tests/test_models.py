@@ -187,11 +187,11 @@ def test_blip2_decode_step_matches_a_full_forward():
             input_ids=token,
             attention_mask=longer["attention_mask"],
             prompt_mask=torch.zeros_like(token, dtype=torch.bool),
-            past_key_values=prefill.past_key_values,
+            kv_cache=prefill.kv_cache,
             use_cache=True,
         )
         full = model(**longer)
-    assert prefill.past_key_values is not None and model(**batch).past_key_values is None
+    assert prefill.kv_cache is not None and model(**batch).kv_cache is None
     assert torch.allclose(step.logits[:, -1], full.logits[:, -1], atol=1e-5)
 
 
