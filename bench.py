@@ -7,7 +7,8 @@
    and the largest difference of the trained weights.
 2. The routing hook's overhead: a forward with and without the hook, every sample out of scope,
    for 1 to 10,000 codebook entries.
-3. Bytes per entry on OPT-2.7B's fc2, a full value vs low-rank ones, and HM of full vs rank-8 values.
+3. Bytes per entry on OPT-2.7B's fc2, a full value vs low-rank ones, and HM of full vs rank-8
+   values.
 4. Seconds per edit over 1,000 sequential edits, the last 100 against the first 100.
 
 Timings use time.perf_counter with warm-up turns and medians; the variants compared take turns
@@ -31,9 +32,8 @@ import evaluate
 import models
 
 OPT_2_7B_FC2 = (10240, 2560)  # BLIP-2 OPT-2.7B's target layer fc2: in_features, out_features
-BLIP2_DEPTH = dict(
-    layers=32, hidden=64, ffn=256
-)  # OPT-2.7B's and Vicuna-7B's 32 decoder layers, at a small width
+# OPT-2.7B's and Vicuna-7B's 32 decoder layers, at a small width
+BLIP2_DEPTH = dict(layers=32, hidden=64, ffn=256)
 HOOK_SIZES = (1, 100, 1_000, 10_000)
 
 
@@ -54,11 +54,13 @@ def alternate(
 
 def entry_bytes(value: torch.nn.Module, key_dim: int) -> int:
     """Bytes one codebook entry really holds: the value's parameters, any gradients left on
-    them, its buffers (a LoRA value's base layer is shared, not held), its key and radius."""
+    them, its saved buffers, its key and radius. A LoRA value's base layer is shared with the
+    model, not held: its buffers are not saved (not in the state dict), and not counted."""
+    saved = value.state_dict()
     tensors = [
         *value.parameters(),
         *(p.grad for p in value.parameters() if p.grad is not None),
-        *value.buffers(),
+        *(b for name, b in value.named_buffers() if name in saved),
     ]
     return sum(t.numel() * t.element_size() for t in tensors) + key_dim * 4 + 4
 
@@ -139,7 +141,8 @@ def bench_hook_overhead(
     every sample, radius 0) against no hook; every turn checks that all rows miss and the logits
     are bit-identical. The entries share one rank-1 value, so 10,000 of them fit in memory."""
     chunk = [records[i % len(records)] for i in range(batch_size)]
-    images, questions = [r.image for r in chunk], [r.question for r in chunk]
+    images = [r.image for r in chunk]
+    questions = [r.question for r in chunk]
     batch = backbone.to_device(backbone.encode(images, questions, [r.target for r in chunk]))
     layer_path = backbone.target_layer
     keys = far_keys(
@@ -189,13 +192,15 @@ def bench_sequential(
     """Edits ``records`` in order on one codebook: mean seconds per edit over the first and the
     last ``window`` edits, and their ratio."""
     editor = balancedit.BalancEditor(backbone, cfg)
-    seconds, actions = [], {}
+    seconds = []
+    actions = {}  # how many edits took each action
     for r in evaluate.progress_bar(records, progress, "sequential edits"):
         start = time.perf_counter()
         report = editor.edit(r)
         seconds.append(time.perf_counter() - start)
         actions[report.action] = actions.get(report.action, 0) + 1
-    first, last = statistics.mean(seconds[:window]), statistics.mean(seconds[-window:])
+    first = statistics.mean(seconds[:window])
+    last = statistics.mean(seconds[-window:])
     return {
         "n_edits": len(records),
         "window": window,
@@ -208,15 +213,130 @@ def bench_sequential(
     }
 
 
+def table_lines(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def section_edit_speed(tiny, tiny_name: str, record, cfg, repeats: int) -> tuple[dict, dict]:
+    """Figure 1: the plain loop vs cached activations on three backbones. Returns the figures
+    and the details."""
+    depth = "{layers} {kind} layers (hidden {hidden}, ffn {ffn})"
+    blip2_name = "random BLIP-2 OPT, " + depth.format(kind="decoder", **BLIP2_DEPTH)
+    llama_name = "random MiniGPT-4, " + depth.format(kind="LLaMA", **BLIP2_DEPTH)
+    blip2 = models.random_blip2(**BLIP2_DEPTH, seed=cfg.seed)
+    llama = models.random_minigpt4(**BLIP2_DEPTH, seed=cfg.seed)
+    rows = {
+        tiny_name: bench_edit_speed(tiny, record, cfg, repeats),
+        blip2_name: bench_edit_speed(blip2, record, cfg, repeats),
+        llama_name: bench_edit_speed(llama, record, cfg, repeats),
+    }
+    print(
+        "## One edit: the plain loop vs cached activations "
+        f"({cfg.steps} steps, median of {repeats})\n"
+    )
+    header = ("backbone", "plain loop s/edit", "cached s/edit", "speedup", "max rel. weight diff")
+    cells = []
+    for name, r in rows.items():
+        speedup = f"{r['speedup']:.1f}x"
+        diff = f"{r['weights_max_rel_diff']:.2e}"
+        cells.append((name, f"{r['naive_s']:.3f}", f"{r['cached_s']:.3f}", speedup, diff))
+    print(table_lines(header, cells))
+    figures = {
+        "edit_speedup_blip2_depth": rows[blip2_name]["speedup"],
+        "edit_speedup_llama_depth": rows[llama_name]["speedup"],
+        "edit_weights_max_rel_diff": max(r["weights_max_rel_diff"] for r in rows.values()),
+    }
+    return figures, rows
+
+
+def section_hook(tiny, records, cfg, repeats: int, progress: bool) -> tuple[dict, dict]:
+    """Figure 2: the routing hook's overhead for each of HOOK_SIZES entries."""
+    hook = bench_hook_overhead(tiny, records, cfg, HOOK_SIZES, repeats, progress=progress)
+    print(
+        "\n## Hook overhead: TinyVLM forward, batch of 32, every row out of scope "
+        f"(median of {repeats})\n"
+    )
+    header = ("entries", "no hook ms", "hooked ms", "ratio", "codebook build s")
+    cells = []
+    for n, r in hook.items():
+        plain = f"{1e3 * r['plain_s']:.2f}"
+        hooked = f"{1e3 * r['hooked_s']:.2f}"
+        cells.append((f"{n:,}", plain, hooked, f"{r['ratio']:.3f}", f"{r['build_s']:.2f}"))
+    print(table_lines(header, cells))
+    figures = {"hook_overhead_1000": hook[1000]["ratio"]}
+    return figures, {str(n): r for n, r in hook.items()}
+
+
+def section_bytes(tiny, records, cfg, progress: bool) -> tuple[dict, dict]:
+    """Figure 3: bytes per entry, full vs LoRA values, and HM of full vs rank-8 values."""
+    sizes = bytes_per_entry()
+    print(
+        "\n## Bytes per entry: OPT-2.7B's fc2, nn.Linear(10240, 2560) in fp16; values are "
+        "float32, and each entry also holds its key (10240 float32) and radius\n"
+    )
+    header = ("value", "value bytes", "entry bytes", "ratio to full")
+    cells = []
+    for name, r in sizes.items():
+        if name == "full":
+            label = "full (weight + bias)"
+        else:
+            label = f"LoRA rank {name[len('lora') :]} (A + B)"
+        ratio = f"1/{1 / r['ratio_to_full']:.0f}"
+        cells.append((label, f"{r['value_bytes']:,}", f"{r['entry_bytes']:,}", ratio))
+    print(table_lines(header, cells))
+    refs = evaluate.references(tiny, records, progress)
+    hm_results = {}
+    for name, value_form in (("full", "full"), ("lora rank 8", "lora")):
+        config = dataclasses.replace(cfg, value_form=value_form)
+        hm_results[name] = evaluate.run_method(
+            "balancedit", tiny, records, config, "single", refs, progress
+        )
+    print(f"\nBalancEdit, single edits, {len(records)} records of the sample:\n")
+    print(evaluate.table(hm_results, first="value"))
+    figures = {
+        "lora8_bytes_ratio": sizes["lora8"]["ratio_to_full"],
+        "lora8_hm_delta": hm_results["full"]["hm"] - hm_results["lora rank 8"]["hm"],
+    }
+    return figures, {"bytes_per_entry": sizes, "hm_full_vs_lora8": hm_results}
+
+
+def section_sequential(tiny, cfg, n_edits: int, window: int, progress: bool) -> tuple[dict, dict]:
+    """Figure 4: seconds per edit, the last ``window`` edits against the first."""
+    seq = bench_sequential(tiny, data.make_records(cfg.seed, n_edits), cfg, window, progress)
+    print(
+        f"\n## {n_edits:,} sequential edits on TinyVLM ({seq['entries_at_end']} entries at the "
+        f"end; actions {seq['actions']})\n"
+    )
+    cells = [
+        (f"first {window}", f"{seq['first_s']:.4f}"),
+        (f"last {window}", f"{seq['last_s']:.4f}"),
+    ]
+    print(table_lines(("edits", "s/edit"), cells))
+    print(f"\nlast / first = {seq['ratio']:.2f}")
+    return {"seq_last_first_ratio": seq["ratio"]}, seq
+
+
 def run(quick: bool = False, progress: bool = True) -> dict:
     """Every figure, printed as markdown tables; returns them (top-level keys) and the details."""
     cfg = balancedit.BalancEditConfig()
     records = data.load_sample()
-    tiny, tiny_name = models.TinyVLM.from_pretrained(), "TinyVLM (assets/tinyvlm)"
-    edit_reps, hook_reps = (3, 7) if quick else (5, 21)
-    n_seq, window = (200, 20) if quick else (1000, 100)
-    hm_records = records[:4] if quick else records
-    fig: dict = {}
+    tiny = models.TinyVLM.from_pretrained()
+    tiny_name = "TinyVLM (assets/tinyvlm)"
+    if quick:
+        edit_repeats = 3
+        hook_repeats = 7
+        n_edits = 200
+        window = 20
+        hm_records = records[:4]
+    else:
+        edit_repeats = 5
+        hook_repeats = 21
+        n_edits = 1000
+        window = 100
+        hm_records = records
     details: dict = {
         "tinyvlm": tiny_name,
         "quick": quick,
@@ -227,92 +347,16 @@ def run(quick: bool = False, progress: bool = True) -> dict:
         f"# bench{' --quick' if quick else ''}: {torch.get_num_threads()} threads; "
         f"{cfg.steps} steps/edit, lr {cfg.lr}\n"
     )
-
-    blip2_name = "random BLIP-2 OPT, {layers} decoder layers (hidden {hidden}, ffn {ffn})".format(
-        **BLIP2_DEPTH
+    figures, details["edit_speed"] = section_edit_speed(
+        tiny, tiny_name, records[0], cfg, edit_repeats
     )
-    llama_name = "random MiniGPT-4, {layers} LLaMA layers (hidden {hidden}, ffn {ffn})".format(
-        **BLIP2_DEPTH
+    hook_figures, details["hook_overhead"] = section_hook(
+        tiny, records, cfg, hook_repeats, progress
     )
-    rows = {
-        tiny_name: bench_edit_speed(tiny, records[0], cfg, edit_reps),
-        blip2_name: bench_edit_speed(
-            models.random_blip2(**BLIP2_DEPTH, seed=cfg.seed), records[0], cfg, edit_reps
-        ),
-        llama_name: bench_edit_speed(
-            models.random_minigpt4(**BLIP2_DEPTH, seed=cfg.seed), records[0], cfg, edit_reps
-        ),
-    }
-    fig["edit_speedup_blip2_depth"] = rows[blip2_name]["speedup"]
-    fig["edit_speedup_llama_depth"] = rows[llama_name]["speedup"]
-    fig["edit_weights_max_rel_diff"] = max(r["weights_max_rel_diff"] for r in rows.values())
-    print(
-        f"## One edit: the plain loop vs cached activations ({cfg.steps} steps, median of {edit_reps})\n"
-    )
-    print(
-        "| backbone | plain loop s/edit | cached s/edit | speedup | max rel. weight diff |\n|---|---|---|---|---|"
-    )
-    for name, r in rows.items():
-        print(
-            f"| {name} | {r['naive_s']:.3f} | {r['cached_s']:.3f} | {r['speedup']:.1f}x | "
-            f"{r['weights_max_rel_diff']:.2e} |"
-        )
-    details["edit_speed"] = rows
-
-    hook = bench_hook_overhead(tiny, records, cfg, HOOK_SIZES, hook_reps, progress=progress)
-    fig["hook_overhead_1000"] = hook[1000]["ratio"]
-    print(
-        f"\n## Hook overhead: TinyVLM forward, batch of 32, every row out of scope (median of {hook_reps})\n"
-    )
-    print("| entries | no hook ms | hooked ms | ratio | codebook build s |\n|---|---|---|---|---|")
-    for n, r in hook.items():
-        print(
-            f"| {n:,} | {1e3 * r['plain_s']:.2f} | {1e3 * r['hooked_s']:.2f} | {r['ratio']:.3f} | {r['build_s']:.2f} |"
-        )
-    details["hook_overhead"] = {str(n): r for n, r in hook.items()}
-
-    sizes = bytes_per_entry()
-    fig["lora8_bytes_ratio"] = sizes["lora8"]["ratio_to_full"]
-    print(
-        "\n## Bytes per entry: OPT-2.7B's fc2, nn.Linear(10240, 2560) in fp16; values are float32, "
-        "and each entry also holds its key (10240 float32) and radius\n"
-    )
-    print("| value | value bytes | entry bytes | ratio to full |\n|---|---|---|---|")
-    for name, r in sizes.items():
-        label = "full (weight + bias)" if name == "full" else f"LoRA rank {name[4:]} (A + B)"
-        print(
-            f"| {label} | {r['value_bytes']:,} | {r['entry_bytes']:,} | 1/{1 / r['ratio_to_full']:.0f} |"
-        )
-    refs = evaluate.references(tiny, hm_records, progress)
-    hm_results = {
-        name: evaluate.evaluate(
-            "balancedit",
-            tiny,
-            hm_records,
-            dataclasses.replace(cfg, value_form=value),
-            "single",
-            refs,
-            progress,
-        )
-        for name, value in (("full", "full"), ("lora rank 8", "lora"))
-    }
-    fig["lora8_hm_delta"] = hm_results["full"]["hm"] - hm_results["lora rank 8"]["hm"]
-    print(f"\nBalancEdit, single edits, {len(hm_records)} records of the sample:\n")
-    print(evaluate.table(hm_results, first="value"))
-    details["bytes_per_entry"], details["hm_full_vs_lora8"] = sizes, hm_results
-
-    seq = bench_sequential(tiny, data.make_records(cfg.seed, n_seq), cfg, window, progress)
-    fig["seq_last_first_ratio"] = seq["ratio"]
-    print(
-        f"\n## {n_seq:,} sequential edits on TinyVLM ({seq['entries_at_end']} entries at the end; "
-        f"actions {seq['actions']})\n"
-    )
-    print(
-        f"| edits | s/edit |\n|---|---|\n| first {window} | {seq['first_s']:.4f} |\n"
-        f"| last {window} | {seq['last_s']:.4f} |\n\nlast / first = {seq['ratio']:.2f}"
-    )
-    details["sequential"] = seq
-    return {**fig, "details": details}
+    bytes_figures, bytes_details = section_bytes(tiny, hm_records, cfg, progress)
+    details.update(bytes_details)
+    seq_figures, details["sequential"] = section_sequential(tiny, cfg, n_edits, window, progress)
+    return {**figures, **hook_figures, **bytes_figures, **seq_figures, "details": details}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,8 @@
-"""Pictures that teach Eq. 3: the alpha sweep (paper Fig. 5), one edit's probes against its radius,
-a codebook's keys and balls in 2-D (paper Fig. 7), and the study's curves. Drawn with matplotlib
-(Agg, to PNG files); ``python evaluate.py sweep-alpha | show-edit | show-codebook | study`` calls them.
+"""Pictures that teach Eq. 3: the alpha sweep, one edit against its radius, a codebook, the study.
+
+The alpha sweep is paper Fig. 5 and the codebook's keys and balls in 2-D paper Fig. 7; the
+study's curves show the scores as the codebook fills. Drawn with matplotlib (Agg, to PNG files);
+``python evaluate.py sweep-alpha | show-edit | show-codebook`` and ``python study.py`` call them.
 """
 
 import math
@@ -8,12 +10,17 @@ from pathlib import Path
 
 import torch
 
+import data
 from balancedit import BalancEditor, distance
 
-COLUMNS, HEADERS = (
-    ("acc", "t_gen", "i_gen", "loc", "q_loc", "hm"),
-    ("Acc", "T-Gen", "I-Gen", "Loc", "q_loc", "HM"),
-)
+PLOTTED = {  # the scores the curves plot, and their labels
+    "acc": "Acc",
+    "t_gen": "T-Gen",
+    "i_gen": "I-Gen",
+    "loc": "Loc",
+    "q_loc": "q_loc",
+    "hm": "HM",
+}
 
 
 def _pyplot():
@@ -36,7 +43,7 @@ def _save(fig, path: Path) -> None:
 def plot_sweep(results: dict[str, dict], parameter: str, path: Path) -> None:
     """Paper Fig. 5: each metric against the swept parameter."""
     fig, ax = _pyplot().subplots(figsize=(5, 3.5))
-    for key, label in zip(COLUMNS, HEADERS):
+    for key, label in PLOTTED.items():
         ax.plot(
             [float(v) for v in results],
             [math.nan if r[key] is None else r[key] for r in results.values()],
@@ -57,14 +64,10 @@ def plot_study(result: dict, path: Path) -> None:
     """The study's curves: each metric against the edits in the codebook (1: single edits), one line
     per method, the mean over the test worlds with +- one standard deviation as error bars."""
     sizes = [1, *map(int, result["sequential"])]
-    runs = [
-        result["single"],
-        *result["sequential"].values(),
-    ]  # one {method: {column: stats}} per size
-    fig, axes = _pyplot().subplots(
-        1, len(COLUMNS) - 1, figsize=(3 * (len(COLUMNS) - 1), 3.2), sharey=True
-    )
-    for ax, key, label in zip(axes, COLUMNS[1:], HEADERS[1:]):
+    runs = [result["single"], *result["sequential"].values()]  # {method: {column: stats}} each
+    panels = list(PLOTTED.items())[1:]  # Acc is 100 throughout: no panel
+    fig, axes = _pyplot().subplots(1, len(panels), figsize=(3 * len(panels), 3.2), sharey=True)
+    for ax, (key, label) in zip(axes, panels):
         for name in runs[-1]:
             cells = [r[name][key] for r in runs]
             ax.errorbar(
@@ -92,8 +95,12 @@ def plot_study(result: dict, path: Path) -> None:
 def edit_probes(editor: BalancEditor, record) -> tuple[dict, dict]:
     """Edit ``record`` and measure, for every probe, its distance to the new key and whether its
     generated answer changed. Returns the edit's report (as a dict) and {group: [(d, changed)]}."""
-    backbone, anchor = editor.backbone, editor.config.negative
-    import data
+    backbone = editor.backbone
+    anchor = editor.config.negative
+    negative = data.anchor_image(anchor, record.image.size, seed=editor.config.seed)
+
+    def split(samples):  # the images and the questions of samples
+        return [s.image for s in samples], [s.question for s in samples]
 
     groups = {  # group -> (images, questions); in scope: the answer should change
         "positive (a training rephrasing)": ([record.image], [editor.positive(record)]),
@@ -102,23 +109,12 @@ def edit_probes(editor: BalancEditor, record) -> tuple[dict, dict]:
             record.rephrase_images,
             [record.question] * len(record.rephrase_images),
         ),
-        "near misses (Loc)": (
-            [s.image for s in record.locality],
-            [s.question for s in record.locality],
-        ),
-        "same images, other questions (q_loc)": (
-            [s.image for s in record.q_locality],
-            [s.question for s in record.q_locality],
-        ),
-        "unrelated (m_loc)": (
-            [s.image for s in record.m_locality],
-            [s.question for s in record.m_locality],
-        ),
-        f"negative ({anchor} image)": (
-            [data.anchor_image(anchor, record.image.size, seed=editor.config.seed)],
-            [record.question],
-        ),
+        "near misses (Loc)": split(record.locality),
+        "same images, other questions (q_loc)": split(record.q_locality),
+        "unrelated (m_loc)": split(record.m_locality),
+        f"negative ({anchor} image)": ([negative], [record.question]),
     }
+    # Only the groups that have samples, each sample with an image.
     groups = {g: v for g, v in groups.items() if v[0] and all(im is not None for im in v[0])}
     before = {g: backbone.generate(*v) for g, v in groups.items()}
     report = editor.edit(record)
@@ -126,27 +122,28 @@ def edit_probes(editor: BalancEditor, record) -> tuple[dict, dict]:
     probes = {}
     with editor.attached():
         for g, (images, questions) in groups.items():
-            d = distance(editor.keys_of(images, questions), k[None], editor.config.distance)[
-                :, 0
-            ].tolist()
+            q = editor.keys_of(images, questions)  # (B, D)
+            d = distance(q, k[None], editor.config.distance)[:, 0].tolist()  # (B,)
             after = backbone.generate(images, questions)
             probes[g] = [(di, a != b) for di, a, b in zip(d, after, before[g])]
-    return {
+    drawn = {
         "d_pos": report.d_pos,
         "d_neg": report.d_neg,
         "radius": report.radius,
         "alpha": editor.config.alpha,
         "target": record.target,
-    }, probes
+    }
+    return drawn, probes
 
 
 def show_edit(report: dict, probes: dict, path: Path, title: str) -> None:
-    """One edit on the distance axis: each probe at d(q, k), filled if its answer changed; the radius
-    eps (Eq. 3) and the range it sweeps between d(Pos, k) (alpha = 1) and d(Neg, k) (alpha = 0).
-    Green: as it should be (in scope and changed, or out of scope and kept); red: not."""
+    """One edit on the distance axis: each probe at d(q, k), filled if its answer changed; the
+    radius eps (Eq. 3) and the range it sweeps between d(Pos, k) (alpha = 1) and d(Neg, k)
+    (alpha = 0). Green: as it should be (in scope and changed, or out of scope and kept); red:
+    not."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 0.6 * len(probes) + 1.6))
-    lo, hi = sorted((report["d_pos"], report["d_neg"]))
+    lo, hi = sorted((report["d_pos"], report["d_neg"]))  # the band Eq. 3 sweeps
     ax.axvspan(lo, hi, color="0.9", label="eps as alpha goes 1 -> 0 (Eq. 3)")
     ax.axvline(report["radius"], color="k", label=f"eps at alpha = {report['alpha']}")
     for y, (group, points) in enumerate(probes.items()):
@@ -173,23 +170,26 @@ def show_edit(report: dict, probes: dict, path: Path, title: str) -> None:
 
 
 def show_codebook(editor: BalancEditor, records, path: Path) -> dict:
-    """Paper Fig. 7: the keys of a codebook, projected on their first two principal directions, each
-    with a circle of its ball's radius, coloured by the edit's scope. For the cosine distance the keys
-    are normalised first (then 1 - cos = |u - v|^2 / 2, so a ball of radius eps has Euclidean radius
-    sqrt(2 eps)). A projection only shrinks distances: circles that overlap need not be balls that do."""
+    """Paper Fig. 7: the keys of a codebook, projected on their first two principal directions,
+    each with a circle of its ball's radius, coloured by the edit's scope. For the cosine distance
+    the keys are normalised first (then 1 - cos = |u - v|^2 / 2, so a ball of radius eps has
+    Euclidean radius sqrt(2 eps)). A projection only shrinks distances: circles that overlap need
+    not be balls that do."""
     cb = editor.codebook
-    keys = (
-        torch.nn.functional.normalize(cb.keys, dim=-1) if cb.distance == "cos" else cb.keys
-    )  # (N, D)
+    keys = cb.keys  # (N, D)
+    if cb.metric == "cos":
+        keys = torch.nn.functional.normalize(keys, dim=-1)
     centred = keys - keys.mean(dim=0)
-    xy = (centred @ torch.linalg.svd(centred, full_matrices=False)[2][:2].T).cpu()  # (N, 2)
-    radii = [math.sqrt(2 * r) if cb.distance == "cos" else r for r in cb.radii.tolist()]
+    directions = torch.linalg.svd(centred, full_matrices=False).Vh[:2]  # (2, D): the first two
+    xy = (centred @ directions.T).cpu()  # (N, 2)
+    radii = [math.sqrt(2 * r) if cb.metric == "cos" else r for r in cb.radii.tolist()]
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 6))
-    scope = {
-        (r.question, r.target): r.category or "other" for r in records
-    }  # the edit behind each entry
-    scopes = [scope.get((asked[1], target), "other") for asked, target in zip(cb.asked, cb.targets)]
+    scope = {(r.question, r.target): r.category or "other" for r in records}  # of each edit
+    scopes = []
+    for asked, target in zip(cb.asked, cb.targets):  # asked: None for an entry added by hand
+        question = asked.question if asked is not None else None
+        scopes.append(scope.get((question, target), "other"))
     colours = {c: f"C{i}" for i, c in enumerate(sorted(set(scopes)))}
     for (x, y), r, c in zip(xy.tolist(), radii, scopes):
         ax.add_patch(plt.Circle((x, y), r, fill=False, color=colours[c], alpha=0.5))

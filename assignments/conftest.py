@@ -16,9 +16,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-torch.set_num_threads(
-    1
-)  # the graders' models are tiny: one thread is the fastest, and never waits on another
+# The graders' models are tiny: one thread is the fastest, and never waits on another.
+torch.set_num_threads(1)
 
 # task -> (title, points). Task 6 (the experiments) is answered in writing and graded by hand.
 TASKS = {
@@ -71,14 +70,16 @@ def pytest_terminal_summary(terminalreporter):
     write = terminalreporter.write_line
     write("")
     write("Grades (points are shared equally among a task's tests)")
-    total = got = 0.0
+    total = 0.0
+    got = 0.0
     for task, (title, points) in TASKS.items():
         ids = [i for i, t in _task_of.items() if t == task]
         if not ids:
             continue
         passed = sum(_outcome.get(i) == "passed" for i in ids)
         score = points * passed / len(ids)
-        total, got = total + points, got + score
+        total += points
+        got += score
         write(f"  {task}  {points:2d} pts  {passed:>2}/{len(ids):<2} passed  {score:5.1f}  {title}")
     write(f"  {WRITTEN[0]}  {WRITTEN[2]:2d} pts  in writing        -    {WRITTEN[1]}")
     write(f"  total  {got:.1f} / {total:.0f} points of the graded tasks run")
@@ -89,7 +90,8 @@ def pytest_terminal_summary(terminalreporter):
 
 @pytest.fixture(scope="session")
 def tiny():
-    """A small random TinyVLM (2 decoder layers, fc2: 64 -> 32), seeded: fast enough for many edits."""
+    """A small random TinyVLM (2 decoder layers, fc2: 64 -> 32), seeded: fast enough for many
+    edits."""
     import models
 
     torch.manual_seed(0)

@@ -7,8 +7,9 @@ The project's own tests/ are left out: they test the finished method and would f
 the graders in assignments/ take their place (the starter's pytest.ini points at them).
 GraceRouter.route (the GRACE baseline's hook) is stubbed too, as part of Task 3: it shares its
 plumbing with Router.route, so leaving it would hand out half of that solution.
-After writing, every non-trivial line of a removed body is looked for in the starter's .py files;
-one found is an error (exit 1) and the starter is deleted.
+After writing, every non-trivial statement of a removed body is looked for among the statements
+of the starter's .py files; one found is an error (exit 1) and the starter is deleted. Statements
+are compared as ``ast.unparse`` writes them, so line breaks and comments do not matter.
 """
 
 import argparse
@@ -19,16 +20,19 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TASKS = {  # file -> function ("Class.method") -> (task, what to implement)
+# file -> function ("Class.method") -> (task, what to implement). A function is looked for in the
+# file that names it: if one moves to another file, move its entry here (and in the handout).
+TASKS = {
     "balancedit.py": {
         "distance": (
             1,
-            "d(q, k) for every pair, (B, D), (N, D) -> (B, N) float32: 1 - cos(q, k), clamped at 0, "
-            "or ||q - k||_2 (exact: d(k, k) == 0)",
+            "d(q, k) for every pair, (B, D), (N, D) -> (B, N) float32: 1 - cos(q, k), "
+            "clamped at 0, or ||q - k||_2 (exact: d(k, k) == 0)",
         ),
         "radius": (
             1,
-            "Eq. 3 as in Appendix D (Eq. 10): eps = alpha * d_pos + (1 - alpha) * d_neg, kept between the two",
+            "Eq. 3 as in Appendix D (Eq. 10): eps = alpha * d_pos + (1 - alpha) * d_neg, "
+            "kept between the two",
         ),
         "Codebook.lookup": (
             2,
@@ -36,35 +40,38 @@ TASKS = {  # file -> function ("Class.method") -> (task, what to implement)
         ),
         "prompt_mean": (
             3,
-            "the key: the mean of h over each row's prompt positions (pool='last': h at its last "
-            "prompt position), (B, T, D), (B, T) -> (B, D) float32",
+            "the key: the mean of h over each row's prompt positions (pool='last': h at its "
+            "last prompt position), (B, T, D), (B, T) -> (B, D) float32",
         ),
         "Router.route": (
             3,
-            "Eq. 1 per sample: a row whose query hits entry j gets v_j(h), every other row layer l's "
-            "output untouched; decoding steps keep their prompt's route",
+            "Eq. 1 per sample: a row whose query hits entry j gets v_j(h), every other row "
+            "layer l's output untouched; decoding steps keep their prompt's route",
         ),
         "train_value": (
             4,
-            "Eq. 2: Adam on the value's parameters only, loss = LM cross-entropy on the target tokens "
-            "(cached activations when cache); return the loss of each step",
+            "Eq. 2: Adam on the value's parameters only, loss = LM cross-entropy on the target "
+            "tokens (cached activations when cache); return the loss of each step",
         ),
         "BalancEditor.keys_of": (
             4,
-            "the key of each (image, question), (B, D), exactly as the routing hook computes it "
-            "(pooled with self.config.pool)",
+            "the key of each (image, question), (B, D), exactly as the routing hook computes "
+            "it (pooled with self.config.pool)",
         ),
         "BalancEditor.positive": (
             4,
-            "Pos's question R(t): a training rephrasing, else the backbone's, never one T-Gen scores",
+            "Pos's question R(t): a training rephrasing, else the backbone's, never one T-Gen "
+            "scores",
+        ),
+    },
+    "baselines.py": {
+        "GraceRouter.route": (
+            3,
+            "GRACE's hook: the query is layer l's input at each row's last prompt position; "
+            "a hit writes the entry's vector v at that position only",
         ),
     },
     "evaluate.py": {
-        "GraceRouter.route": (
-            3,
-            "GRACE's hook: the query is layer l's input at each row's last prompt position; a hit "
-            "writes the entry's vector v at that position only",
-        ),
         "token_accuracy": (
             5,
             "the mean over samples of the % of a sample's tokens where predicted == reference",
@@ -72,77 +79,118 @@ TASKS = {  # file -> function ("Class.method") -> (task, what to implement)
         "hm": (5, "HM = 3 / (1/T-Gen + 1/I-Gen + 1/Loc); 0 if any is 0, None if any is None"),
     },
 }
-DOCS = {  # docstrings for the stubs of hooks that have none in the project
-    "Router.route": "The forward hook of layer l (Eq. 1): returns None (keep ``out``) or the new output.\n\n"
-    "Sets ``self.last_index`` (B,) and ``self.last_query`` (B, D); ``self.mask`` is the backbone's\n"
-    'prompt mask (B, T) or None; ``self.pool`` the key\'s pooling ("mean" or "last");\n'
-    "``self.held`` is yours, to hold routes while decoding.",
-    "GraceRouter.route": "GRACE's forward hook: returns None (keep ``out``) or the new output; sets ``self.last_index``.",
+# Docstrings for the stubs of hooks that have none in the project.
+DOCS = {
+    "Router.route": (
+        "The forward hook of layer l (Eq. 1): returns None (keep ``out``) or the new output.\n"
+        "\n"
+        "Sets ``self.last_index`` (B,) and ``self.last_query`` (B, D); ``self.mask`` is the\n"
+        "backbone's prompt mask (B, T) or None; ``self.pool`` the key's pooling (\"mean\" or\n"
+        '"last"); ``self.held`` is yours, to hold routes while decoding.'
+    ),
+    "GraceRouter.route": (
+        "GRACE's forward hook: returns None (keep ``out``) or the new output; sets\n"
+        "``self.last_index``."
+    ),
 }
-# Generic lines that a removed body shares with code the students keep and that give nothing away:
-# models.train_tiny's training loop, and Grace.at_key, which runs the backbone under a recording hook.
-IDIOMS = {"losses.append(loss.item())", "return losses", "self.backbone(**batch)"}
+# Statements that a removed body shares with code the students keep and that give nothing away.
+IDIOMS = {
+    # models.train_tiny's training loop
+    "losses.append(loss.item())",
+    "return losses",
+    # Router.__init__ starts with no held route
+    "self.held = None",
+    # Codebook.__init__ refuses an unknown metric as distance does
+    "raise ValueError(f\"unknown distance {metric!r}; allowed: {CHOICES['distance']}\")",
+}
 COPY = ["README.md", "requirements.txt", ".gitignore", "assets", "assignments"]
 
 
-def functions(tree):
+def functions(tree: ast.Module):
     """(qualified name, node) of the module's functions and its classes' methods."""
     for node in tree.body:
         if isinstance(node, ast.FunctionDef):
             yield node.name, node
         elif isinstance(node, ast.ClassDef):
-            yield from (
-                (f"{node.name}.{f.name}", f) for f in node.body if isinstance(f, ast.FunctionDef)
+            for method in node.body:
+                if isinstance(method, ast.FunctionDef):
+                    yield f"{node.name}.{method.name}", method
+
+
+def statements(nodes) -> set[str]:
+    """The simple statements in ``nodes``, nested ones included, each as ``ast.unparse`` writes
+    it (on one line, comments dropped). A compound statement (if, for, with, def, ...) does not
+    count itself; the statements in its body do."""
+    found = set()
+    for top in nodes:
+        for node in ast.walk(top):
+            if isinstance(node, ast.stmt) and not hasattr(node, "body"):
+                found.add(ast.unparse(node))
+    return found
+
+
+def defined_in(name: str) -> list[str]:
+    """The project's top-level .py files that define the function ``name`` ("Class.method")."""
+    files = []
+    for path in sorted(ROOT.glob("*.py")):
+        if name in dict(functions(ast.parse(path.read_text()))):
+            files.append(path.name)
+    return files
+
+
+def docstring(text: str, pad: str) -> str:
+    """``text`` as a docstring, each line indented by ``pad`` (blank lines left blank)."""
+    first, *rest = text.split("\n")
+    lines = [f'{pad}"""{first}']
+    for line in rest:
+        lines.append(pad + line if line else "")
+    return "\n".join(lines) + '"""\n'
+
+
+def stub(source: str, table: dict, file: str = "the file") -> tuple[str, set[str]]:
+    """The source with each function of ``table`` stubbed, and the statements removed."""
+    lines = source.splitlines(keepends=True)
+    found = dict(functions(ast.parse(source)))
+    for name in table:
+        if name not in found:
+            elsewhere = ", ".join(defined_in(name)) or "no top-level .py file"
+            sys.exit(
+                f"release.py: {file} defines no {name} (defined in: {elsewhere}); TASKS must "
+                "name the file each task function is in"
             )
-
-
-def stub(source: str, table: dict) -> tuple[str, list[str]]:
-    """The source with each function of ``table`` stubbed, and the lines removed."""
-    lines, found = source.splitlines(keepends=True), dict(functions(ast.parse(source)))
-    if missing := set(table) - set(found):
-        sys.exit(f"release.py: no function {sorted(missing)} to stub")
-    removed = []
-    for name in sorted(table, key=lambda n: -found[n].lineno):  # bottom up: line numbers stay valid
-        node, (task, what) = found[name], table[name]
+    removed = set()
+    # Bottom up, so that the line numbers of the functions above stay valid.
+    for name in sorted(table, key=lambda n: -found[n].lineno):
+        node = found[name]
+        task, what = table[name]
         first = node.body[0]
-        has_doc = (
-            isinstance(first, ast.Expr)
-            and isinstance(first.value, ast.Constant)
-            and isinstance(first.value.value, str)
-        )
-        start = (
-            first.end_lineno if has_doc else first.lineno - 1
-        )  # 0-based index of the first line to replace
-        while not has_doc and lines[start - 1].strip().startswith("#"):
-            start -= 1  # comments between the signature and the body go too
+        has_doc = ast.get_docstring(node, clean=False) is not None
+        body = node.body[1:] if has_doc else node.body
+        removed |= statements(body)
+        if has_doc:
+            start = first.end_lineno  # 0-based index of the first line after the docstring
+        else:
+            start = first.lineno - 1
+            while lines[start - 1].strip().startswith("#"):
+                start -= 1  # comments between the signature and the body go too
         pad = " " * first.col_offset
-        new = (
-            []
-            if has_doc or name not in DOCS
-            else [
-                pad
-                + '"""'
-                + DOCS[name].replace("\n", "\n" + pad).replace(pad + "\n", "\n")
-                + '"""\n'
-            ]
-        )
-        new.append(f"{pad}raise NotImplementedError({f'Task {task}: {what}'!r})\n")
-        removed += lines[start : node.end_lineno]
+        new = []
+        if not has_doc and name in DOCS:
+            new.append(docstring(DOCS[name], pad))
+        message = f"Task {task}: {what}"
+        new.append(f"{pad}raise NotImplementedError({message!r})\n")
         lines[start : node.end_lineno] = new
     return "".join(lines), removed
 
 
-def code(line: str) -> str:
-    """A line without its comment, whitespace collapsed."""
-    return " ".join(re.sub(r"(^|\s)#.*$", "", line).split())
-
-
-def leaks(out: Path, removed: list[str]) -> list[str]:
-    """The removed lines (12 characters or more of code, not IDIOMS) found in the starter's .py files."""
-    wanted = {code(r) for r in removed} - {""}
-    wanted = {w for w in wanted if len(w) >= 12} - IDIOMS
-    text = [code(line) for p in out.rglob("*.py") for line in p.read_text().splitlines()]
-    return sorted(w for w in wanted if any(w in t for t in text))
+def leaks(out: Path, removed: set[str]) -> list[str]:
+    """The removed statements (12 characters or more, not IDIOMS) found among the statements of
+    the starter's .py files."""
+    wanted = {s for s in removed if len(s) >= 12} - IDIOMS
+    kept = set()
+    for path in out.rglob("*.py"):
+        kept |= statements(ast.parse(path.read_text()).body)
+    return sorted(wanted & kept)
 
 
 def main(argv=None) -> int:
@@ -160,38 +208,36 @@ def main(argv=None) -> int:
         )
         return 2
     out.mkdir(parents=True, exist_ok=True)
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc", ".hypothesis")
     for name in [p.name for p in ROOT.glob("*.py")] + COPY:
         src = ROOT / name
         if src.is_dir():
-            shutil.copytree(
-                src,
-                out / name,
-                ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".hypothesis"),
-            )
+            shutil.copytree(src, out / name, ignore=skip)
         elif src.exists():
             shutil.copy2(src, out / name)
     ini = (ROOT / "pytest.ini").read_text()
-    (out / "pytest.ini").write_text(
-        re.sub(r"(?m)^testpaths\s*=.*$", "testpaths = assignments", ini)
-    )
-    removed = []
+    ini = re.sub(r"(?m)^testpaths\s*=.*$", "testpaths = assignments", ini)
+    (out / "pytest.ini").write_text(ini)
+    removed = set()
     for name, table in TASKS.items():
-        text, lines = stub((ROOT / name).read_text(), table)
+        text, gone = stub((ROOT / name).read_text(), table, name)
         ast.parse(text)  # the starter must import
         (out / name).write_text(text)
-        removed += lines
-    if found := leaks(out, removed):
+        removed |= gone
+    found = leaks(out, removed)
+    if found:
         shutil.rmtree(out)
         print(
-            "release.py: error: solution lines would survive in the starter (deleted it):\n  "
+            "release.py: error: solution statements would survive in the starter (deleted it):\n  "
             + "\n  ".join(found),
             file=sys.stderr,
         )
         return 1
     n = sum(map(len, TASKS.values()))
     print(
-        f"wrote the starter to {out}: {n} task functions stubbed in {', '.join(TASKS)}; no solution line survives; "
-        "the project's tests/ are left out (the graders are in assignments/)"
+        f"wrote the starter to {out}: {n} task functions stubbed in {', '.join(TASKS)}; "
+        "no solution statement survives; the project's tests/ are left out (the graders are "
+        "in assignments/)"
     )
     return 0
 

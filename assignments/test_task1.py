@@ -36,19 +36,21 @@ def test_cosine_distance_on_hand_worked_vectors():
     k = torch.tensor([[1.0, 0.0], [2.0, 2.0]])
     d = distance(q, k, "cos")
     assert isinstance(d, torch.Tensor) and d.shape == (3, 2), (
-        f"distance returns one number per (query, key) pair, shape (B, N) = (3, 2); got {getattr(d, 'shape', d)}"
+        "distance returns one number per (query, key) pair, shape (B, N) = (3, 2); "
+        f"got {getattr(d, 'shape', d)}"
     )
     s = 1 / math.sqrt(2)
     want = [[0.0, 1 - s], [1.0, 1 - s], [2.0, 1 + s]]
     assert d.flatten().tolist() == pytest.approx(sum(want, []), abs=1e-6), (
-        f"'cos' is 1 - cos(q, k), from 0 (same direction) to 2 (opposite); want {want}, got {d.tolist()}"
+        "'cos' is 1 - cos(q, k), from 0 (same direction) to 2 (opposite); "
+        f"want {want}, got {d.tolist()}"
     )
 
 
 def test_euclidean_distance_on_hand_worked_vectors():
-    d = distance(
-        torch.tensor([[0.0, 0.0], [3.0, 4.0]]), torch.tensor([[0.0, 0.0], [3.0, 0.0]]), "euc"
-    )
+    q = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
+    k = torch.tensor([[0.0, 0.0], [3.0, 0.0]])
+    d = distance(q, k, "euc")
     assert d.flatten().tolist() == pytest.approx([0.0, 3.0, 5.0, 4.0], abs=1e-6), (
         f"'euc' is ||q - k||_2 (paper Table 6); want [[0, 3], [5, 4]], got {d.tolist()}"
     )
@@ -58,9 +60,10 @@ def test_euclidean_distance_of_a_key_to_itself_is_exactly_zero():
     keys = torch.randn(40, 64, generator=torch.Generator().manual_seed(0)) * 100
     diag = distance(keys, keys, "euc").diagonal()
     assert torch.all(diag == 0), (
-        f"d(k, k) must be exactly 0, or a query equal to a key misses a radius-0 entry; got up to {diag.max():.3g}. "
-        "torch.cdist's fast matrix-product form rounds for more than 25 vectors: ask for the exact one "
-        "(compute_mode='donot_use_mm_for_euclid_dist') or compute the differences yourself"
+        "d(k, k) must be exactly 0, or a query equal to a key misses a radius-0 entry; "
+        f"got up to {diag.max():.3g}. torch.cdist's fast matrix-product form rounds for more "
+        "than 25 vectors: ask for the exact one (compute_mode='donot_use_mm_for_euclid_dist') "
+        "or compute the differences yourself"
     )
 
 
@@ -74,19 +77,26 @@ def test_euclidean_distance_of_a_key_to_itself_is_exactly_zero():
 )
 def test_distance_matches_its_definition(seed, B, N, D, dtype):
     g = torch.Generator().manual_seed(seed)
-    q, k = torch.randn(B, D, generator=g).to(dtype), torch.randn(N, D, generator=g).to(dtype)
-    for kind in ("cos", "euc"):
-        d = distance(q, k, kind)
+    q = torch.randn(B, D, generator=g).to(dtype)
+    k = torch.randn(N, D, generator=g).to(dtype)
+    for metric in ("cos", "euc"):
+        d = distance(q, k, metric)
         assert d.shape == (B, N) and d.dtype == torch.float32, (
-            f"distance({kind!r}) must return (B, N) = {(B, N)} float32 for {dtype} inputs; got {tuple(d.shape)} {d.dtype}"
+            f"distance({metric!r}) must return (B, N) = {(B, N)} float32 for {dtype} inputs; "
+            f"got {tuple(d.shape)} {d.dtype}"
         )
         for b in range(B):
             for n in range(N):
-                qb, kn = q[b].double().tolist(), k[n].double().tolist()
-                dot, nq, nk = sum(x * y for x, y in zip(qb, kn)), math.hypot(*qb), math.hypot(*kn)
-                want = max(0.0, 1 - dot / (nq * nk)) if kind == "cos" else math.dist(qb, kn)
-                assert d[b, n].item() == pytest.approx(want, rel=1e-4, abs=1e-4), (
-                    f"distance({kind!r}) of query {b} and key {n}: want {want:.6f}, got {d[b, n].item():.6f}"
+                qb = q[b].double().tolist()
+                kn = k[n].double().tolist()
+                if metric == "cos":
+                    dot = sum(x * y for x, y in zip(qb, kn))
+                    want = max(0.0, 1 - dot / (math.hypot(*qb) * math.hypot(*kn)))
+                else:
+                    want = math.dist(qb, kn)
+                got = d[b, n].item()
+                assert got == pytest.approx(want, rel=1e-4, abs=1e-4), (
+                    f"distance({metric!r}) of query {b} and key {n}: want {want:.6f}, got {got:.6f}"
                 )
 
 
@@ -100,10 +110,11 @@ def test_cosine_distance_is_never_negative():
 
 
 def test_a_zero_vector_is_at_cosine_distance_one_from_everything():
-    d = distance(torch.zeros(1, 3), torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]]), "cos")
+    keys = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    d = distance(torch.zeros(1, 3), keys, "cos")
     assert torch.isfinite(d).all() and d.flatten().tolist() == pytest.approx([1.0, 1.0]), (
-        f"a zero vector has no direction; normalising it must not divide by 0 (F.normalize has an eps): "
-        f"its cosine distance to anything is 1; got {d.tolist()}"
+        "a zero vector has no direction; normalising it must not divide by 0 (F.normalize has "
+        f"an eps): its cosine distance to anything is 1; got {d.tolist()}"
     )
 
 
@@ -117,16 +128,15 @@ def test_unknown_distance_is_an_error():
 
 def test_radius_on_a_hand_worked_case():
     got = radius(0.2, 1.0, 0.25)
-    want, swapped = 0.25 * 0.2 + 0.75 * 1.0, 0.75 * 0.2 + 0.25 * 1.0
-    hint = (
-        (
-            " You weighted the distances the other way round, as the paper's main text prints Eq. 3. "
-            "Appendix D (Eq. 10), the authors' code and the paper's own alpha ablation (the ball shrinks as "
-            "alpha grows: I-Gen falls, Loc rises) all use alpha on d(Pos, k)."
+    want = 0.25 * 0.2 + 0.75 * 1.0
+    swapped = 0.75 * 0.2 + 0.25 * 1.0
+    hint = ""
+    if got == pytest.approx(swapped):
+        hint = (
+            " You weighted the distances the other way round, as the paper's main text prints "
+            "Eq. 3. Appendix D (Eq. 10), the authors' code and the paper's own alpha ablation (the "
+            "ball shrinks as alpha grows: I-Gen falls, Loc rises) all use alpha on d(Pos, k)."
         )
-        if got == pytest.approx(swapped)
-        else ""
-    )
     assert got == pytest.approx(want), (
         f"{EQ3}; radius(d_pos=0.2, d_neg=1.0, alpha=0.25) must be {want}, got {got}.{hint}"
     )
@@ -156,10 +166,10 @@ def test_radius_lies_between_the_two_distances(d_pos, d_neg, alpha):
         ("float32 tensor", torch.tensor([d_pos]), torch.tensor([d_neg])),
     ):
         eps = radius(a, b, alpha)
-        lo, hi = min(a, b), max(a, b)
-        assert lo <= eps <= hi, (
-            f"the radius must lie between d(Pos, k) and d(Neg, k); got eps={eps} for d_pos={a}, d_neg={b}, "
-            f"alpha={alpha} ({kind}). In floating point the weighted sum can step just outside: clamp it"
+        assert min(a, b) <= eps <= max(a, b), (
+            f"the radius must lie between d(Pos, k) and d(Neg, k); got eps={eps} for d_pos={a}, "
+            f"d_neg={b}, alpha={alpha} ({kind}). In floating point the weighted sum can step just "
+            "outside: clamp it"
         )
 
 
@@ -167,26 +177,34 @@ def test_radius_lies_between_the_two_distances(d_pos, d_neg, alpha):
 @example(0.8408483326276716, 1.9762294576490569, 0.34365159365776776, 0.3436515936577678)
 @FEW
 def test_radius_shrinks_as_alpha_grows(a, b, alpha1, alpha2):
-    d_pos, d_neg = min(a, b), max(a, b)  # the positive is nearer the key than the negative
-    lo, hi = min(alpha1, alpha2), max(alpha1, alpha2)
+    d_pos = min(a, b)  # the positive is nearer the key than the negative
+    d_neg = max(a, b)
+    lo = min(alpha1, alpha2)
+    hi = max(alpha1, alpha2)
     for x, y in ((d_pos, d_neg), (torch.tensor(d_pos), torch.tensor(d_neg))):
-        small, large = float(radius(x, y, lo)), float(radius(x, y, hi))
-        why = (
-            "it grows: the weights are swapped (the paper's main text); see Appendix D (Eq. 10)"
-            if large - small > 1e-6 * max(1.0, d_neg)
-            else "alpha * d_pos + (1 - alpha) * d_neg rounds differently for neighbouring alphas; "
-            "d_neg + alpha * (d_pos - d_neg) is the same number and monotone in alpha"
-        )
+        small = float(radius(x, y, lo))  # the radius at the smaller alpha: the larger ball
+        large = float(radius(x, y, hi))
+        if large - small > 1e-6 * max(1.0, d_neg):
+            why = (
+                "it grows: the weights are swapped (the paper's main text); see Appendix D (Eq. 10)"
+            )
+        else:
+            why = (
+                "alpha * d_pos + (1 - alpha) * d_neg rounds differently for neighbouring alphas; "
+                "d_neg + alpha * (d_pos - d_neg) is the same number and monotone in alpha"
+            )
         assert small >= large, (
-            f"as alpha grows the ball must shrink from d(Neg, k) towards d(Pos, k) (paper Fig. 5: I-Gen falls, "
-            f"Loc rises); got radius(alpha={lo}) = {small} < radius(alpha={hi}) = {large}: {why}"
+            "as alpha grows the ball must shrink from d(Neg, k) towards d(Pos, k) (paper Fig. 5: "
+            f"I-Gen falls, Loc rises); got radius(alpha={lo}) = {small} < radius(alpha={hi}) = "
+            f"{large}: {why}"
         )
 
 
 def test_radius_works_elementwise_on_tensors():
     eps = radius(torch.tensor([0.2, 0.4]), torch.tensor([1.0, 0.8]), 0.5)
     assert isinstance(eps, torch.Tensor) and eps.tolist() == pytest.approx([0.6, 0.6]), (
-        f"radius of tensors d_pos=[0.2, 0.4], d_neg=[1.0, 0.8] at alpha 0.5 must be the tensor [0.6, 0.6]; got {eps}"
+        "radius of tensors d_pos=[0.2, 0.4], d_neg=[1.0, 0.8] at alpha 0.5 must be the tensor "
+        f"[0.6, 0.6]; got {eps}"
     )
 
 

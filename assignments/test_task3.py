@@ -1,4 +1,5 @@
-"""Task 3 (25 points): the key (the mean over the prompt, or its last position) and the routing hooks of Eq. 1.
+"""Task 3 (25 points): the key (the mean over the prompt, or its last position) and the routing
+hooks of Eq. 1.
 
 f^l(h) = v_j(h)  if d(q, k_j) <= eps_j, j = argmin_k d(q, k);   else l(h), bit for bit
 
@@ -12,7 +13,7 @@ from hypothesis import Phase, assume, given, settings
 from hypothesis import strategies as st
 
 from balancedit import Codebook, attach, new_value, prompt_mean
-from evaluate import GraceRouter, Vector
+from baselines import GraceRouter, Vector
 
 pytestmark = pytest.mark.task3
 FEW = settings(
@@ -31,17 +32,17 @@ def test_prompt_mean_on_a_hand_worked_case():
     h = torch.tensor(
         [
             [[1.0, 2.0], [3.0, 4.0], [1e6, 1e6]],  # row 0: the last position is padding
-            [[1e6, -1e6], [2.0, 0.0], [4.0, 2.0]],
+            [[1e6, -1e6], [2.0, 0.0], [4.0, 2.0]],  # row 1: the first position is padding
         ]
-    )  # row 1: the first position is padding
+    )
     mask = torch.tensor([[True, True, False], [False, True, True]])
     q = prompt_mean(h, mask)
     assert isinstance(q, torch.Tensor) and q.shape == (2, 2), (
         f"one key per row: (B, D) = (2, 2); got {getattr(q, 'shape', q)}"
     )
     assert q.flatten().tolist() == pytest.approx([2.0, 3.0, 3.0, 1.0]), (
-        "the key is the mean of h over each row's PROMPT positions only (never padding or the answer); "
-        f"want [[2, 3], [3, 1]], got {q.tolist()}"
+        "the key is the mean of h over each row's PROMPT positions only (never padding or the "
+        f"answer); want [[2, 3], [3, 1]], got {q.tolist()}"
     )
 
 
@@ -59,10 +60,11 @@ def test_prompt_mean_is_float32_for_half_precision_inputs():
 
 def test_a_row_without_prompt_positions_has_a_nan_key():
     h = torch.randn(2, 3, 4)
-    q = prompt_mean(h, torch.tensor([[True, False, False], [False, False, False]]))
+    mask = torch.tensor([[True, False, False], [False, False, False]])
+    q = prompt_mean(h, mask)
     assert torch.equal(q[0], h[0, 0]) and torch.isnan(q[1]).all(), (
-        "a row with no prompt position (a KV-cache decoding step) has no key: 0 / 0 = NaN, which never hits "
-        f"(task 2) and must not raise; got {q.tolist()}"
+        "a row with no prompt position (a KV-cache decoding step) has no key: 0 / 0 = NaN, which "
+        f"never hits (task 2) and must not raise; got {q.tolist()}"
     )
 
 
@@ -72,12 +74,13 @@ def test_prompt_mean_last_is_h_at_each_rows_last_prompt_position():
         [
             [False, True, True, False, False],  # row 0: padding, the prompt, then the answer
             [False, False, True, True, True],  # row 1: padding, then the prompt
-            [False, False, False, False, False],
+            [False, False, False, False, False],  # row 2: a decoding step, no prompt position
         ]
-    )  # row 2: a decoding step, no prompt position
+    )
     q = prompt_mean(h, mask, pool="last")
     assert isinstance(q, torch.Tensor) and q.shape == (3, 2) and q.dtype == torch.float32, (
-        f"pool='last' still gives one float32 key per row, (B, D) = (3, 2); got {getattr(q, 'shape', q)}"
+        "pool='last' still gives one float32 key per row, (B, D) = (3, 2); "
+        f"got {getattr(q, 'shape', q)}"
     )
     want = h[[0, 1], [2, 4]].float()  # row 0: position 2, row 1: position 4
     mistakes = {
@@ -85,16 +88,18 @@ def test_prompt_mean_last_is_h_at_each_rows_last_prompt_position():
         "the mean over the prompt (pool ignored)": h[0, 1:3].float().mean(dim=0),
         "the FIRST prompt position": h[0, 1],
     }
-    seen = next(
-        (f"; your row 0 is {name}" for name, w in mistakes.items() if torch.equal(q[0], w.float())),
-        "",
-    )
+    seen = ""
+    for name, wrong in mistakes.items():
+        if torch.equal(q[0], wrong.float()):
+            seen = f"; your row 0 is {name}"
     assert torch.equal(q[:2], want), (
-        "pool='last': the key is h at each row's LAST PROMPT position (one position: never the padding on its left "
-        f"nor the answer after it); want {want.tolist()}, got {q[:2].tolist()}{seen}"
+        "pool='last': the key is h at each row's LAST PROMPT position (one position: never the "
+        f"padding on its left nor the answer after it); want {want.tolist()}, "
+        f"got {q[:2].tolist()}{seen}"
     )
     assert torch.isnan(q[2]).all(), (
-        f"a row with no prompt position has no key with pool='last' either: NaN (never hits), got {q[2].tolist()}"
+        "a row with no prompt position has no key with pool='last' either: NaN (never hits), "
+        f"got {q[2].tolist()}"
     )
 
 
@@ -102,13 +107,16 @@ def test_prompt_mean_last_is_h_at_each_rows_last_prompt_position():
 
 
 class FlatToy(nn.Module):
-    """Like OPT's decoder layer: flattens (B, T, D) to (B*T, D) before ``fc2`` (the edited layer)."""
+    """Like OPT's decoder layer: flattens (B, T, D) to (B*T, D) before ``fc2`` (the edited
+    layer)."""
 
     def __init__(self, D=4, F=6):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(D, F), nn.Linear(F, D)
+        self.fc1 = nn.Linear(D, F)
+        self.fc2 = nn.Linear(F, D)
 
-    def forward(self, x, prompt_mask=None):  # x: (B, T, D); prompt_mask (B, T), read by the router
+    def forward(self, x, prompt_mask=None):
+        """x: (B, T, D); prompt_mask (B, T) is not used here: the router reads it."""
         h = torch.relu(self.fc1(x.reshape(-1, x.shape[-1])))  # (B*T, F)
         return self.fc2(h).view(x.shape) + x
 
@@ -118,7 +126,7 @@ def fc2_input(model, x):
 
 
 def changed_copy(layer, seed):
-    """A value: a copy of ``layer`` with random changes (so its output differs from the layer's)."""
+    """A value: a copy of ``layer`` with random changes (its output differs from the layer's)."""
     v = new_value(layer)
     with torch.no_grad():
         for p in v.parameters():
@@ -131,7 +139,8 @@ def query_of(model, x, mask):
     with attach(model, "fc2", Codebook()) as router:
         model(x, prompt_mask=mask)
     assert router.last_query is not None, (
-        "route must set router.last_query after every call of the layer, even with an empty codebook (see Router)"
+        "route must set router.last_query after every call of the layer, even with an empty "
+        "codebook (see Router)"
     )
     return router.last_query
 
@@ -140,7 +149,7 @@ def query_of(model, x, mask):
 @given(
     st.integers(0, 10_000), st.integers(1, 5), st.integers(1, 5), st.sampled_from(["cos", "euc"])
 )
-def test_each_sample_is_routed_on_its_own_key(seed, B, T, kind):
+def test_each_sample_is_routed_on_its_own_key(seed, B, T, metric):
     torch.manual_seed(seed)
     model = FlatToy()
     x = torch.randn(B, T, 4)
@@ -148,11 +157,10 @@ def test_each_sample_is_routed_on_its_own_key(seed, B, T, kind):
     mask[:, 0] = True  # every row has a prompt position
     plain = model(x, prompt_mask=mask)
     h = fc2_input(model, x)
-    keys = torch.stack(
-        [h[b][mask[b]].mean(dim=0) for b in range(B)]
-    )  # (B, F) the mean over each prompt
-    assume(kind == "euc" or keys[0].norm() > 1e-3)
-    cb = Codebook(kind)
+    # (B, F): the mean over each row's prompt
+    keys = torch.stack([h[b][mask[b]].mean(dim=0) for b in range(B)])
+    assume(metric == "euc" or keys[0].norm() > 1e-3)
+    cb = Codebook(metric)
     cb.add(keys[0], changed_copy(model.fc2, seed), 1e-4, "a")  # row 0 hits entry 0
     cb.add(torch.randn(6), changed_copy(model.fc2, seed + 1), 0.05, "b")
     with attach(model, "fc2", cb) as router:
@@ -164,30 +172,30 @@ def test_each_sample_is_routed_on_its_own_key(seed, B, T, kind):
         router.last_query,
         keys,
         msg=lambda m: (
-            "router.last_query must be prompt_mean of "
-            f"the layer's input over each row's prompt, per row (the layer sees (B*T, D)): {m}"
+            "router.last_query must be prompt_mean of the layer's input over each row's prompt, "
+            f"per row (the layer sees (B*T, D)): {m}"
         ),
     )
     index = router.last_index
     assert index is not None and index.tolist()[0] == 0, (
-        f"row 0's key is entry 0's key (radius 1e-4): it must hit entry 0; router.last_index = {index}"
+        "row 0's key is entry 0's key (radius 1e-4): it must hit entry 0; "
+        f"router.last_index = {index}"
     )
     for b in range(B):
         if index[b] < 0:
             assert torch.equal(out[b], plain[b]), (
-                f"row {b} is out of scope (last_index -1): its output must be the unedited model's, bit for bit "
-                "(do not send it through a value, do not recompute it)"
+                f"row {b} is out of scope (last_index -1): its output must be the unedited "
+                "model's, bit for bit (do not send it through a value, do not recompute it)"
             )
         else:
-            want = (
-                cb.values[int(index[b])](h[b : b + 1].reshape(-1, 6)).view(1, T, 4) + x[b : b + 1]
-            )
+            value = cb.values[int(index[b])]
+            want = value(h[b].reshape(-1, 6)).view(T, 4) + x[b]  # (T, D)
             torch.testing.assert_close(
                 out[b],
-                want[0],
+                want,
                 msg=lambda m: (
-                    f"row {b} hits entry {int(index[b])}: "
-                    f"layer l's output must be v_j(h) for that row, at every position: {m}"
+                    f"row {b} hits entry {int(index[b])}: layer l's output must be v_j(h) for "
+                    f"that row, at every position: {m}"
                 ),
             )
 
@@ -216,14 +224,16 @@ def test_a_layer_that_sees_one_row_per_sample(seed, B):
                 f"row {b} misses: its output must be the plain model's, bit for bit"
             )
         else:
-            torch.testing.assert_close(out[b], model[3](cb.values[int(index[b])](h[b : b + 1]))[0])
+            value = cb.values[int(index[b])]
+            torch.testing.assert_close(out[b], model[3](value(h[b])))
     assert torch.equal(model(x), plain), "leaving the `with attach(...)` block must remove the hook"
 
 
 def test_with_no_hit_the_output_is_untouched():
     torch.manual_seed(0)
     model = FlatToy()
-    x, mask = torch.randn(3, 4, 4), torch.ones(3, 4, dtype=torch.bool)
+    x = torch.randn(3, 4, 4)
+    mask = torch.ones(3, 4, dtype=torch.bool)
     plain = model(x, prompt_mask=mask)
     cb = Codebook("euc")
     cb.add(torch.full((6,), 100.0), changed_copy(model.fc2, 0), 1.0, "far away")
@@ -232,14 +242,16 @@ def test_with_no_hit_the_output_is_untouched():
             "no row hits: the model's output must not change at all"
         )
         assert router.last_index.tolist() == [-1, -1, -1], (
-            f"router.last_index is -1 for a row that uses layer l itself; got {router.last_index.tolist()}"
+            "router.last_index is -1 for a row that uses layer l itself; "
+            f"got {router.last_index.tolist()}"
         )
 
 
 def test_an_empty_or_emptied_codebook_is_the_plain_model():
     torch.manual_seed(0)
     model = FlatToy()
-    x, mask = torch.randn(2, 3, 4), torch.tensor([[1, 1, 0], [1, 0, 0]])
+    x = torch.randn(2, 3, 4)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     plain = model(x, prompt_mask=mask)
     cb = Codebook()
     with attach(model, "fc2", cb):
@@ -267,7 +279,9 @@ def test_the_key_ignores_padding_and_batch_mates():
     x = torch.randn(3, 6, 4) * 50  # the same sample as row 1, padded to 6 positions with garbage
     x[1, :3] = alone[0]
     mask = torch.zeros(3, 6, dtype=torch.bool)
-    mask[0, :5], mask[1, :3], mask[2, :] = True, True, True
+    mask[0, :5] = True
+    mask[1, :3] = True
+    mask[2, :] = True
     q = query_of(model, x, mask)
     torch.testing.assert_close(
         q[1],
@@ -275,8 +289,8 @@ def test_the_key_ignores_padding_and_batch_mates():
         rtol=1e-6,
         atol=1e-6,
         msg=lambda m: (
-            "a sample's key must be the same alone and padded inside a batch: average over its prompt positions "
-            f"only (the prompt mask), row by row: {m}"
+            "a sample's key must be the same alone and padded inside a batch: average over its "
+            f"prompt positions only (the prompt mask), row by row: {m}"
         ),
     )
 
@@ -284,16 +298,15 @@ def test_the_key_ignores_padding_and_batch_mates():
 def test_the_route_is_held_during_kv_cache_decoding():
     torch.manual_seed(0)
     model = FlatToy()
-    x, mask = torch.randn(2, 3, 4), torch.ones(2, 3, dtype=torch.bool)
+    x = torch.randn(2, 3, 4)
+    mask = torch.ones(2, 3, dtype=torch.bool)
     cb = Codebook("euc")
-    cb.add(
-        query_of(model, x, mask)[0], changed_copy(model.fc2, 1), 1e-4, "a"
-    )  # row 0's prompt hits entry 0
-    step = torch.randn(2, 1, 4) * 10  # one new token per row, as in greedy decoding with a KV cache
+    row0 = query_of(model, x, mask)[0]
+    cb.add(row0, changed_copy(model.fc2, 1), 1e-4, "a")  # row 0's prompt hits entry 0
+    # One new token per row, as in greedy decoding with a KV cache.
+    step = torch.randn(2, 1, 4) * 10
     step_in = fc2_input(model, step).reshape(2, 6)
-    cb.add(
-        step_in[1], changed_copy(model.fc2, 2), 1e-4, "b"
-    )  # on its own, row 1's step would hit entry 1
+    cb.add(step_in[1], changed_copy(model.fc2, 2), 1e-4, "b")  # row 1's step alone would hit
     plain_step = model(step)
     no_prompt = torch.zeros(2, 1, dtype=torch.bool)
     with attach(model, "fc2", cb) as router:
@@ -303,9 +316,9 @@ def test_the_route_is_held_during_kv_cache_decoding():
         )
         out = model(step, prompt_mask=no_prompt)  # a decoding step: prompt_mask all False
         assert router.last_index.tolist() == [0, -1], (
-            "during KV-cache decoding (prompt_mask all False) each row keeps the route its prompt chose: the new "
-            "token alone is no key (its query is NaN); want [0, -1], got "
-            + str(router.last_index.tolist())
+            "during KV-cache decoding (prompt_mask all False) each row keeps the route its "
+            "prompt chose: the new token alone is no key (its query is NaN); want [0, -1], "
+            f"got {router.last_index.tolist()}"
         )
         torch.testing.assert_close(out[0], cb.values[0](step_in[:1]) + step[0])
         assert torch.equal(out[1], plain_step[1]), (
@@ -313,12 +326,14 @@ def test_the_route_is_held_during_kv_cache_decoding():
         )
         model(step[:1], prompt_mask=no_prompt[:1])  # another batch size: nothing to hold
         assert router.last_index.tolist() == [-1], (
-            f"a decoding step of another batch size has no held route: a miss; got {router.last_index.tolist()}"
+            "a decoding step of another batch size has no held route: a miss; "
+            f"got {router.last_index.tolist()}"
         )
 
 
 def test_the_route_is_held_while_a_vlm_generates(tiny, records):
-    images, questions = [r.image for r in records[:3]], [r.question for r in records[:3]]
+    images = [r.image for r in records[:3]]
+    questions = [r.question for r in records[:3]]
     batch = tiny.encode(images, questions)
     batch.pop("labels")
     cb = Codebook("cos")
@@ -329,10 +344,8 @@ def test_the_route_is_held_while_a_vlm_generates(tiny, records):
         )
         keys = router.last_query.clone()
     layer = tiny.get_submodule(tiny.target_layer)
-    calls = []
-    counter = layer.register_forward_hook(
-        lambda *_: calls.append(1)
-    )  # the layer's calls: prefill + steps
+    calls = []  # one per call of the layer: the prefill, then each step
+    counter = layer.register_forward_hook(lambda *_: calls.append(1))
     cb.add(keys[0], changed_copy(layer, 0), 1e-6, "row 0's edit")
     plain = tiny(**batch).logits
     with attach(tiny, tiny.target_layer, cb) as router:
@@ -345,8 +358,8 @@ def test_the_route_is_held_while_a_vlm_generates(tiny, records):
         counter.remove()
         assert len(calls) > 1, "generate made no decoding step"
         assert router.last_index.tolist() == [0, -1, -1], (
-            "after generate, the last decoding step must still route row 0 to entry 0 (the route its prompt "
-            f"chose, held through the KV-cache steps); got {router.last_index.tolist()}"
+            "after generate, the last decoding step must still route row 0 to entry 0 (the route "
+            f"its prompt chose, held through the KV-cache steps); got {router.last_index.tolist()}"
         )
     assert not torch.equal(edited[0], plain[0]), "row 0 hits: its logits must change"
     assert torch.equal(edited[1:], plain[1:]), (
@@ -372,12 +385,8 @@ def test_attach_with_pool_last_routes_on_the_last_prompt_position():
     cb = Codebook("euc")
     cb.add(keys[0], changed_copy(model.fc2, 1), 1e-4, "a")  # row 0 hits entry 0
     cb.add(h[1, -1], changed_copy(model.fc2, 2), 1e-4, "row 1's answer position: a wrong query")
-    cb.add(
-        fc2_input(model, step)[2, 0],
-        changed_copy(model.fc2, 3),
-        1e-4,
-        "row 2's step alone: no query",
-    )
+    step_in = fc2_input(model, step)[2, 0]
+    cb.add(step_in, changed_copy(model.fc2, 3), 1e-4, "row 2's step alone: no query")
     with attach(model, "fc2", cb, pool="last") as router:
         out = model(x, prompt_mask=mask)
         assert router.last_query is not None and router.last_query.shape == (3, 6), (
@@ -387,13 +396,15 @@ def test_attach_with_pool_last_routes_on_the_last_prompt_position():
             router.last_query,
             keys,
             msg=lambda m: (
-                "with attach(..., pool='last') the query is the layer's input at each row's last prompt position (not "
-                f"position -1: rows 0 and 1 end with an answer); the mean instead? pass self.pool on to prompt_mean: {m}"
+                "with attach(..., pool='last') the query is the layer's input at each row's last "
+                "prompt position (not position -1: rows 0 and 1 end with an answer); the mean "
+                f"instead? pass self.pool on to prompt_mean: {m}"
             ),
         )
         assert router.last_index.tolist() == [0, -1, -1], (
-            "pool='last': row 0's last prompt position is entry 0's key, and no row's is another entry's (entry 1 "
-            f"sits on row 1's answer position, position -1); want last_index [0, -1, -1], got {router.last_index.tolist()}"
+            "pool='last': row 0's last prompt position is entry 0's key, and no row's is another "
+            "entry's (entry 1 sits on row 1's answer position, position -1); want last_index "
+            f"[0, -1, -1], got {router.last_index.tolist()}"
         )
         torch.testing.assert_close(out[0], cb.values[0](h[0]) + x[0])
         assert torch.equal(out[1:], plain[1:]), (
@@ -401,8 +412,9 @@ def test_attach_with_pool_last_routes_on_the_last_prompt_position():
         )
         model(step, prompt_mask=torch.zeros(3, 1, dtype=torch.bool))
         assert router.last_index.tolist() == [0, -1, -1], (
-            "a decoding step holds the route its prompt chose with pool='last' too: the new token is no prompt "
-            f"position (its query is NaN); want [0, -1, -1], got {router.last_index.tolist()}"
+            "a decoding step holds the route its prompt chose with pool='last' too: the new token "
+            f"is no prompt position (its query is NaN); want [0, -1, -1], "
+            f"got {router.last_index.tolist()}"
         )
 
 
@@ -414,37 +426,38 @@ def test_a_mask_that_does_not_fit_the_layer_input_is_an_error():
         model(torch.randn(2, 3, 4), prompt_mask=torch.ones(2, 4, dtype=torch.bool))
 
 
-# ---------------------------------------------------------------- GRACE's hook (evaluate.GraceRouter)
+# ---------------------------------------------------------------- GRACE's hook (baselines)
 
 
 def test_grace_keys_on_the_last_prompt_position_and_writes_there_only():
     torch.manual_seed(0)
     model = FlatToy()
     x = torch.randn(2, 4, 4)
-    mask = torch.tensor(
-        [[True, True, False, False], [True, True, True, False]]
-    )  # prompt, then the answer
+    # The prompt, then the answer.
+    mask = torch.tensor([[True, True, False, False], [True, True, True, False]])
     plain = model(x, prompt_mask=mask)
     h = fc2_input(model, x)  # (2, 4, 6)
     cb = Codebook("euc")
-    cb.add(
-        h[0, 1], Vector(model.fc2, torch.ones(4)), 1e-5, "a"
-    )  # GRACE's key: row 0's last prompt position
+    # GRACE's key: row 0's last prompt position.
+    cb.add(h[0, 1], Vector(model.fc2, torch.ones(4)), 1e-5, "a")
     with GraceRouter(model, "fc2", cb) as router:
         out = model(x, prompt_mask=mask)
         assert router.last_index.tolist() == [0, -1], (
-            "GRACE's query is layer l's input at each row's LAST prompt position (not a mean); row 0's is entry "
-            f"0's key, row 1's is not: want last_index [0, -1], got {router.last_index.tolist()}"
+            "GRACE's query is layer l's input at each row's LAST prompt position (not a mean); "
+            "row 0's is entry 0's key, row 1's is not: want last_index [0, -1], "
+            f"got {router.last_index.tolist()}"
         )
     torch.testing.assert_close(
         out[0, 1],
         torch.ones(4) + x[0, 1],
         msg=lambda m: (
-            f"a hit replaces layer l's output at the key position by the entry's vector v (cb.values[j].v): {m}"
+            "a hit replaces layer l's output at the key position by the entry's vector v "
+            f"(cb.values[j].v): {m}"
         ),
     )
     assert torch.equal(out[0, [0, 2, 3]], plain[0, [0, 2, 3]]), (
-        "GRACE writes at the key position only: the other positions of a hit row keep layer l's output"
+        "GRACE writes at the key position only: the other positions of a hit row keep layer l's "
+        "output"
     )
     assert torch.equal(out[1], plain[1]), "a row that misses keeps layer l's output, bit for bit"
 
@@ -463,6 +476,6 @@ def test_grace_leaves_decoding_steps_alone():
         )
         step = model(x[:, 2:3], prompt_mask=torch.zeros(1, 1, dtype=torch.bool))
         assert router.last_index.tolist() == [-1] and torch.equal(step, plain_step), (
-            "a decoding step has no prompt position, so GRACE has no query there: no edit, the layer's own output "
-            "(GRACE edits the answer's first token only)"
+            "a decoding step has no prompt position, so GRACE has no query there: no edit, the "
+            "layer's own output (GRACE edits the answer's first token only)"
         )

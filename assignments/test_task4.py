@@ -1,5 +1,5 @@
-"""Task 4 (25 points): the edit. Eq. 2 trains the value, the key is computed as the hook computes it,
-and the positive of Eq. 3 is a rephrased question that T-Gen never scores.
+"""Task 4 (25 points): the edit. Eq. 2 trains the value, the key is computed as the hook computes
+it, and the positive of Eq. 3 is a rephrased question that T-Gen never scores.
 
     v* = argmin_v L(f_new(i, t), y^n)     (Adam on v only; the model's weights never change)
 
@@ -17,7 +17,8 @@ pytestmark = pytest.mark.task4
 
 
 def edit_batch(model, record):
-    """The Eq. 2 batch of one record: image + question, the target as the answer (labels -100 elsewhere)."""
+    """The Eq. 2 batch of one record: image + question, the target as the answer (labels -100
+    elsewhere)."""
     return model.encode([record.image], [record.question], [record.target])
 
 
@@ -32,17 +33,17 @@ def state(model):
 def test_training_lowers_the_loss_on_the_target(tiny, records, cache):
     layer = tiny.get_submodule(tiny.target_layer)
     value = new_value(layer)
-    losses = train_value(
-        tiny, tiny.target_layer, value, edit_batch(tiny, records[0]), steps=20, lr=1e-2, cache=cache
-    )
-    assert (
-        isinstance(losses, list) and len(losses) == 20 and all(isinstance(x, float) for x in losses)
-    ), (
-        f"train_value returns the loss of every step as a list of 20 Python floats; got {losses!r:.200}"
+    batch = edit_batch(tiny, records[0])
+    losses = train_value(tiny, tiny.target_layer, value, batch, steps=20, lr=1e-2, cache=cache)
+    floats = isinstance(losses, list) and all(isinstance(x, float) for x in losses)
+    assert floats and len(losses) == 20, (
+        "train_value returns the loss of every step as a list of 20 Python floats; "
+        f"got {losses!r:.200}"
     )
     assert losses[-1] < 0.95 * losses[0], (
-        f"20 Adam steps at lr 1e-2 must lower the loss on the target by 5% at least (a random model: a trained one "
-        f"falls much further); got {losses[0]:.3f} -> {losses[-1]:.3f} (cache={cache})"
+        "20 Adam steps at lr 1e-2 must lower the loss on the target by 5% at least (a random "
+        f"model: a trained one falls much further); got {losses[0]:.3f} -> {losses[-1]:.3f} "
+        f"(cache={cache})"
     )
 
 
@@ -50,45 +51,33 @@ def test_training_lowers_the_loss_on_the_target(tiny, records, cache):
 def test_the_first_loss_is_the_models_own_loss_on_the_target_tokens(tiny, records, cache):
     batch = edit_batch(tiny, records[0])
     with torch.no_grad():
-        own = tiny(
-            **batch
-        ).loss.item()  # cross-entropy on the answer tokens only (labels -100 elsewhere)
-    losses = train_value(
-        tiny,
-        tiny.target_layer,
-        new_value(tiny.get_submodule(tiny.target_layer)),
-        batch,
-        1,
-        1e-2,
-        cache,
-    )
+        # The cross-entropy on the answer tokens only (labels -100 elsewhere).
+        own = tiny(**batch).loss.item()
+    value = new_value(tiny.get_submodule(tiny.target_layer))
+    losses = train_value(tiny, tiny.target_layer, value, batch, 1, 1e-2, cache)
     assert losses[0] == pytest.approx(own, rel=1e-4), (
-        f"a new value starts as layer l, so the loss of step 1 (taken before the update) is the model's own loss "
-        f"on the target tokens, {own:.5f}; got {losses[0]:.5f} (cache={cache}). The loss is the LM cross-entropy "
-        "on the target tokens only: batch['labels'] is -100 on the image, the prompt and the padding"
+        "a new value starts as layer l, so the loss of step 1 (taken before the update) is the "
+        f"model's own loss on the target tokens, {own:.5f}; got {losses[0]:.5f} (cache={cache}). "
+        "The loss is the LM cross-entropy on the target tokens only: batch['labels'] is -100 on "
+        "the image, the prompt and the padding"
     )
 
 
 def test_no_gradient_reaches_the_model(tiny, records):
     before = state(tiny)
     value = new_value(tiny.get_submodule(tiny.target_layer))
+    batch = edit_batch(tiny, records[1])
     for cache in (True, False):
-        train_value(
-            tiny,
-            tiny.target_layer,
-            value,
-            edit_batch(tiny, records[1]),
-            steps=3,
-            lr=1e-2,
-            cache=cache,
-        )
+        train_value(tiny, tiny.target_layer, value, batch, steps=3, lr=1e-2, cache=cache)
         with_grad = [n for n, p in tiny.named_parameters() if p.grad is not None]
         assert not with_grad, (
-            f"Eq. 2 trains v only: no gradient may reach the model's weights, yet {with_grad[:3]} got a .grad "
-            f"(cache={cache}). loss.backward() fills every parameter's .grad; compute the value's gradients only, "
-            "e.g. torch.autograd.grad(loss, value_parameters)"
+            "Eq. 2 trains v only: no gradient may reach the model's weights, yet "
+            f"{with_grad[:3]} got a .grad (cache={cache}). loss.backward() fills every "
+            "parameter's .grad; compute the value's gradients only, e.g. "
+            "torch.autograd.grad(loss, value_parameters)"
         )
-        assert all(torch.equal(v, before[k]) for k, v in tiny.state_dict().items()), (
+        same = all(torch.equal(v, before[k]) for k, v in tiny.state_dict().items())
+        assert same, (
             f"the model's weights and buffers must not change while a value trains (cache={cache})"
         )
     assert all(p.grad is None for p in value.parameters()), (
@@ -100,42 +89,35 @@ def test_adam_moves_each_weight_by_about_lr_at_the_first_step(tiny, records):
     value = new_value(tiny.get_submodule(tiny.target_layer))
     start = [p.detach().clone() for p in value.parameters()]
     train_value(tiny, tiny.target_layer, value, edit_batch(tiny, records[0]), steps=1, lr=1e-3)
-    change = torch.cat(
-        [(p.detach() - s).abs().flatten() for p, s in zip(value.parameters(), start)]
-    )
+    changes = [(p.detach() - s).abs().flatten() for p, s in zip(value.parameters(), start)]
+    change = torch.cat(changes)
     moved = change[change > 0]
     assert len(moved) > 0, (
         "one step of train_value left the value unchanged: does the optimizer hold its parameters?"
     )
     assert 0.9e-3 <= moved.median() and moved.max() <= 1.01e-3, (
-        "Eq. 2 is trained with torch.optim.Adam on the value's parameters at the given lr: Adam's first step moves "
-        f"every weight that has a gradient by about lr = 1e-3, whatever the gradient's size; the weights that moved "
-        f"moved by {moved.median():.3g} (median) to {moved.max():.3g} (largest). Plain SGD moves each weight by "
-        "lr * |gradient| instead"
+        "Eq. 2 is trained with torch.optim.Adam on the value's parameters at the given lr: "
+        "Adam's first step moves every weight that has a gradient by about lr = 1e-3, whatever "
+        f"the gradient's size; the weights that moved moved by {moved.median():.3g} (median) to "
+        f"{moved.max():.3g} (largest). Plain SGD moves each weight by lr * |gradient| instead"
     )
 
 
 @pytest.mark.parametrize("form", ["full", "lora"])
 def test_cached_activations_train_the_same_value(tiny, records, form):
     weights = {}
+    batch = edit_batch(tiny, records[0])
     for cache in (True, False):
         torch.manual_seed(0)
         value = new_value(tiny.get_submodule(tiny.target_layer), form, rank=4)
-        train_value(
-            tiny,
-            tiny.target_layer,
-            value,
-            edit_batch(tiny, records[0]),
-            steps=5,
-            lr=1e-2,
-            cache=cache,
-        )
+        train_value(tiny, tiny.target_layer, value, batch, steps=5, lr=1e-2, cache=cache)
         weights[cache] = [p.detach().clone() for p in value.parameters()]
     for a, b in zip(weights[True], weights[False]):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), (
-            f"training on cached activations (cache=True: h^(l-1) recorded once by backbone.tail, then only the "
-            f"network after l per step) must give the same {form} value as the plain loop (cache=False: the whole "
-            "model per step, layer l replaced by the value with balancedit.override); they differ"
+            "training on cached activations (cache=True: h^(l-1) recorded once by "
+            "backbone.tail, then only the network after l per step) must give the same "
+            f"{form} value as the plain loop (cache=False: the whole model per step, layer l "
+            "replaced by the value with balancedit.override); they differ"
         )
 
 
@@ -144,32 +126,18 @@ def test_cached_training_runs_the_whole_model_once(tiny, records):
     counter = tiny.register_forward_pre_hook(lambda *_: calls.append(1))
     try:
         value = new_value(tiny.get_submodule(tiny.target_layer))
-        train_value(
-            tiny,
-            tiny.target_layer,
-            value,
-            edit_batch(tiny, records[0]),
-            steps=10,
-            lr=1e-2,
-            cache=True,
-        )
+        batch = edit_batch(tiny, records[0])
+        train_value(tiny, tiny.target_layer, value, batch, steps=10, lr=1e-2, cache=True)
         cached = len(calls)
         calls.clear()
-        train_value(
-            tiny,
-            tiny.target_layer,
-            value,
-            edit_batch(tiny, records[0]),
-            steps=10,
-            lr=1e-2,
-            cache=False,
-        )
+        train_value(tiny, tiny.target_layer, value, batch, steps=10, lr=1e-2, cache=False)
         plain = len(calls)
     finally:
         counter.remove()
     assert cached <= 1, (
-        f"with cache=True the layers below l never change, so call backbone.tail(batch, layer_path) once and run "
-        f"only its tail per step; the whole model ran {cached} times in 10 steps"
+        "with cache=True the layers below l never change, so call backbone.tail(batch, "
+        "layer_path) once and run only the network after l per step; the whole model ran "
+        f"{cached} times in 10 steps"
     )
     assert plain == 10, (
         f"with cache=False each of the 10 steps runs the whole model once; it ran {plain} times"
@@ -180,10 +148,8 @@ def test_cached_training_runs_the_whole_model_once(tiny, records):
 
 
 def test_keys_are_the_queries_of_the_routing_hook(tiny, records):
-    images, questions = (
-        [records[0].image, records[1].image],
-        [records[0].question, "what colour is this?"],
-    )
+    images = [records[0].image, records[1].image]
+    questions = [records[0].question, "what colour is this?"]
     batch = tiny.encode(images, questions)
     with attach(tiny, tiny.target_layer, Codebook()) as router:
         with torch.no_grad():
@@ -191,22 +157,24 @@ def test_keys_are_the_queries_of_the_routing_hook(tiny, records):
     editor = BalancEditor(tiny, BalancEditConfig(steps=1))
     hooks = len(editor.layer._forward_hooks)
     keys = editor.keys_of(images, questions)
-    assert (
-        isinstance(keys, torch.Tensor)
-        and keys.shape == (2, editor.layer.in_features)
-        and keys.dtype == torch.float32
-    ), (
-        f"keys returns (B, D) float32 with D = {editor.layer.in_features}, layer l's input width; got {getattr(keys, 'shape', keys)}"
+    D = editor.layer.in_features
+    is_tensor = isinstance(keys, torch.Tensor)
+    assert is_tensor and keys.shape == (2, D) and keys.dtype == torch.float32, (
+        f"keys_of returns (B, D) float32 with D = {D}, layer l's input width; "
+        f"got {getattr(keys, 'shape', keys)}"
     )
     torch.testing.assert_close(
         keys,
         router.last_query,
         msg=lambda m: (
-            "an entry's key must be exactly the query the routing hook computes for the same (image, question): "
-            f"the mean of layer l's input over the prompt positions, row by row (the layer sees (B*T, D)): {m}"
+            "an entry's key must be exactly the query the routing hook computes for the same "
+            "(image, question): the mean of layer l's input over the prompt positions, row by "
+            f"row (the layer sees (B*T, D)): {m}"
         ),
     )
-    assert len(editor.layer._forward_hooks) == hooks, "keys must remove the hook it puts on layer l"
+    assert len(editor.layer._forward_hooks) == hooks, (
+        "keys_of must remove any hook it puts on layer l"
+    )
     alone = editor.keys_of(images[1:], questions[1:])
     torch.testing.assert_close(
         alone[0],
@@ -218,24 +186,19 @@ def test_keys_are_the_queries_of_the_routing_hook(tiny, records):
 
 
 def test_keys_with_pool_last_are_the_layer_input_at_the_last_prompt_position(tiny, records):
-    images, questions = (
-        [records[0].image, records[1].image],
-        [records[0].question, "what colour is this?"],
-    )
-    answered = tiny.encode(
-        images, questions, [r.target for r in records[:2]]
-    )  # the prompt, then the answer
-    inputs = []
-    layer = tiny.get_submodule(tiny.target_layer)
-    with layer.register_forward_hook(lambda m, args, out: inputs.append(args[0])), torch.no_grad():
-        tiny(**answered)
+    images = [records[0].image, records[1].image]
+    questions = [records[0].question, "what colour is this?"]
+    # The prompt, then the answer.
+    answered = tiny.encode(images, questions, [r.target for r in records[:2]])
+    h = tiny.layer_input(answered, tiny.target_layer)  # (B, T, D)
     mask = answered["prompt_mask"]  # (B, T): padding on the left, the answer after the prompt
     last = [int(row.nonzero().max()) for row in mask]
     assert last[0] < mask.shape[1] - 1, "the test needs an answer after the prompt"
-    want = inputs[0].reshape(*mask.shape, -1)[[0, 1], last].float()  # (2, D)
-    keys = BalancEditor(tiny, BalancEditConfig(steps=1, pool="last")).keys_of(images, questions)
+    want = h[[0, 1], last].float()  # (2, D)
+    editor = BalancEditor(tiny, BalancEditConfig(steps=1, pool="last"))
+    keys = editor.keys_of(images, questions)
     assert isinstance(keys, torch.Tensor) and keys.shape == want.shape, (
-        f"keys returns (B, D) = {tuple(want.shape)}"
+        f"keys_of returns (B, D) = {tuple(want.shape)}"
     )
     torch.testing.assert_close(
         keys,
@@ -243,9 +206,9 @@ def test_keys_with_pool_last_are_the_layer_input_at_the_last_prompt_position(tin
         rtol=1e-5,
         atol=1e-6,
         msg=lambda m: (
-            "with BalancEditConfig(pool='last') a key is layer l's input at the sample's last prompt position (the "
-            "last question token), as the routing hook computes it: pass self.config.pool on (the default pools the "
-            f"mean over the prompt): {m}"
+            "with BalancEditConfig(pool='last') a key is layer l's input at the sample's last "
+            "prompt position (the template's final ':'), as the routing hook computes it: pass "
+            f"self.config.pool on (the default pools the mean over the prompt): {m}"
         ),
     )
 
@@ -255,18 +218,19 @@ def test_the_positive_is_a_training_rephrasing_never_a_scored_one(tiny, records,
     record = records[0]
     got = editor.positive(record)
     assert got == record.train_rephrases[0], (
-        f"Pos's question R(t) is the record's first training rephrasing {record.train_rephrases[0]!r}; got {got!r}"
+        "Pos's question R(t) is the record's first training rephrasing "
+        f"{record.train_rephrases[0]!r}; got {got!r}"
     )
     bare = copy.copy(record)
     bare.train_rephrases = []
     fresh = "what is the name of the thing here?"
-    monkeypatch.setattr(
-        tiny, "rephrase", lambda question: [*record.rephrases[:2], fresh, record.rephrases[2]]
-    )
+    offered = [*record.rephrases[:2], fresh, record.rephrases[2]]
+    monkeypatch.setattr(tiny, "rephrase", lambda question: offered)
     got = editor.positive(bare)
     assert got == fresh, (
-        "with no training rephrasing, take the first of backbone.rephrase(question) that T-Gen does not score "
-        f"(not in record.rephrases), or T-Gen would be measured on the edit's own positive: want {fresh!r}, got {got!r}"
+        "with no training rephrasing, take the first of backbone.rephrase(question) that T-Gen "
+        "does not score (not in record.rephrases), or T-Gen would be measured on the edit's own "
+        f"positive: want {fresh!r}, got {got!r}"
     )
     monkeypatch.setattr(tiny, "rephrase", lambda question: list(record.rephrases))
     try:
@@ -274,30 +238,38 @@ def test_the_positive_is_a_training_rephrasing_never_a_scored_one(tiny, records,
     except ValueError:
         return
     pytest.fail(
-        f"every rephrasing the backbone offers is scored by T-Gen: there is no positive, raise a ValueError "
-        f"(got {got!r})"
+        "every rephrasing the backbone offers is scored by T-Gen: there is no positive, raise a "
+        f"ValueError (got {got!r})"
     )
 
 
-# ---------------------------------------------------------------- the whole edit, on the trained TinyVLM
+# ---------------------------------------------------------------- one edit of the trained TinyVLM
 
 
 def test_an_edit_of_the_shipped_tinyvlm(shipped, records):
     record = records[0]
-    ask = lambda: shipped.generate([record.image], [record.question])  # noqa: E731
+
+    def ask():
+        return shipped.generate([record.image], [record.question])
+
     before = ask()
     editor = BalancEditor(shipped)  # the default config: alpha 0.7, cos, black negative, 100 steps
     report = editor.edit(record)
-    assert min(report.d_pos, report.d_neg) <= report.radius <= max(report.d_pos, report.d_neg), (
-        f"the radius must lie between d(Pos, k) = {report.d_pos:.4f} and d(Neg, k) = {report.d_neg:.4f}; got {report.radius:.4f}"
+    d_pos = report.d_pos
+    d_neg = report.d_neg
+    assert min(d_pos, d_neg) <= report.radius <= max(d_pos, d_neg), (
+        f"the radius must lie between d(Pos, k) = {d_pos:.4f} and d(Neg, k) = {d_neg:.4f}; "
+        f"got {report.radius:.4f}"
     )
-    assert report.d_pos < report.d_neg, (
-        f"the positive (same image, rephrased) must be nearer the key than the negative (black image); got {report}"
+    assert d_pos < d_neg, (
+        "the positive (same image, rephrased) must be nearer the key than the negative (black "
+        f"image); got {report}"
     )
     with editor.attached():
         after = ask()
     assert after == [record.target], (
-        f"after the edit the model must answer {record.target!r} to {record.question!r}; it answers {after} (before: {before})"
+        f"after the edit the model must answer {record.target!r} to {record.question!r}; it "
+        f"answers {after} (before: {before})"
     )
     editor.remove(report.index)
     assert ask() == before, "with the edit removed the model must answer as before"

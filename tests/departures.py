@@ -17,17 +17,19 @@ import evaluate  # noqa: E402
 import models  # noqa: E402
 import study  # noqa: E402
 
-backbone, records = models.TinyVLM.from_pretrained(), data.load_sample()
+backbone = models.TinyVLM.from_pretrained()
+records = data.load_sample()
 refs = evaluate.references(backbone, records, progress=False)
 
 
 def measure(protocol: str, *patches) -> dict:
-    """BalancEdit under ``protocol`` with ``(object, name, replacement)`` patched in, then restored."""
+    """BalancEdit under ``protocol`` with each ``(object, name, replacement)`` patched in, then
+    restored."""
     old = [(o, n, getattr(o, n)) for o, n, _ in patches]
     for o, n, v in patches:
         setattr(o, n, v)
     try:
-        return evaluate.evaluate(
+        return evaluate.run_method(
             "balancedit", backbone, records, be.BalancEditConfig(), protocol, refs, False
         )
     finally:
@@ -43,20 +45,14 @@ train = be.train_value
 
 
 def train_without_eos(backbone_, path, value, batch, *args):
-    return train(
-        backbone_,
-        path,
-        value,
-        {
-            **batch,
-            "labels": batch["labels"].masked_fill(batch["labels"] == backbone_.eos_token_id, -100),
-        },
-        *args,
-    )
+    labels = batch["labels"].masked_fill(batch["labels"] == backbone_.eos_token_id, -100)
+    return train(backbone_, path, value, {**batch, "labels": labels}, *args)
 
 
-# The authors' entries share one value; their values start cold; every radius becomes the latest edit's.
-new_value, shared = be.new_value, {}
+# The authors' entries share one value; their values start cold; every radius becomes the
+# latest edit's.
+new_value = be.new_value
+shared = {}  # the one value
 
 
 def one_shared_value(layer, form="full", rank=8):

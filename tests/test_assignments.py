@@ -1,10 +1,12 @@
-"""The course assignment (assignments/): the starter that release.py writes has every task function
-stubbed, keeps their signatures and docstrings, holds no line of a solution, and fails every grader;
-the graders pass on the finished method. Both grader runs go side by side, one subprocess each."""
+"""The course assignment (assignments/): the starter that release.py writes has every task
+function stubbed, keeps their signatures and docstrings, holds no statement of a solution, and
+fails every grader; the graders pass on the finished method. Both grader runs go side by side, one
+subprocess each."""
 
 import ast
 import importlib.util
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +35,8 @@ def _grades(output: str) -> dict[str, tuple[int, int]]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The starter (written by release.py's command line) and one grader run on it and one on the project."""
+    """The starter (written by release.py's command line), and one grader run on it and one on
+    the project."""
     starter = tmp_path_factory.mktemp("assignment") / "starter"
     made = subprocess.run(
         [sys.executable, "assignments/release.py", "--out", str(starter)],
@@ -43,16 +46,8 @@ def runs(tmp_path_factory):
         timeout=120,
     )
     assert made.returncode == 0, made.stderr
-    grade = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "assignments",
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        "--tb=line",
-    ]
+    grade = [sys.executable, "-m", "pytest", "assignments", "-q", "-p", "no:cacheprovider"]
+    grade.append("--tb=line")
     procs = {
         where: subprocess.Popen(
             grade, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -72,7 +67,8 @@ def test_the_graders_pass_on_the_finished_method(runs):
 
 def test_every_grader_of_every_task_fails_in_the_starter(runs):
     out, rc = runs[1]["starter"]
-    grades, reference = _grades(out), _grades(runs[1]["reference"][0])
+    grades = _grades(out)
+    reference = _grades(runs[1]["reference"][0])
     assert rc == 1 and sorted(grades) == TASKS, out[-3000:]
     for task, (passed, total) in grades.items():
         assert passed == 0 and total == reference[task][1], (
@@ -85,59 +81,127 @@ def _functions(path: Path) -> dict[str, ast.FunctionDef]:
     return dict(release.functions(ast.parse(path.read_text())))
 
 
-def _body_lines(path: Path, node: ast.FunctionDef) -> list[str]:
-    lines = path.read_text().splitlines()
-    first = 1 if ast.get_docstring(node) is not None else 0
-    return lines[node.body[first].lineno - 1 : node.end_lineno] if len(node.body) > first else []
-
-
 def test_the_starter_keeps_signatures_and_docstrings_and_stubs_the_bodies(runs):
     starter = runs[0]
     assert sum(map(len, release.TASKS.values())) >= 11
     for name, table in release.TASKS.items():
-        ours, theirs = _functions(ROOT / name), _functions(starter / name)
+        ours = _functions(ROOT / name)
+        theirs = _functions(starter / name)
         for fn, (task, _) in table.items():
-            a, b = ours[fn], theirs[fn]
-            assert ast.dump(a.args) == ast.dump(b.args) and ast.dump(
-                a.returns or ast.Pass()
-            ) == ast.dump(b.returns or ast.Pass())
-            assert [ast.dump(d) for d in a.decorator_list] == [
-                ast.dump(d) for d in b.decorator_list
-            ], fn
-            assert ast.get_docstring(a) is None or ast.get_docstring(a) == ast.get_docstring(b), fn
+            a = ours[fn]
+            b = theirs[fn]
+            assert ast.dump(a.args) == ast.dump(b.args), fn
+            assert ast.dump(a.returns or ast.Pass()) == ast.dump(b.returns or ast.Pass()), fn
+            decorators = [ast.dump(d) for d in a.decorator_list]
+            assert decorators == [ast.dump(d) for d in b.decorator_list], fn
+            doc = ast.get_docstring(a)
+            assert doc is None or doc == ast.get_docstring(b), fn
             body = b.body[1:] if ast.get_docstring(b) is not None else b.body
             assert len(body) == 1 and isinstance(body[0], ast.Raise), f"{name}: {fn} is not stubbed"
+            assert body[0].exc.func.id == "NotImplementedError", fn
             message = body[0].exc.args[0].value
-            assert body[0].exc.func.id == "NotImplementedError" and message.startswith(
-                f"Task {task}: "
-            ), message
-    assert (
-        not (starter / "tests").exists()
-        and "testpaths = assignments" in (starter / "pytest.ini").read_text()
-    )
+            assert message.startswith(f"Task {task}: "), message
+    assert not (starter / "tests").exists()
+    assert "testpaths = assignments" in (starter / "pytest.ini").read_text()
 
 
-def test_no_line_of_a_solution_survives_in_the_starter(runs):
+def _simple_statements(tree: ast.AST) -> list[ast.stmt]:
+    """The statements in ``tree`` that hold no other statement (compared here by ast.dump, apart
+    from release.py's own ast.unparse)."""
+    compound = (ast.FunctionDef, ast.ClassDef, ast.If, ast.For, ast.While, ast.With, ast.Try)
+    return [n for n in ast.walk(tree) if isinstance(n, ast.stmt) and not isinstance(n, compound)]
+
+
+def test_no_statement_of_a_solution_survives_in_the_starter(runs):
     starter = runs[0]
-    text = "\n".join(
-        release.code(line) for p in starter.rglob("*.py") for line in p.read_text().splitlines()
-    )
+    kept = set()
+    for path in starter.rglob("*.py"):
+        kept |= {ast.dump(n) for n in _simple_statements(ast.parse(path.read_text()))}
     checked = 0
     for name, table in release.TASKS.items():
         for fn, node in _functions(ROOT / name).items():
-            if fn in table:
-                for line in map(release.code, _body_lines(ROOT / name, node)):
-                    if len(line) >= 12 and line not in release.IDIOMS:
+            if fn not in table:
+                continue
+            body = node.body[1:] if ast.get_docstring(node) is not None else node.body
+            for top in body:
+                for statement in _simple_statements(top):
+                    code = ast.unparse(statement)
+                    if len(code) >= 12 and code not in release.IDIOMS:
                         checked += 1
-                        assert line not in text, f"{name}: {fn}: {line!r} survives in the starter"
-    assert checked > 60
+                        assert ast.dump(statement) not in kept, (
+                            f"{name}: {fn}: {code!r} survives in the starter"
+                        )
+    assert checked > 40
 
 
-def test_the_leak_check_finds_a_surviving_line(tmp_path):
-    (tmp_path / "copy.py").write_text("def f(x):\n    return x.clamp(min=0.0)  # copied\n")
-    assert release.leaks(tmp_path, ["    return x.clamp(min=0.0)\n", "    return x\n"]) == [
-        "return x.clamp(min=0.0)"
-    ]
+def test_the_leak_check_compares_statements_not_lines(tmp_path):
+    solution = (
+        "def f(x, y):\n"
+        "    if x is None:\n"
+        "        raise ValueError(\n"
+        '            f"no x for {y}"\n'
+        "        )\n"
+        "    return (x - y).clamp(\n"
+        "        min=0.0\n"
+        "    )  # d >= 0\n"
+    )
+    _, removed = release.stub(solution, {"f": (1, "f")})
+    assert "return (x - y).clamp(min=0.0)" in removed
+    kept = tmp_path / "kept.py"
+    # Another statement that shares the solution's first physical line is no leak.
+    kept.write_text('def g():\n    raise ValueError(\n        "other"\n    )\n')
+    assert release.leaks(tmp_path, removed) == []
+    # The solution's statement on one line, with a comment, is one.
+    kept.write_text("def g(x, y):\n    return (x - y).clamp(min=0.0)  # copied\n")
+    assert release.leaks(tmp_path, removed) == ["return (x - y).clamp(min=0.0)"]
+
+
+def test_a_task_function_missing_from_its_file_is_named_with_the_file_that_has_it():
+    with pytest.raises(SystemExit, match=r"no Router\.route \(defined in: balancedit\.py\)"):
+        release.stub((ROOT / "evaluate.py").read_text(), {"Router.route": (3, "")}, "evaluate.py")
+
+
+def _project_copy(where: Path) -> Path:
+    """A copy of the project that release.py can run in (assets/ left empty: it is only copied)."""
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc", ".hypothesis")
+    where.mkdir()
+    for path in ROOT.glob("*.py"):
+        shutil.copy2(path, where / path.name)
+    for name in ["README.md", "requirements.txt", ".gitignore", "pytest.ini"]:
+        shutil.copy2(ROOT / name, where / name)
+    shutil.copytree(ROOT / "assignments", where / "assignments", ignore=skip)
+    (where / "assets").mkdir()
+    return where
+
+
+def test_release_refuses_a_starter_that_keeps_a_solution_statement(tmp_path):
+    """A solution statement that stays elsewhere in the starter (here, written on one line in a
+    grader, where the solution spreads it over several) makes release.py delete it and fail."""
+    project = _project_copy(tmp_path / "project")
+    path = project / "balancedit.py"
+    tree = ast.parse(path.read_text())
+    nodes = dict(release.functions(tree))
+    candidates = []
+    for fn in release.TASKS["balancedit.py"]:
+        node = nodes[fn]
+        body = node.body[1:] if ast.get_docstring(node) is not None else node.body
+        for statement in _simple_statements(ast.Module(body, [])):
+            code = ast.unparse(statement)
+            if len(code) >= 12 and code not in release.IDIOMS:
+                candidates.append((statement.end_lineno == statement.lineno, code))
+    code = min(candidates)[1]  # one that the solution spreads over several lines, if any
+    grader = project / "assignments" / "test_task5.py"
+    grader.write_text(grader.read_text() + f"\n\ndef _copied():\n    {code}\n")
+    starter = tmp_path / "starter"
+    r = subprocess.run(
+        [sys.executable, str(project / "assignments" / "release.py"), "--out", str(starter)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 1, r
+    assert "solution statements would survive" in r.stderr and code in r.stderr, r.stderr
+    assert not starter.exists()
 
 
 def test_release_refuses_an_existing_non_empty_folder(tmp_path):
@@ -149,6 +213,5 @@ def test_release_refuses_an_existing_non_empty_folder(tmp_path):
         timeout=60,
     )
     assert r.returncode == 2 and r.stdout == "" and len(r.stderr.strip().splitlines()) == 1, r
-    assert "not an empty folder" in r.stderr and [p.name for p in tmp_path.iterdir()] == [
-        "notes.txt"
-    ]
+    assert "not an empty folder" in r.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]

@@ -13,6 +13,8 @@ from conftest import TINY
 import data
 import evaluate
 import models
+from balancedit import BalancEditConfig
+from baselines import Grace
 from evaluate import Observation, exact_match, hm, score, token_accuracy
 
 
@@ -151,7 +153,24 @@ def test_base_has_loc_100(tiny, records):
     assert out["n_records"] == 3 and out["seconds_per_edit"] is None
 
 
-# ---------------------------------------------------------------- protocols leave the model unchanged
+def test_grace_reads_the_layer_at_the_last_prompt_position_bit_for_bit(tiny, records):
+    """Grace.at_key: layer l's input and output at the last prompt position, as a forward with a
+    hook on the layer records them."""
+    r = records[0]
+    grace = Grace(tiny, BalancEditConfig(steps=2))
+    h, y, batch, write = grace.at_key([r.image], [r.question], [r.target])
+    seen = []
+    layer = tiny.get_submodule(tiny.target_layer)
+    with torch.no_grad(), layer.register_forward_hook(lambda m, a, o: seen.append((a[0], o))):
+        tiny(**batch)
+    T = batch["prompt_mask"].shape[1]
+    last = int(batch["prompt_mask"][0].nonzero().max())
+    assert write.tolist() == [[t == last for t in range(T)]]
+    assert torch.equal(h, seen[0][0].reshape(T, -1)[last].float())
+    assert torch.equal(y, seen[0][1].reshape(T, -1)[last].float())
+
+
+# ---------------------------------------------------------------- protocols: the model unchanged
 
 
 class HookEditor:
@@ -159,8 +178,11 @@ class HookEditor:
     target layer that really changes the output; remove/reset take it away (unless told not to)."""
 
     def __init__(self, backbone, forget_remove=False, in_place=False):
-        self.backbone, self.forget_remove, self.in_place = backbone, forget_remove, in_place
-        self.handles, self.next = {}, 0
+        self.backbone = backbone
+        self.forget_remove = forget_remove
+        self.in_place = in_place
+        self.handles = {}  # edit index -> its hook's handle
+        self.next = 0  # the next edit's index
         self.layer = backbone.get_submodule(backbone.target_layer)
 
     def edit(self, record):
@@ -217,7 +239,7 @@ def test_check_sees_a_parameter_change_that_leaves_the_outputs_alone(tiny, recor
     with torch.no_grad():
         pos[-1] += 1.0
     try:
-        assert torch.equal(evaluate._edit_logits(tiny, records[0]), before.logits)
+        assert torch.equal(evaluate.snapshot(tiny, records[0]).logits, before.logits)
         with pytest.raises(evaluate.ModelChanged, match="embed_positions"):
             evaluate.check_unchanged(tiny, before)
     finally:
@@ -258,8 +280,8 @@ def test_cli_run_writes_the_json(checkpoint, tmp_path, capsys):
     )
     printed = capsys.readouterr().out
     assert (
-        "| Method | Acc | T-Gen | I-Gen | Loc | q_loc | HM | gen Acc | gen T-Gen | gen I-Gen | gen Loc | gen q_loc |"
-        " s/edit |" in printed
+        "| Method | Acc | T-Gen | I-Gen | Loc | q_loc | HM | gen Acc | gen T-Gen | gen I-Gen "
+        "| gen Loc | gen q_loc | s/edit |" in printed
     )
     assert str(out) in printed
     result = json.loads(out.read_text())
@@ -328,9 +350,24 @@ def test_cli_refuses_a_bad_out_before_any_work(out, tmp_path, capsys, monkeypatc
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written
 
 
-def test_sequential_protocol_has_its_own_default_output():
-    assert evaluate.default_out("run") == "results/main.json"
-    assert evaluate.default_out("run", "sequential") == "results/main_sequential.json"
+def test_each_variant_has_its_own_default_output():
+    """Only the main job writes results/main.json; a run with other options is named after them."""
+
+    def out(*argv):
+        return evaluate.default_out(evaluate.parse_args(argv))
+
+    assert out() == out("--no-progress", "--device", "cpu") == "results/main.json"
+    assert out("--methods", "base,ft,grace,balancedit") == "results/main.json"  # the default
+    assert out("--protocol", "sequential") == "results/main_sequential.json"
+    grace = "results/main_methods-grace_grace-eps0-4.0.json"
+    assert out("--methods", "grace", "--grace-eps0", "4") == grace
+    assert out("--model", "/x/y/tiny2", "--value-form", "lora") == (
+        "results/main_model-tiny2_value-form-lora.json"
+    )
+    assert out("sweep-alpha") == "results/sweep_alpha.json"
+    assert out("show-edit", "--record", "1", "--pool", "last") == (
+        "results/show_edit_pool-last_record-1.json"
+    )
 
 
 @pytest.mark.parametrize(

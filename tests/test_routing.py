@@ -19,7 +19,7 @@ from balancedit import (
     prompt_mean,
     radius,
 )
-from evaluate import GraceRouter, Vector
+from baselines import GraceRouter, Vector
 
 dists = st.floats(min_value=0.0, max_value=1e6, allow_nan=False, allow_infinity=False)
 alphas = st.floats(min_value=0.0, max_value=1.0, allow_nan=False)

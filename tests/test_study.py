@@ -1,5 +1,5 @@
 """The study across worlds (study.py): statistics, tuning on dev worlds only, the JSON, the
-command line, and the authors' every-position key of ablate-key."""
+command line (its own entry point), and the authors' every-position key of ablate-key."""
 
 import json
 import math
@@ -44,9 +44,9 @@ def small(monkeypatch):
 
 def test_compare_tunes_on_dev_worlds_then_reports_every_test_world(tiny, small):
     rows = {
-        "base": study.STUDY["base"],
-        "grace": ("eps0", (0.5, 64.0), study.STUDY["grace"][2]),
-        "balancedit": ("alpha", (0.0, 1.0), study.STUDY["balancedit"][2]),
+        "base": study.STUDY_ROWS["base"],
+        "grace": study.STUDY_ROWS["grace"]._replace(grid=(0.5, 64.0)),
+        "balancedit": study.STUDY_ROWS["balancedit"]._replace(grid=(0.0, 1.0)),
     }
     result = study.compare(tiny, BalancEditConfig(steps=3), rows, [1, 2], (2, 4), progress=False)
     assert small == [1001, 1, 2]  # the dev world is made (and used) before any test world
@@ -75,14 +75,13 @@ def test_compare_tunes_on_dev_worlds_then_reports_every_test_world(tiny, small):
 
 def test_the_study_command_writes_json_markdown_and_png(tiny, small, tmp_path, monkeypatch, capsys):
     tiny.save_pretrained(tmp_path / "tiny")
-    for name, (knob, grid, make) in list(study.STUDY.items()):
-        monkeypatch.setitem(study.STUDY, name, (knob, grid[:1], make))
+    for name, row in list(study.STUDY_ROWS.items()):
+        monkeypatch.setitem(study.STUDY_ROWS, name, row._replace(grid=row.grid[:1]))
     monkeypatch.setattr(study, "SIZES", (2,))
     out = tmp_path / "s.json"
     assert (
-        evaluate.main(
+        study.main(
             [
-                "study",
                 "--model",
                 str(tmp_path / "tiny"),
                 "--seeds",
@@ -124,7 +123,7 @@ def test_the_study_command_writes_json_markdown_and_png(tiny, small, tmp_path, m
 def test_study_commands_refuse_bad_input_before_any_work(argv, capsys, monkeypatch):
     monkeypatch.setattr(study, "compare", lambda *a, **k: pytest.fail("work started"))
     with pytest.raises(SystemExit) as e:
-        evaluate.main(argv + ["--no-progress"])
+        study.main(argv + ["--no-progress"])
     err = capsys.readouterr().err
     assert (
         e.value.code == 2
@@ -134,13 +133,34 @@ def test_study_commands_refuse_bad_input_before_any_work(argv, capsys, monkeypat
     ), err
 
 
-def test_study_help_offers_only_what_works(capsys):
-    with pytest.raises(SystemExit):
-        evaluate.main(["study", "--help"])
+@pytest.mark.parametrize("command", ["study", "ablate-key"])
+def test_study_help_offers_only_what_works(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        study.main([command, "--help"])
     text = capsys.readouterr().out
+    assert e.value.code == 0 and study.HELP[command][:40] in text
     assert "--seeds" in text and "--steps" in text
     for absent in ("--data", "--backbone", "--protocol", "--alpha", "--pool", "--limit"):
         assert absent not in text, absent
+    other = next(c for c in study.HELP if c != command)
+    assert study.HELP[other][:40] not in text  # each command says what it does, not the other
+
+
+def test_study_py_is_an_entry_point_that_explains_itself():
+    """`python study.py --help` (in a fresh interpreter) lists both commands and exits 0;
+    evaluate does not import study."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(study.__file__).resolve().parent
+    done = subprocess.run(
+        [sys.executable, "study.py", "--help"], cwd=root, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "study" in done.stdout and "ablate-key" in done.stdout and "dev worlds" in done.stdout
+    check = "import sys, evaluate; assert 'study' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", check], cwd=root).returncode == 0
 
 
 def test_every_position_key_holds_the_answer_and_its_queries_find_it(tiny, records):
@@ -148,7 +168,8 @@ def test_every_position_key_holds_the_answer_and_its_queries_find_it(tiny, recor
     record = records[0]
     editor = study.EveryPosition(tiny, BalancEditConfig(steps=2))
     editor.target = record.target
-    batch, seen = tiny.encode([record.image], [record.question], [record.target]), []
+    batch = tiny.encode([record.image], [record.question], [record.target])
+    seen = []
     with tiny.get_submodule(tiny.target_layer).register_forward_hook(
         lambda m, a, o: seen.append(a[0])
     ):
