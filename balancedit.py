@@ -27,7 +27,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from data import ANCHORS, anchor_image
-from models import lm_loss
 
 CHOICES = {  # allowed values of the config's fields
     "distance": ("cos", "euc"),
@@ -297,25 +296,24 @@ def override(model: nn.Module, layer_path: str, value: nn.Module):
 
 def train_value(backbone, layer_path, value, batch, steps, lr, cache=True) -> list[float]:
     """Eq. 2: v* = argmin_v L(f_new(i, t), y^n) by Adam on v's parameters only; L is the LM
-    cross-entropy on the target tokens (labels -100 elsewhere). Returns each step's loss."""
+    cross-entropy on the target tokens (labels -100 elsewhere). Returns each step's loss.
+    ``cache``: True (record now), a ``models.Tail`` of ``batch``, or False/None (the plain loop)."""
     params = [p for p in value.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
     # The layers below l are frozen: record h^{l-1} once, then run v and the rest of the net.
-    cached = backbone.tail(batch, layer_path) if cache else None
+    tail = backbone.tail(batch, layer_path) if cache is True else cache
     losses = []
     for _ in range(steps):
-        if cached is None:
+        if not tail:
             # The whole model, l replaced by v; a hook's handle removes it at the block's end.
             with override(backbone, layer_path, value):
                 loss = backbone(**batch).loss
-        else:
-            h, rest = cached  # h^{l-1} as l saw it; rest: l's output -> logits
-            logits = rest(value(h.float()).to(h.dtype))
-            loss = lm_loss(logits, batch["labels"])
-        # Gradients for v only: no .grad is ever written into the model.
-        grads = torch.autograd.grad(loss, params)
-        for p, g in zip(params, grads):
-            p.grad = g
+        else:  # v, then the net after l, where the loss reads
+            logits = tail.rest(value(tail.h))  # (P, V) float32
+            loss = F.cross_entropy(logits, tail.targets)
+        # Gradients for v only (inputs=): no .grad is ever written into the model.
+        opt.zero_grad()
+        loss.backward(inputs=params)
         opt.step()
         losses.append(loss.item())
     value.zero_grad(set_to_none=True)  # a stored value holds no gradients
@@ -369,7 +367,7 @@ class BalancEditor:
         """Add the edit (i, t) -> y^n of ``record``, in the paper's steps."""
         start = time.perf_counter()
         y = record.target
-        k, d_pos, d_neg = self.probe(record)  # 1. the key, d(Pos, k) and d(Neg, k)
+        k, d_pos, d_neg, batch, tail = self.probe(record)  # 1. the key, d(Pos, k), d(Neg, k)
         eps = radius(d_pos, d_neg, self.config.alpha)  # 2. Eq. 3
         image_sha1 = hashlib.sha1(record.image.tobytes()).hexdigest()
         asked = Asked(image_sha1, record.question, [*record.train_rephrases, *record.rephrases])
@@ -380,21 +378,26 @@ class BalancEditor:
             same = torch.tensor([t == y for t in self.codebook.targets], device=d.device)  # (N,)
             init = None if removed else self.same_target_value(d, same)
             eps = self.shrink_overlaps(d, ~same, eps)
-        value, losses = self.train(record, init)  # 4. Eq. 2
+        value, losses = self.train(batch, tail, init)  # 4. Eq. 2
         index = self.codebook.add(k, value, eps, y, asked)  # 5. the new entry
         action = "conflict" if removed else "new" if init is None else "overlap"
         seconds = time.perf_counter() - start
         return EditReport(index, action, removed, d_pos, d_neg, eps, losses, seconds)
 
-    def probe(self, record) -> tuple[torch.Tensor, float, float]:
-        """The key k and d(Pos, k), d(Neg, k), from one batch: (i, t), (i, R(t)), (black, t)."""
+    def probe(self, record):
+        """One forward of (i, t), (i, R(t)) and (black, t): k, d(Pos, k), d(Neg, k), Eq. 2's row."""
         cfg = self.config
         black = anchor_image(cfg.negative, record.image.size, seed=cfg.seed)  # or white, noise
         images = [record.image, record.image, black]
         questions = [record.question, self.positive(record), record.question]
-        keys = self.keys_of(images, questions)  # (3, D): k, Pos's key, Neg's key
+        answers = [record.target] * 3  # y^n after each prompt: causal, so no key sees it
+        batch = self.backbone.to_device(self.backbone.encode(images, questions, answers))
+        batch["labels"][1:] = -100  # Eq. 2 learns the edit's row only
+        h, tail = self.backbone.layer_input_and_tail(batch, self.layer_path, per_position=True)
+        keys = prompt_mean(h, batch["prompt_mask"], cfg.pool)  # (3, D): k, Pos's, Neg's
         d = distance(keys[1:], keys[:1], cfg.distance)  # (2, 1): d(Pos, k), d(Neg, k)
-        return keys[0], float(d[0, 0]), float(d[1, 0])
+        edit_row = {n: x[:1] for n, x in batch.items()}
+        return keys[0], float(d[0, 0]), float(d[1, 0]), edit_row, tail if cfg.cache else None
 
     # Many edits (the paper's "how to continually edit"), one rule per method.
     def drop_conflicts(self, asked: Asked, target: str) -> list[str]:
@@ -427,17 +430,14 @@ class BalancEditor:
             eps = min(eps, inside)
         return eps
 
-    def train(self, record, init: nn.Module | None) -> tuple[nn.Module, list[float]]:
-        """Eq. 2: a new value, started from l (or from ``init``), trained on (i, t) -> y^n."""
+    def train(self, batch, tail, init: nn.Module | None) -> tuple[nn.Module, list[float]]:
+        """Eq. 2: a new value, from l (or ``init``), trained on the edit's row (its tail)."""
         cfg = self.config
         torch.manual_seed(cfg.seed)  # LoRA's A
         value = new_value(self.layer, cfg.value_form, cfg.rank)
         if init is not None:
             value.load_state_dict(init.state_dict())
-        batch = self.backbone.encode([record.image], [record.question], [record.target])
-        batch = self.backbone.to_device(batch)
-        path = self.layer_path
-        losses = train_value(self.backbone, path, value, batch, cfg.steps, cfg.lr, cfg.cache)
+        losses = train_value(self.backbone, self.layer_path, value, batch, cfg.steps, cfg.lr, tail)
         return value, losses
 
     def attached(self) -> Router:

@@ -22,6 +22,8 @@ from balancedit import (
     train_value,
 )
 
+TIE = 1e-5  # GRACE's margin at a split, also kept beyond a key that a ball grows to cover
+
 
 class FineTune:
     """FT: fine-tune (a float32 copy of) layer l with Eq. 2's loss, steps and lr. No routing, so
@@ -117,7 +119,12 @@ class Grace:
     """GRACE (Hartvigsen et al. 2023) at the same layer: a Euclidean codebook of vectors with a
     FIXED initial radius eps0. No key within eps0 + eps_j: a new entry; the same target: that ball
     grows to cover the key; another target: a new entry, and both radii become half the
-    distance. eps0 = 1 and lr = 1 are GRACE's defaults."""
+    distance (the old one TIE less, as in GRACE's code). eps0 = 1 and lr = 1 are GRACE's
+    defaults.
+
+    GRACE grows a ball to exactly d(k_j, k), which leaves the new key on its boundary: whether
+    the edit's own prompt then hits depends on the last bits of a forward pass (another batch,
+    another thread count). The ball grows TIE beyond the key instead, so the key is inside."""
 
     def __init__(self, backbone, config: BalancEditConfig, eps0: float = 1.0, lr: float = 1.0):
         self.backbone = backbone
@@ -158,12 +165,13 @@ class Grace:
             j = int(d.argmin())
             if d[j] <= self.eps0 + cb.radii[j]:
                 if cb.targets[j] == record.target:
-                    action = "expand"  # the ball grows to cover the key
-                    eps = max(float(cb.radii[j]), float(d[j]))
+                    action = "expand"  # the ball grows to cover the key, TIE beyond it
+                    eps = max(float(cb.radii[j]), float(d[j]) + TIE)
+                    cb.radii[j] = eps
                 else:
                     action = "split"  # both balls shrink to half the distance
                     eps = float(d[j]) / 2
-                cb.radii[j] = eps
+                    cb.radii[j] = eps - TIE  # GRACE's: the old ball stops short of the new
         if action == "expand":
             vector = cb.values[j]
         else:

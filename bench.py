@@ -1,15 +1,24 @@
 """Speed and memory of BalancEdit, each figure measured side by side in one run.
 
     python bench.py [--json PATH] [--quick]
+    python bench.py --real-size [--device cuda]   # a random BLIP-2 OPT-2.7B at its true size
 
 1. One edit (Eq. 2) by the plain loop vs on cached activations, on TinyVLM, on a random BLIP-2 OPT
    with OPT-2.7B's 32 decoder layers and on a random MiniGPT-4 with Vicuna-7B's 32 LLaMA layers,
    and the largest difference of the trained weights.
-2. The routing hook's overhead: a forward with and without the hook, every sample out of scope,
+2. One edit's cost in forward passes (its wall time over one plain forward of the edit's batch),
+   at OPT-125m's text shape with the authors' 50 steps: a random BLIP-2 (fc2) and a random
+   MiniGPT-4 (up_proj, LLaMA-7B's vocabulary), by the plain loop, by the previous cached path
+   (``previous_edit``) and by the editor.
+3. The routing hook's overhead: a forward with and without the hook, every sample out of scope,
    for 1 to 10,000 codebook entries.
-3. Bytes per entry on OPT-2.7B's fc2, a full value vs low-rank ones, and HM of full vs rank-8
+4. Bytes per entry on OPT-2.7B's fc2, a full value vs low-rank ones, and HM of full vs rank-8
    values.
-4. Seconds per edit over 1,000 sequential edits, the last 100 against the first 100.
+5. Seconds per edit over 1,000 sequential edits, the last 100 against the first 100.
+
+``--real-size`` measures only one edit of a random BLIP-2 OPT-2.7B (3.74 B parameters; float32
+on a CPU, ~19 GB of memory, about five minutes on one core): seconds per edit and per step,
+forwards per edit, peak memory.
 
 Timings use time.perf_counter with warm-up turns and medians; the variants compared take turns
 in one loop, so noise on a shared machine hits them alike. The figures go to stdout and JSON.
@@ -18,6 +27,9 @@ in one loop, so noise on a shared machine hits them alike. The figures go to std
 import argparse
 import dataclasses
 import json
+import os
+import platform
+import re
 import statistics
 import sys
 import time
@@ -34,6 +46,13 @@ import models
 OPT_2_7B_FC2 = (10240, 2560)  # BLIP-2 OPT-2.7B's target layer fc2: in_features, out_features
 # OPT-2.7B's and Vicuna-7B's 32 decoder layers, at a small width
 BLIP2_DEPTH = dict(layers=32, hidden=64, ffn=256)
+# OPT-125m's text shape (12 layers, width 768, FFN 3,072) with BLIP-2's 32 query tokens
+OPT_125M = dict(layers=12, hidden=768, ffn=3072, n_query=32)
+OPT_VOCAB = 50272  # OPT's vocabulary
+LLAMA_VOCAB = 32000  # LLaMA-7B's (Vicuna-7B's)
+AUTHORS_STEPS = 50  # the authors' Eq. 2 on BLIP-2 OPT: 50 steps at lr 1e-4
+AUTHORS_LR = 1e-4
+PAPER_GPU_S = 8.04  # the paper's seconds per BalancEdit edit on a GPU (Table 5)
 HOOK_SIZES = (1, 100, 1_000, 10_000)
 
 
@@ -112,6 +131,194 @@ def bench_edit_speed(backbone, record: data.EditRecord, cfg, repeats: int, warmu
         "speedup": s["naive"] / s["cached"],
         "weights_max_rel_diff": diff / scale,
         "steps": cfg.steps,
+    }
+
+
+def opt125m_blip2(seed: int = 0) -> models.Blip2OPT:
+    """A random BLIP-2 whose OPT has OPT-125m's shape and vocabulary (the world's words keep
+    their ids; the other 50,000-odd rows are random)."""
+    backbone = models.random_blip2(**OPT_125M, seed=seed)
+    backbone.model.language_model.resize_token_embeddings(OPT_VOCAB, mean_resizing=False)
+    return backbone
+
+
+def opt125m_minigpt4(seed: int = 0) -> models.MiniGPT4:
+    """A random MiniGPT-4 whose LLaMA has OPT-125m's depth and widths and LLaMA-7B's vocabulary."""
+    backbone = models.random_minigpt4(**OPT_125M, seed=seed)
+    backbone.llama_model.resize_token_embeddings(LLAMA_VOCAB, mean_resizing=False)
+    return backbone
+
+
+def previous_edit(backbone, record: data.EditRecord, cfg) -> torch.nn.Module:
+    """The cached path before one forward prepared an edit, for the comparison: the keys of the
+    edit, Pos and Neg from their own forward, then a second forward records the edit's own batch
+    and each of Eq. 2's steps runs the value and the network after l at every position (the
+    tail of ``per_position=False``). Returns the trained value (the radius is not computed)."""
+    editor = balancedit.BalancEditor(backbone, cfg)
+    black = data.anchor_image(cfg.negative, record.image.size, seed=cfg.seed)
+    questions = [record.question, editor.positive(record), record.question]
+    editor.keys_of([record.image, record.image, black], questions)  # (3, D)
+    batch = backbone.encode([record.image], [record.question], [record.target])
+    torch.manual_seed(cfg.seed)  # as the editor does, for LoRA's A
+    value = balancedit.new_value(editor.layer, cfg.value_form, cfg.rank)
+    path = editor.layer_path
+    balancedit.train_value(backbone, path, value, backbone.to_device(batch), cfg.steps, cfg.lr)
+    return value
+
+
+def bench_edit_cost(
+    backbone, record: data.EditRecord, cfg, repeats: int, forwards: int = 5
+) -> dict:
+    """One edit's wall time over one plain forward (no_grad) of the edit's batch, for the plain
+    loop (``cache=False``), the previous cached path (``previous_edit``) and the editor; each
+    turn times ``forwards`` forwards and keeps their median. After one untimed forward and edit,
+    the four take turns ``repeats`` times. Also ``max|a - b| / max|b|`` of each trained value
+    against the plain loop's."""
+    batch = backbone.to_device(backbone.encode([record.image], [record.question], [record.target]))
+    trained = {}
+
+    def forward() -> float:
+        seconds = []
+        with torch.no_grad():
+            for _ in range(forwards):
+                start = time.perf_counter()
+                backbone(**batch)
+                seconds.append(time.perf_counter() - start)
+        return statistics.median(seconds)
+
+    def editor_value(cache: bool) -> Callable[[], torch.nn.Module]:
+        def edit() -> torch.nn.Module:
+            editor = balancedit.BalancEditor(backbone, dataclasses.replace(cfg, cache=cache))
+            editor.edit(record)
+            return editor.codebook.values[0]
+
+        return edit
+
+    def timed(name: str, edit: Callable[[], torch.nn.Module]) -> Callable[[], float]:
+        def run() -> float:
+            start = time.perf_counter()
+            value = edit()
+            seconds = time.perf_counter() - start
+            trained[name] = [p.detach().clone() for p in value.parameters()]
+            return seconds
+
+        return run
+
+    forward()  # warm-up: the first calls allocate and pick kernels
+    editor_value(True)()
+    edits = {
+        "plain": timed("plain", editor_value(False)),
+        "previous": timed("previous", lambda: previous_edit(backbone, record, cfg)),
+        "new": timed("new", editor_value(True)),
+    }
+    s = alternate({"forward": forward, **edits}, repeats, warmup=0)
+    scale = max(float(b.abs().max()) for b in trained["plain"])
+    out = {"positions": batch["input_ids"].shape[1], "steps": cfg.steps, "forward_s": s["forward"]}
+    for name in edits:
+        diff = max(float((a - b).abs().max()) for a, b in zip(trained[name], trained["plain"]))
+        out[f"{name}_s"] = s[name]
+        out[f"{name}_forwards"] = s[name] / s["forward"]
+        out[f"{name}_weights_max_rel_diff"] = diff / scale
+    out["new_vs_plain"] = s["plain"] / s["new"]
+    out["new_vs_previous"] = s["previous"] / s["new"]
+    return out
+
+
+def real_size_blip2(dtype: torch.dtype, device: str, seed: int = 0) -> models.Blip2OPT:
+    """A random BLIP-2 OPT-2.7B at its true size, built in memory (nothing downloads): BLIP-2's
+    ViT-g/14 at 224 pixels and Q-Former (``Blip2Config``'s defaults), 32 query tokens, and
+    OPT-2.7B (32 layers, width 2,560, FFN 10,240, 32 heads, vocabulary 50,272). The weights are
+    made in ``dtype`` (no float32 copy of 3.74 B numbers), with the word-level tokenizer of
+    ``models.offline_blip2_processor``."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+
+    processor = models.offline_blip2_processor(n_query=32, image_size=224)
+    tok = processor.tokenizer
+    text = dict(model_type="opt", vocab_size=OPT_VOCAB, hidden_size=2560, num_hidden_layers=32)
+    text.update(ffn_dim=10240, num_attention_heads=32, word_embed_proj_dim=2560)
+    text.update(max_position_embeddings=2048, pad_token_id=tok.pad_token_id)
+    text.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    config = Blip2Config(
+        text_config=text,
+        num_query_tokens=32,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+    )
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # the parameters are made in dtype
+    try:
+        model = Blip2ForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default)
+    return models.Blip2OPT(model, processor).to(device).eval()
+
+
+def machine(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name (Linux) and its cores."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    names = re.findall(r"model name\s*: (.*)", cpuinfo.read_text()) if cpuinfo.exists() else []
+    name = names[0] if names else platform.processor() or platform.machine()
+    return f"{name}, {os.cpu_count()} cores"
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """The GPU's peak allocated memory, or on a CPU the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource  # Unix only: imported where it is needed
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def bench_real_size(device: str, dtype: torch.dtype, cfg, record: data.EditRecord) -> dict:
+    """One edit of a random BLIP-2 OPT-2.7B (``real_size_blip2``): a plain forward of the edit's
+    batch (the unit), then the edit's two parts, ``probe`` (one forward of the edit, Pos and
+    Neg) and Eq. 2's steps (``train``), each timed once."""
+    where = torch.device(device)
+
+    def clock() -> float:  # wall time, after the GPU's queued work
+        if where.type == "cuda":
+            torch.cuda.synchronize(where)
+        return time.perf_counter()
+
+    start = clock()
+    backbone = real_size_blip2(dtype, device, cfg.seed)
+    build = clock() - start
+    n_params = sum(p.numel() for p in backbone.parameters())
+    batch = backbone.to_device(backbone.encode([record.image], [record.question], [record.target]))
+    with torch.no_grad():
+        start = clock()
+        backbone(**batch)
+        forward = clock() - start
+    editor = balancedit.BalancEditor(backbone, cfg)
+    start = clock()
+    _, _, _, row, tail = editor.probe(record)
+    probe = clock() - start
+    start = clock()
+    _, losses = editor.train(row, tail, None)
+    train = clock() - start
+    edit = probe + train
+    return {
+        "machine": machine(where),
+        "device": device,
+        "dtype": str(dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "parameters": n_params,
+        "positions": batch["input_ids"].shape[1],
+        "steps": cfg.steps,
+        "build_s": build,
+        "forward_s": forward,
+        "probe_s": probe,
+        "train_s": train,
+        "step_s": train / cfg.steps,
+        "edit_s": edit,
+        "forwards_per_edit": edit / forward,
+        "step_over_forward": train / cfg.steps / forward,
+        "peak_memory_gb": peak_memory_gb(where),
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
     }
 
 
@@ -252,8 +459,46 @@ def section_edit_speed(tiny, tiny_name: str, record, cfg, repeats: int) -> tuple
     return figures, rows
 
 
+def section_edit_cost(cfg, repeats: int) -> tuple[dict, dict]:
+    """Figure 2: one edit in forward passes at OPT-125m's shape, 50 steps, three ways."""
+    cfg = dataclasses.replace(cfg, steps=AUTHORS_STEPS, lr=AUTHORS_LR)
+    record = data.load_sample(limit=1)[0]
+    rows = {
+        "random BLIP-2, OPT-125m's shape (fc2, vocabulary 50,272)": bench_edit_cost(
+            opt125m_blip2(cfg.seed), record, cfg, repeats
+        ),
+        "random MiniGPT-4, a LLaMA of that shape (up_proj, vocabulary 32,000)": bench_edit_cost(
+            opt125m_minigpt4(cfg.seed), record, cfg, repeats
+        ),
+    }
+    print(
+        f"\n## One edit in forward passes ({cfg.steps} steps, lr {cfg.lr}; 12 layers, width 768, "
+        f"FFN 3,072, 32 query tokens; median of {repeats})\n"
+    )
+    header = ("backbone", "positions", "forward ms", "plain loop", "previous cached", "editor")
+    header += ("editor vs plain", "editor vs previous", "max rel. weight diff")
+    cells = []
+    for name, r in rows.items():
+        ways = [f"{r[f'{way}_forwards']:.1f}" for way in ("plain", "previous", "new")]
+        diff = max(r["previous_weights_max_rel_diff"], r["new_weights_max_rel_diff"])
+        speedups = (f"{r['new_vs_plain']:.1f}x", f"{r['new_vs_previous']:.1f}x", f"{diff:.2e}")
+        cells.append((name, str(r["positions"]), f"{1e3 * r['forward_s']:.0f}", *ways, *speedups))
+    print(table_lines(header, cells))
+    print("\n(forwards per edit: the edit's wall time over one plain forward of its batch)")
+    blip2, llama = rows.values()
+    figures = {
+        "edit_forwards_opt125m": blip2["new_forwards"],
+        "edit_forwards_opt125m_previous": blip2["previous_forwards"],
+        "edit_forwards_opt125m_plain": blip2["plain_forwards"],
+        "edit_vs_plain_opt125m": blip2["new_vs_plain"],
+        "edit_forwards_llama": llama["new_forwards"],
+        "edit_vs_plain_llama": llama["new_vs_plain"],
+    }
+    return figures, rows
+
+
 def section_hook(tiny, records, cfg, repeats: int, progress: bool) -> tuple[dict, dict]:
-    """Figure 2: the routing hook's overhead for each of HOOK_SIZES entries."""
+    """Figure 3: the routing hook's overhead for each of HOOK_SIZES entries."""
     hook = bench_hook_overhead(tiny, records, cfg, HOOK_SIZES, repeats, progress=progress)
     print(
         "\n## Hook overhead: TinyVLM forward, batch of 32, every row out of scope "
@@ -271,7 +516,7 @@ def section_hook(tiny, records, cfg, repeats: int, progress: bool) -> tuple[dict
 
 
 def section_bytes(tiny, records, cfg, progress: bool) -> tuple[dict, dict]:
-    """Figure 3: bytes per entry, full vs LoRA values, and HM of full vs rank-8 values."""
+    """Figure 4: bytes per entry, full vs LoRA values, and HM of full vs rank-8 values."""
     sizes = bytes_per_entry()
     print(
         "\n## Bytes per entry: OPT-2.7B's fc2, nn.Linear(10240, 2560) in fp16; values are "
@@ -304,7 +549,7 @@ def section_bytes(tiny, records, cfg, progress: bool) -> tuple[dict, dict]:
 
 
 def section_sequential(tiny, cfg, n_edits: int, window: int, progress: bool) -> tuple[dict, dict]:
-    """Figure 4: seconds per edit, the last ``window`` edits against the first."""
+    """Figure 5: seconds per edit, the last ``window`` edits against the first."""
     seq = bench_sequential(tiny, data.make_records(cfg.seed, n_edits), cfg, window, progress)
     print(
         f"\n## {n_edits:,} sequential edits on TinyVLM ({seq['entries_at_end']} entries at the "
@@ -327,12 +572,14 @@ def run(quick: bool = False, progress: bool = True) -> dict:
     tiny_name = "TinyVLM (assets/tinyvlm)"
     if quick:
         edit_repeats = 3
+        cost_repeats = 1
         hook_repeats = 7
         n_edits = 200
         window = 20
         hm_records = records[:4]
     else:
         edit_repeats = 5
+        cost_repeats = 2
         hook_repeats = 21
         n_edits = 1000
         window = 100
@@ -350,13 +597,45 @@ def run(quick: bool = False, progress: bool = True) -> dict:
     figures, details["edit_speed"] = section_edit_speed(
         tiny, tiny_name, records[0], cfg, edit_repeats
     )
+    cost_figures, details["edit_cost"] = section_edit_cost(cfg, cost_repeats)
     hook_figures, details["hook_overhead"] = section_hook(
         tiny, records, cfg, hook_repeats, progress
     )
     bytes_figures, bytes_details = section_bytes(tiny, hm_records, cfg, progress)
     details.update(bytes_details)
     seq_figures, details["sequential"] = section_sequential(tiny, cfg, n_edits, window, progress)
+    figures.update(cost_figures)
     return {**figures, **hook_figures, **bytes_figures, **seq_figures, "details": details}
+
+
+def run_real_size(device: str, dtype: torch.dtype) -> dict:
+    """``--real-size``: one edit of a random BLIP-2 OPT-2.7B, with the authors' 50 steps."""
+    cfg = balancedit.BalancEditConfig(steps=AUTHORS_STEPS, lr=AUTHORS_LR)
+    r = bench_real_size(device, dtype, cfg, data.load_sample(limit=1)[0])
+    print(
+        f"# bench --real-size: a random BLIP-2 OPT-2.7B ({r['parameters'] / 1e9:.2f} B "
+        f"parameters) in {r['dtype']} on {r['device']} ({r['machine']}; torch threads: "
+        f"{r['threads']}); "
+        f"{r['steps']} steps, lr {cfg.lr}\n"
+    )
+    cells = [
+        (
+            "one plain forward of the edit's batch",
+            f"{r['forward_s']:.1f} s ({r['positions']} positions)",
+        ),
+        ("the edit's one forward (edit, Pos, Neg)", f"{r['probe_s']:.1f} s"),
+        (f"Eq. 2, {r['steps']} steps", f"{r['train_s']:.1f} s ({r['step_s']:.2f} s a step)"),
+        ("one edit", f"{r['edit_s']:.1f} s = {r['forwards_per_edit']:.1f} forwards"),
+        ("a step / a forward", f"{r['step_over_forward']:.3f}"),
+        ("peak memory", f"{r['peak_memory_gb']:.1f} GiB"),
+        ("building the random model", f"{r['build_s']:.0f} s"),
+    ]
+    print(table_lines(("", "measured"), cells))
+    print(f"\nThe paper reports {PAPER_GPU_S} s per BalancEdit edit on a GPU (Table 5).")
+    return r
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -366,31 +645,77 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--json",
         metavar="PATH",
-        default="results/bench.json",
-        help="where to write the figures (default results/bench.json)",
+        help="where to write the figures (default results/bench.json, or "
+        "results/bench_real_size.json with --real-size)",
     )
-    parser.add_argument(
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
         "--quick",
         action="store_true",
-        help="fewer repetitions, 4 records for the HM "
-        "comparison, 200 sequential edits (windows of 20): about a minute",
+        help="fewer repetitions, 4 records for the HM comparison, 200 sequential edits (windows "
+        "of 20): about six minutes on one core",
+    )
+    which.add_argument(
+        "--real-size",
+        action="store_true",
+        help="only one edit of a random BLIP-2 OPT-2.7B at its true size (3.74 B parameters): "
+        "~19 GB of memory and about five minutes on one CPU core in float32",
+    )
+    parser.add_argument(
+        "--device",
+        help="with --real-size: cpu (default) or cuda[:N], when this machine has that GPU",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        help="with --real-size: the weights' type (default float32 on a CPU, whose bfloat16 "
+        "matrix products are slow without AVX-512 BF16; float16 on a GPU)",
     )
     parser.add_argument(
         "--no-progress", dest="progress", action="store_false", help="no progress bars"
     )
+    evaluate.add_threads(parser)
     return parser
+
+
+def check_device(name: str) -> str:
+    """The device ``name``, refused in one line if this machine cannot run on it."""
+    n_gpus = torch.cuda.device_count()
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # a name torch does not know
+        device = None
+    gpu_here = device is not None and device.type == "cuda" and (device.index or 0) < n_gpus
+    if device is None or (device.type != "cpu" and not gpu_here):
+        raise ValueError(f"--device {name}: not a device of this machine ({n_gpus} CUDA GPUs)")
+    return name
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    out = Path(args.json)
+    torch.set_num_threads(args.threads)
+    if not args.real_size and (args.device or args.dtype):
+        parser.error("--device and --dtype go with --real-size")
+    default = "results/bench_real_size.json" if args.real_size else "results/bench.json"
+    out = Path(args.json or default)
     try:
-        evaluate.check_writable(out, "--json")
-    except evaluate.UsageError as e:
+        device = check_device(args.device or "cpu")
+        # by trying, before any work: the folder is made, and removed if the run fails
+        cleanup = evaluate.check_writable(out, "--json")
+    except (evaluate.UsageError, ValueError, OSError) as e:
         parser.exit(2, f"bench.py: error: {e}\n")
-    result = run(args.quick, args.progress)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    on_gpu = torch.device(device).type == "cuda"
+    dtype = DTYPES[args.dtype or ("float16" if on_gpu else "float32")]
+    try:
+        if args.real_size:
+            result = run_real_size(device, dtype)
+        else:
+            result = run(args.quick, args.progress)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+    except BaseException:
+        cleanup()
+        raise
     print(f"wrote {out}")
     return 0
 

@@ -21,20 +21,26 @@ The world (bottom of the file) is a tiny, fully known visual domain that
 generates both TinyVLM's endless training stream and the shipped tiny OKEDIT
 sample (`python data.py make-sample --seed 0 --out assets/okedit_tiny`).
 
-Layouts (paths relative to the dataset folder):
+Layouts, as the authors release them (their loaders: donglgcn/EasyEdit, branch MMOKVQA,
+easyeditor/dataset/okvqa.py and vqa.py):
 
-    OKEDIT  annotations.json, questions.json,
-            val2014/COCO_val2014_{image_id:012d}.jpg (or .png),
-            rephrase/{question_id}/*, locality/{question_id}/{k}.png,
-            m_loc/{question_id}/{k}.png (our extension, written by write_okedit);
-            q_locality: {image, question, answer} items whose images are the record's own
-            (val2014/... or rephrase/...), another extension
-    MMEdit  one json list of {src, pred, rephrase, alt, image, image_rephrase,
-            loc, loc_ans, m_loc, m_loc_q, m_loc_a}, image paths relative to a root
+    OKEDIT  mscoco_val2014_annotations_train.json     {"annotations": [...]}, VQA's form
+            OpenEnded_mscoco_val2014_questions_train.json   {"questions": [...]}
+            (or the same names without _train), and three image roots:
+            {coco}/val2014/COCO_val2014_{image_id:012d}.jpg (or lossless .png)
+            {rephrase}/{question_id}/*                  every file, sorted by name
+            {locality}/{question_id}/0.png              asked the edit's question
+            Our extensions, optional fields of the same files: several locality probes
+            (locality_answer a list, locality_questions), m_loc (images relative to the
+            data folder) and q_locality (the record's own images by index).
+    MMEdit  E-VQA: one json list of {src, pred, rephrase, alt, image, image_rephrase,
+            loc, loc_ans, m_loc, m_loc_q, m_loc_a}, image paths relative to a root, and the
+            authors' rephrased_questions_train and locality_answer_train.
 
-Bad input is never skipped: every problem raises `DataError` naming the file,
-the record and the field. Writers produce byte-identical files on every run,
-and `load_x(write_x(records)) == records`.
+Records hold image files, decoded when read (`ImageFile`). Bad input gets a `DataError`
+naming the file, the record and the field; the only records skipped are those the authors'
+loaders skip (an empty target), and they are counted. Writers produce byte-identical files
+on every run, and `load_x(write_x(records)) == records`.
 """
 
 from __future__ import annotations
@@ -46,9 +52,10 @@ import os
 import random
 import re
 import sys
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Iterator, NamedTuple, Optional, Union
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -57,32 +64,82 @@ from PIL import Image, ImageDraw
 # records
 
 
+@dataclass(eq=False)  # hashed by identity: a key of _recent
+class ImageFile:
+    """An image file of a dataset, found at load time and decoded when read, so that loaded
+    records hold paths: the authors' E-VQA file alone names 6,279 COCO-sized images."""
+
+    path: Path
+    record: str  # for the error message: the record and the field that name the file
+    field: str
+
+    def decode(self) -> Image.Image:
+        """The pixels, a copy of its own for each caller; the last RECENT files decoded are
+        kept, as a protocol reads a record's images many times (about 30 on the sample)."""
+        image = _recent.pop(self, None)
+        if image is None:
+            image = _open_image(self.path, self.record, self.field)
+        _recent[self] = image  # now the newest
+        if len(_recent) > RECENT:
+            _recent.popitem(last=False)  # drop the oldest
+        return image.copy()
+
+
+RECENT = 32  # about two OKEDIT records' images
+_recent: OrderedDict[ImageFile, Image.Image] = OrderedDict()
+
+
+class Decoded:
+    """A dataclass field of images (one, a list, or None), stored as given: PIL images or
+    ImageFiles. Reading it gives PIL images, decoding the files then (ImageFile.decode keeps
+    only the last few), so `record.image.size` works either way. It gives the field no
+    default: the field stays required."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.stored = "_" + name
+
+    def __get__(self, obj: Any, owner: Optional[type] = None) -> Any:
+        if obj is None:  # the class asks for a default: there is none, the field is required
+            raise AttributeError(self.stored)
+        value = getattr(obj, self.stored)
+        if isinstance(value, list):
+            return [v.decode() if isinstance(v, ImageFile) else v for v in value]
+        return value.decode() if isinstance(value, ImageFile) else value
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        setattr(obj, self.stored, value)
+
+
 @dataclass
 class Sample:
     """One scored (image, question, answer) triple; image None = text-only."""
 
-    image: Optional[Image.Image]
+    image: Optional[Image.Image] = Decoded()  # required; Decoded says how it is read
     question: str
     answer: str
 
 
 @dataclass
 class EditRecord:
-    """One edit and everything needed to score it."""
+    """One edit and everything needed to score it; its images may be files (ImageFile),
+    decoded when read."""
 
     id: str
-    image: Image.Image
+    image: Image.Image = Decoded()  # required; Decoded says how it is read
     question: str
     answer: str  # y^o, the old answer
     target: str  # y^n, the new answer
     rephrases: list[str]  # scoring T-Gen (Eq. 5)
     train_rephrases: list[str]  # positives for Eq. 3; may be empty
-    rephrase_images: list[Image.Image]  # scoring I-Gen (Eq. 6)
+    rephrase_images: list[Image.Image] = Decoded()  # scoring I-Gen (Eq. 6)
     locality: list[Sample]  # scoring Loc (Eq. 7)
     m_locality: list[Sample]  # unrelated multimodal locality
-    category: str = ""
+    category: str = ""  # OKEDIT's counterfact_type (the world's: its scope, kind or shape)
     # the edit's images, asked the other questions (q_loc)
     q_locality: list[Sample] = field(default_factory=list)
+    # the answer the authors' code teacher-forces on Neg (their locality_answer_train): only a
+    # key over every position sees it, ours pool the prompt
+    negative_answer: str = ""
 
 
 class DataError(ValueError):
@@ -285,27 +342,50 @@ def _write_json(data: Any, path: Path) -> Path:
     return path
 
 
-def _natural_key(name: str) -> list:
-    # "10.png" after "9.png"; re.split with a group alternates str/digits, so types align
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
-
-
 # -----------------------------------------------------------------------------
-# OKEDIT (authors' layout, with our extensions locality_questions, m_loc, category)
+# OKEDIT, as the authors release it (their loader: easyeditor/dataset/okvqa.py)
+
+# the two VQA-API files: the authors' names, then the same without _train
+ANNOTATION_FILES = ("mscoco_val2014_annotations_train.json", "mscoco_val2014_annotations.json")
+QUESTION_FILES = (
+    "OpenEnded_mscoco_val2014_questions_train.json",
+    "OpenEnded_mscoco_val2014_questions.json",
+)
+REPHRASE_DIR = "rephrased_images"  # default image roots under the data folder: the authors' names
+LOCALITY_DIR = "locality_images_dalle2"
+# why the authors' loaders drop a record (the keys of `skipped`)
+EMPTY_TARGET = "empty counterfact_answer"
+EMPTY_ALT = "empty alt"
+OTHER_TYPE = "counterfact_type not kept"
 
 
-def _okedit_answers(ann: dict, file: Path, rid: str) -> list[str]:
-    """`answers` as a list of str; also accepts VQA's [{"answer": str}, ...]."""
-    raw = ann.get("answers")
-    if isinstance(raw, list) and raw and all(isinstance(a, dict) for a in raw):  # VQA form
-        return [
-            _field(a, "answer", "str", file, f"{rid} (answers item {i})") for i, a in enumerate(raw)
-        ]
-    return _field(ann, "answers", "str_list", file, rid)
+class _Okedit(NamedTuple):
+    """Where an OKEDIT dataset's files are."""
+
+    annotations: Path
+    questions: Path
+    root: Path  # the data folder: m_loc paths are relative to it
+    coco: Path  # holds val2014/
+    rephrase: Path  # holds {question_id}/
+    locality: Path  # holds {question_id}/
+
+
+def _first_file(root: Path, names: tuple[str, str]) -> Path:
+    for name in names:
+        if (root / name).is_file():
+            return root / name
+    raise DataError(f"{root / names[0]}: file not found (nor {names[1]})")
+
+
+def _image_file(path: Path, record: str, field: str) -> ImageFile:
+    """The image file `path`, which must exist; it is decoded when read."""
+    if not path.is_file():
+        raise DataError(f"{path}: record {record}: field '{field}': file not found")
+    return ImageFile(path, record, field)
 
 
 def _question_index(path: Path) -> dict[str, dict]:
-    """questions.json -> {str(question_id): entry}."""
+    """The questions file -> {str(question_id): entry}."""
     data = _read_json(path, dict)
     entries = _field(data, "questions", "dict_list", path, "(top level)", nonempty=False)
     index: dict[str, dict] = {}
@@ -317,154 +397,149 @@ def _question_index(path: Path) -> dict[str, dict]:
     return index
 
 
+def _count(skipped: Optional[dict], reason: str) -> None:
+    if skipped is not None:
+        skipped[reason] = skipped.get(reason, 0) + 1
+
+
 def load_okedit(
     root: Union[str, os.PathLike],
-    image_root: Union[str, os.PathLike, None] = None,
+    coco_root: Union[str, os.PathLike, None] = None,
     rephrase_root: Union[str, os.PathLike, None] = None,
     locality_root: Union[str, os.PathLike, None] = None,
     limit: Optional[int] = None,
+    types: Optional[list[str]] = None,
+    skipped: Optional[dict[str, int]] = None,
 ) -> list[EditRecord]:
-    """Read an OKEDIT dataset folder into EditRecords (id = str(question_id)).
+    """Read OKEDIT as the authors release it into EditRecords (id = str(question_id)).
 
-    image_root is the folder containing `val2014` (default: root); rephrase_root
-    and locality_root default to root/rephrase and root/locality. `limit` keeps
-    the first `limit` annotations."""
+    root holds the two VQA-API files; coco_root holds val2014/ (default: root); rephrase_root
+    and locality_root hold a folder per question_id (default: root/rephrased_images and
+    root/locality_images_dalle2). As in the authors' loader, only annotations of a
+    counterfact_type in `types` are kept (all when None), and those whose counterfact_answer
+    is "" are skipped; each skip is counted in `skipped` (reason -> count) if a dict is given.
+    `limit` stops after that many records: nothing after them is read. Image files are found,
+    not decoded (see ImageFile)."""
     root = Path(root)
-    image_root = Path(image_root) if image_root is not None else root
-    rephrase_root = Path(rephrase_root) if rephrase_root is not None else root / "rephrase"
-    locality_root = Path(locality_root) if locality_root is not None else root / "locality"
+    files = _Okedit(
+        annotations=_first_file(root, ANNOTATION_FILES),
+        questions=_first_file(root, QUESTION_FILES),
+        root=root,
+        coco=Path(coco_root) if coco_root is not None else root,
+        rephrase=Path(rephrase_root) if rephrase_root is not None else root / REPHRASE_DIR,
+        locality=Path(locality_root) if locality_root is not None else root / LOCALITY_DIR,
+    )
     if limit is not None and limit < 0:
         raise ValueError(f"load_okedit: limit must be >= 0, got {limit}")
-
-    ann_path = root / "annotations.json"
-    q_path = root / "questions.json"
-    annotations = _read_json(ann_path, list)
-    questions = _question_index(q_path)
+    path = files.annotations
+    annotations = _read_json(path, dict)
+    annotations = _field(
+        annotations, "annotations", "dict_list", path, "(top level)", nonempty=False
+    )
+    questions = _question_index(files.questions)
     records: list[EditRecord] = []
     seen: set[str] = set()
-    for i, ann in enumerate(annotations[:limit] if limit is not None else annotations):
-        if not isinstance(ann, dict):
-            raise DataError(
-                f"{ann_path}: record at index {i} should be an object, got {type(ann).__name__}"
-            )
-        rid = str(_field(ann, "question_id", "id", ann_path, f"at index {i}"))
+    for i, ann in enumerate(annotations):
+        if len(records) == limit:
+            break
+        rid = str(_field(ann, "question_id", "id", path, f"at index {i}"))
         if rid in seen:
-            raise _err(ann_path, rid, "question_id", "is duplicated")
+            raise _err(path, rid, "question_id", "is duplicated")
         seen.add(rid)
-        records.append(
-            _okedit_record(
-                ann,
-                rid,
-                questions,
-                ann_path,
-                q_path,
-                root,
-                image_root,
-                rephrase_root,
-                locality_root,
-            )
-        )
+        if types is not None and _field(ann, "counterfact_type", "str", path, rid) not in types:
+            _count(skipped, OTHER_TYPE)
+        elif ann.get("counterfact_answer") == "":  # the authors' loader skips these
+            _count(skipped, EMPTY_TARGET)
+        else:
+            records.append(_okedit_record(ann, rid, questions, files))
+    if types is not None and not records and limit != 0:
+        found = sorted({str(a.get("counterfact_type")) for a in annotations})
+        raise DataError(f"{path}: no annotation has a counterfact_type in {types}; found {found}")
     return records
 
 
-def _okedit_record(
-    ann: dict,
-    rid: str,
-    questions: dict,
-    ann_path: Path,
-    q_path: Path,
-    root: Path,
-    image_root: Path,
-    rephrase_root: Path,
-    locality_root: Path,
-) -> EditRecord:
-    # --- text fields
-    image_id = _field(ann, "image_id", "int", ann_path, rid)
-    answers = _okedit_answers(ann, ann_path, rid)
-    target = _field(ann, "counterfact_answer", "str", ann_path, rid)
-    loc_answer = _field(ann, "locality_answer", "str_or_str_list", ann_path, rid)
-    _field(ann, "image_object", "str", ann_path, rid, default=None, nonempty=False)
-    _field(
-        ann, "locality_image_object", "str_or_str_list", ann_path, rid, default=None, nonempty=False
-    )
-    category = _field(ann, "category", "str", ann_path, rid, default="", nonempty=False)
+def _okedit_record(ann: dict, rid: str, questions: dict, files: _Okedit) -> EditRecord:
+    # --- text fields: y^o is the first VQA answer, as in the authors' loader
+    path = files.annotations
+    image_id = _field(ann, "image_id", "int", path, rid)
+    answers = _field(ann, "answers", "dict_list", path, rid)
+    answer = _field(answers[0], "answer", "str", path, f"{rid} (answers item 0)")
+    target = _field(ann, "counterfact_answer", "str", path, rid)
+    loc_answer = _field(ann, "locality_answer", "str_or_str_list", path, rid)
+    category = _field(ann, "counterfact_type", "str", path, rid, default="", nonempty=False)
+    negative = _field(ann, "locality_answer_train", "str", path, rid, default="", nonempty=False)
     if rid not in questions:
-        raise _err(ann_path, rid, "question_id", f"has no entry in {q_path}")
+        raise _err(path, rid, "question_id", f"has no entry in {files.questions}")
     q = questions[rid]
-    question = _field(q, "question", "str", q_path, rid)
-    rephrases = _field(q, "rephrased_questions", "str_list", q_path, rid)
+    question = _field(q, "question", "str", files.questions, rid)
+    rephrases = _field(q, "rephrased_questions", "str_list", files.questions, rid)
     train_rephrases = _field(
-        q, "rephrased_questions_train", "str_list", q_path, rid, default=[], nonempty=False
+        q, "rephrased_questions_train", "str_list", files.questions, rid, [], nonempty=False
     )
 
-    # --- the edit image: COCO name, .jpg as the authors ship it, or lossless .png
-    stem = image_root / "val2014" / f"COCO_val2014_{image_id:012d}"
+    # --- the edit image: COCO's name, .jpg as COCO ships it, or lossless .png
+    stem = files.coco / "val2014" / f"COCO_val2014_{image_id:012d}"
     jpg = stem.with_suffix(".jpg")
     png = stem.with_suffix(".png")
     if not jpg.is_file() and not png.is_file():
         raise DataError(f"{jpg} or {png.name}: record {rid}: field 'image': file not found")
-    image = _open_image(jpg if jpg.is_file() else png, rid, "image")
+    image = ImageFile(jpg if jpg.is_file() else png, rid, "image")
 
-    # --- rephrase images: every file of rephrase/{qid}/, natural order
-    rdir = _inside(rephrase_root, rid, ann_path, rid, "question_id")
+    # --- rephrase images: every file of {rephrase root}/{qid}/, sorted by name
+    rdir = _inside(files.rephrase, rid, path, rid, "question_id")
     if not rdir.is_dir():
         raise DataError(f"{rdir}: record {rid}: field 'rephrase_images': folder not found")
-    names = sorted(
-        (p.name for p in rdir.iterdir() if p.is_file() and not p.name.startswith(".")),
-        key=lambda n: (_natural_key(n), n),
-    )
+    names = sorted(p.name for p in rdir.iterdir() if p.is_file() and not p.name.startswith("."))
     if not names:
         raise DataError(f"{rdir}: record {rid}: field 'rephrase_images': folder holds no images")
-    rephrase_images = [_open_image(rdir / n, rid, "rephrase_images") for n in names]
+    rephrase_images = [ImageFile(rdir / n, rid, "rephrase_images") for n in names]
 
-    # --- locality: locality/{qid}/{k}.png, one answer (and question) per image
+    # --- locality: {locality root}/{qid}/0.png asked the edit's question (of the authors' ten
+    # DALL-E images only 0.png is asked). Our extension: lists of answers and questions for
+    # 0.png, 1.png, ...; other files of the folder are not read.
     loc_answers = [loc_answer] if isinstance(loc_answer, str) else loc_answer
     loc_questions = _field(
-        ann, "locality_questions", "str_list", ann_path, rid, default=[question] * len(loc_answers)
+        ann, "locality_questions", "str_list", path, rid, default=[question] * len(loc_answers)
     )
     if len(loc_questions) != len(loc_answers):
         raise _err(
-            ann_path,
+            path,
             rid,
             "locality_questions",
             f"has {len(loc_questions)} items but 'locality_answer' has {len(loc_answers)}",
         )
-    ldir = _inside(locality_root, rid, ann_path, rid, "question_id")
-    extra = ldir / f"{len(loc_answers)}.png"
-    if extra.is_file():
-        raise DataError(
-            f"{extra}: record {rid}: field 'locality_answer': there are more locality "
-            f"images than the {len(loc_answers)} answer(s) in {ann_path}"
-        )
-    locality = [
-        Sample(_open_image(ldir / f"{k}.png", rid, "locality"), lq, la)
-        for k, (lq, la) in enumerate(zip(loc_questions, loc_answers))
-    ]
+    ldir = _inside(files.locality, rid, path, rid, "question_id")
+    locality = []
+    for k, (lq, la) in enumerate(zip(loc_questions, loc_answers)):
+        locality.append(Sample(_image_file(ldir / f"{k}.png", rid, "locality"), lq, la))
 
-    # --- m_loc (our extension): images relative to the dataset folder
+    # --- m_loc (our extension): unrelated samples, images relative to the data folder
     m_locality = []
-    for k, m in enumerate(
-        _field(ann, "m_loc", "dict_list", ann_path, rid, default=[], nonempty=False)
-    ):
+    for k, m in enumerate(_field(ann, "m_loc", "dict_list", path, rid, [], nonempty=False)):
         where = f"{rid} (m_loc item {k})"
-        m_image = _field(m, "image", "str", ann_path, where)
-        m_q = _field(m, "question", "str", ann_path, where)
-        m_a = _field(m, "answer", "str", ann_path, where)
-        m_path = _inside(root, m_image, ann_path, where, "image")
-        m_locality.append(Sample(_open_image(m_path, rid, f"m_loc item {k}"), m_q, m_a))
+        m_path = _inside(files.root, _field(m, "image", "str", path, where), path, where, "image")
+        m_locality.append(
+            Sample(
+                _image_file(m_path, rid, f"m_loc item {k}"),
+                _field(m, "question", "str", path, where),
+                _field(m, "answer", "str", path, where),
+            )
+        )
 
-    # --- q_locality (our extension): the record's own images asked other questions
+    # --- q_locality (our extension): the record's own images asked other questions;
+    # image_index 0 is the edit image, k the k-th rephrase image
+    own = [image, *rephrase_images]
     q_locality = []
-    for k, q in enumerate(
-        _field(ann, "q_locality", "dict_list", ann_path, rid, default=[], nonempty=False)
-    ):
+    for k, item in enumerate(_field(ann, "q_locality", "dict_list", path, rid, [], nonempty=False)):
         where = f"{rid} (q_locality item {k})"
-        q_path = _inside(root, _field(q, "image", "str", ann_path, where), ann_path, where, "image")
+        j = _field(item, "image_index", "int", path, where)
+        if not 0 <= j < len(own):
+            raise _err(path, where, "image_index", f"should be in 0..{len(own) - 1}, got {j}")
         q_locality.append(
             Sample(
-                _open_image(q_path, rid, f"q_locality item {k}"),
-                _field(q, "question", "str", ann_path, where),
-                _field(q, "answer", "str", ann_path, where),
+                own[j],
+                _field(item, "question", "str", path, where),
+                _field(item, "answer", "str", path, where),
             )
         )
 
@@ -472,7 +547,7 @@ def _okedit_record(
         id=rid,
         image=image,
         question=question,
-        answer=answers[0],
+        answer=answer,
         target=target,
         rephrases=list(rephrases),
         train_rephrases=list(train_rephrases),
@@ -481,6 +556,7 @@ def _okedit_record(
         m_locality=m_locality,
         category=category,
         q_locality=q_locality,
+        negative_answer=negative,
     )
 
 
@@ -497,14 +573,38 @@ def _check_owned_dir(folder: Path, names: set[str], rid: str, field: str) -> Non
             )
 
 
+def _okedit_checks(r: EditRecord, seen: set[str]) -> None:
+    """Refuse a record that OKEDIT cannot hold, naming its field."""
+    if not (isinstance(r.id, str) and re.fullmatch(r"-?[0-9]+", r.id) and str(int(r.id)) == r.id):
+        raise DataError(
+            f"write_okedit: record {r.id!r}: field 'id' must be an int-like string "
+            f"such as '17' (OKEDIT's question_id is an int)"
+        )
+    if r.id in seen:
+        raise DataError(f"write_okedit: record {r.id}: field 'id' is duplicated")
+    for name, items in (("rephrase_images", r.rephrase_images), ("locality", r.locality)):
+        if not items:
+            raise DataError(
+                f"write_okedit: record {r.id}: field '{name}' is empty; OKEDIT needs at least one"
+            )
+    for name, samples in (("locality", r.locality), ("m_locality", r.m_locality)):
+        if any(s.image is None for s in samples):
+            raise DataError(
+                f"write_okedit: record {r.id}: field '{name}' has a text-only "
+                f"sample; OKEDIT stores an image for each"
+            )
+
+
 def write_okedit(
     records: list[EditRecord],
     out_dir: Union[str, os.PathLike],
     image_ids: Optional[list[int]] = None,
 ) -> list[Path]:
-    """Write records in the OKEDIT layout (deterministic; load_okedit reads it back
-    equal) and return the paths written. image_id defaults to 1..N in order; ids
-    must be int-like strings."""
+    """Write records as the authors release OKEDIT, with our extensions where a record needs
+    them; load_okedit reads them back equal. Images are lossless PNGs:
+    val2014/COCO_val2014_{image_id:012d}.png, rephrased_images/{qid}/{k}.png,
+    locality_images_dalle2/{qid}/{k}.png and m_loc/{qid}/{k}.png. Deterministic; returns the
+    paths written. image_id defaults to 1..N in order; ids must be int-like strings."""
     out = Path(out_dir)
     if image_ids is None:
         image_ids = list(range(1, len(records) + 1))
@@ -518,32 +618,14 @@ def write_okedit(
         )
     annotations = []
     questions = []
-    seen = set()
+    seen: set[str] = set()
     written = []
     for r, image_id in zip(records, image_ids):
-        if not (
-            isinstance(r.id, str) and re.fullmatch(r"-?[0-9]+", r.id) and str(int(r.id)) == r.id
-        ):
-            raise DataError(
-                f"write_okedit: record {r.id!r}: field 'id' must be an int-like string "
-                f"such as '17' (OKEDIT's question_id is an int)"
-            )
-        if r.id in seen:
-            raise DataError(f"write_okedit: record {r.id}: field 'id' is duplicated")
+        _okedit_checks(r, seen)
         seen.add(r.id)
-        for name, items in (("rephrase_images", r.rephrase_images), ("locality", r.locality)):
-            if not items:
-                raise DataError(
-                    f"write_okedit: record {r.id}: field '{name}' is empty; "
-                    f"OKEDIT needs at least one"
-                )
-        for name, samples in (("locality", r.locality), ("m_locality", r.m_locality)):
-            if any(s.image is None for s in samples):
-                raise DataError(
-                    f"write_okedit: record {r.id}: field '{name}' has a text-only "
-                    f"sample; OKEDIT stores an image for each"
-                )
         qid = int(r.id)
+        image = r.image  # each read decodes: read once
+        rephrase_images = r.rephrase_images
 
         stem = out / "val2014" / f"COCO_val2014_{image_id:012d}"
         if stem.with_suffix(".jpg").exists():  # the loader would read it instead
@@ -551,24 +633,21 @@ def write_okedit(
                 f"{stem.with_suffix('.jpg')}: record {r.id}: field 'image': a stale "
                 f".jpg would shadow the .png written here; write into an empty directory"
             )
-        written.append(_save_png(r.image, stem.with_suffix(".png")))
-        rep_names = [f"{k}.png" for k in range(len(r.rephrase_images))]
-        _check_owned_dir(out / "rephrase" / r.id, set(rep_names), r.id, "rephrase_images")
-        for name, im in zip(rep_names, r.rephrase_images):
-            written.append(_save_png(im, out / "rephrase" / r.id / name))
-        loc_names = [f"{k}.png" for k in range(len(r.locality))]
-        _check_owned_dir(out / "locality" / r.id, set(loc_names), r.id, "locality")
-        for name, s in zip(loc_names, r.locality):
-            written.append(_save_png(s.image, out / "locality" / r.id / name))
+        written.append(_save_png(image, stem.with_suffix(".png")))
+        width = len(str(len(rephrase_images) - 1))  # 0-9, or 00-11: name order = list order
+        rep_names = [f"{k:0{width}d}.png" for k in range(len(rephrase_images))]
+        rdir = out / REPHRASE_DIR / r.id
+        _check_owned_dir(rdir, set(rep_names), r.id, "rephrase_images")
+        for name, im in zip(rep_names, rephrase_images):
+            written.append(_save_png(im, rdir / name))
+        for k, s in enumerate(r.locality):
+            written.append(_save_png(s.image, out / LOCALITY_DIR / r.id / f"{k}.png"))
         m_loc = []
         for k, s in enumerate(r.m_locality):
             rel = f"m_loc/{r.id}/{k}.png"
             written.append(_save_png(s.image, out / rel))
             m_loc.append({"image": rel, "question": s.question, "answer": s.answer})
-        # q_locality asks the record's own images: where each of them was just written
-        own = {r.image.tobytes(): f"val2014/{stem.name}.png"}
-        for n, im in zip(rep_names, r.rephrase_images):
-            own[im.tobytes()] = f"rephrase/{r.id}/{n}"
+        own = [im.tobytes() for im in [image, *rephrase_images]]  # what image_index counts
         q_loc = []
         for k, s in enumerate(r.q_locality):
             if s.image is None or s.image.tobytes() not in own:
@@ -576,64 +655,83 @@ def write_okedit(
                     f"write_okedit: record {r.id}: field 'q_locality' item {k}: its image must be "
                     f"the record's image or one of its rephrase images"
                 )
-            q_loc.append(
-                {"image": own[s.image.tobytes()], "question": s.question, "answer": s.answer}
-            )
+            index = own.index(s.image.tobytes())
+            q_loc.append({"image_index": index, "question": s.question, "answer": s.answer})
 
-        annotations.append(
-            {
-                "question_id": qid,
-                "image_id": image_id,
-                "answers": [r.answer],
-                "counterfact_answer": r.target,
-                "locality_answer": [s.answer for s in r.locality],
-                "locality_questions": [s.question for s in r.locality],
-                "m_loc": m_loc,
-                "category": r.category,
-                **({"q_locality": q_loc} if q_loc else {}),
-            }
-        )
-        questions.append(
-            {
-                "question_id": qid,
-                "question": r.question,
-                "rephrased_questions": list(r.rephrases),
-                "rephrased_questions_train": list(r.train_rephrases),
-            }
-        )
-    written.append(_write_json(annotations, out / "annotations.json"))
-    written.append(_write_json({"questions": questions}, out / "questions.json"))
+        ann = {
+            "question_id": qid,
+            "image_id": image_id,
+            "answers": [{"answer": r.answer}],  # VQA's form
+            "counterfact_answer": r.target,
+        }
+        loc_answers = [s.answer for s in r.locality]  # one: the authors' form, a string
+        ann["locality_answer"] = loc_answers[0] if len(loc_answers) == 1 else loc_answers
+        if any(s.question != r.question for s in r.locality):
+            ann["locality_questions"] = [s.question for s in r.locality]
+        optional = {
+            "counterfact_type": r.category,
+            "locality_answer_train": r.negative_answer,
+            "m_loc": m_loc,
+            "q_locality": q_loc,
+        }
+        ann.update({k: v for k, v in optional.items() if v})
+        annotations.append(ann)
+        q = {
+            "question_id": qid,
+            "image_id": image_id,
+            "question": r.question,
+            "rephrased_questions": list(r.rephrases),
+        }
+        if r.train_rephrases:
+            q["rephrased_questions_train"] = list(r.train_rephrases)
+        questions.append(q)
+    written.append(_write_json({"annotations": annotations}, out / ANNOTATION_FILES[0]))
+    written.append(_write_json({"questions": questions}, out / QUESTION_FILES[0]))
     return written
 
 
 # -----------------------------------------------------------------------------
-# MMEdit E-VQA json
+# MMEdit E-VQA json, with the authors' fields (their loader: easyeditor/dataset/vqa.py)
 
 _MMEDIT_TEXT = ("src", "pred", "rephrase", "alt", "loc", "loc_ans", "m_loc_q", "m_loc_a")
 
 
 def load_mmedit(
     json_path: Union[str, os.PathLike],
-    image_root: Union[str, os.PathLike],
+    coco_root: Union[str, os.PathLike],
+    rephrase_root: Union[str, os.PathLike, None] = None,
     limit: Optional[int] = None,
+    skipped: Optional[dict[str, int]] = None,
 ) -> list[EditRecord]:
-    """Read MMEdit's E-VQA json into EditRecords (id = str(list index))."""
+    """Read MMEdit's E-VQA json into EditRecords (id = str(list index)), as the authors' loader:
+    `image` and `m_loc` are relative to coco_root, `image_rephrase` to rephrase_root (default:
+    coco_root); records whose alt is "" are skipped (counted in `skipped` if a dict is given);
+    the authors' rephrased_questions_train are the positives of Eq. 3. `limit` stops after that
+    many records. Image files are found, not decoded (see ImageFile)."""
     path = Path(json_path)
-    image_root = Path(image_root)
+    coco_root = Path(coco_root)
+    rephrase_root = Path(rephrase_root) if rephrase_root is not None else coco_root
     if limit is not None and limit < 0:
         raise ValueError(f"load_mmedit: limit must be >= 0, got {limit}")
     data = _read_json(path, list)
     records = []
-    for i, item in enumerate(data[:limit] if limit is not None else data):
+    for i, item in enumerate(data):
+        if len(records) == limit:
+            break
         rid = str(i)
         if not isinstance(item, dict):
             raise DataError(f"{path}: record {rid} should be an object, got {type(item).__name__}")
+        if item.get("alt") == "":  # the authors' loader skips these
+            _count(skipped, EMPTY_ALT)
+            continue
         text = {k: _field(item, k, "str", path, rid) for k in _MMEDIT_TEXT}
-        paths = {
-            k: _inside(image_root, _field(item, k, "str", path, rid), path, rid, k)
-            for k in ("image", "image_rephrase", "m_loc")
-        }
-        images = {k: _open_image(p, rid, k) for k, p in paths.items()}
+        roots = {"image": coco_root, "image_rephrase": rephrase_root, "m_loc": coco_root}
+        images = {}
+        for k, root in roots.items():
+            where = _inside(root, _field(item, k, "str", path, rid), path, rid, k)
+            images[k] = _image_file(where, rid, k)
+        train = _field(item, "rephrased_questions_train", "str_list", path, rid, [], False)
+        negative = _field(item, "locality_answer_train", "str", path, rid, "", nonempty=False)
         records.append(
             EditRecord(
                 id=rid,
@@ -642,11 +740,11 @@ def load_mmedit(
                 answer=text["pred"],
                 target=text["alt"],
                 rephrases=[text["rephrase"]],
-                train_rephrases=[],
+                train_rephrases=list(train),
                 rephrase_images=[images["image_rephrase"]],
                 locality=[Sample(None, text["loc"], text["loc_ans"])],
                 m_locality=[Sample(images["m_loc"], text["m_loc_q"], text["m_loc_a"])],
-                category="",
+                negative_answer=negative,
             )
         )
     return records
@@ -658,9 +756,9 @@ def write_mmedit(
     image_root: Union[str, os.PathLike],
 ) -> None:
     """Write records of MMEdit's shape as E-VQA json + PNGs named {i}.png,
-    {i}_rephrase.png, {i}_m_loc.png under image_root. Raises rather than drop
-    anything MMEdit cannot hold (ids other than list positions, train rephrases,
-    category, more than one rephrase / rephrase image / locality / m_loc)."""
+    {i}_rephrase.png, {i}_m_loc.png under image_root (the coco and the rephrase root). Raises
+    rather than drop anything E-VQA cannot hold (ids other than list positions, category,
+    more than one rephrase / rephrase image / locality / m_loc)."""
     path = Path(json_path)
     image_root = Path(image_root)
     items = []
@@ -671,15 +769,15 @@ def write_mmedit(
             "rephrase_images": len(r.rephrase_images) == 1,
             "locality": len(r.locality) == 1 and r.locality[0].image is None,
             "m_locality": len(r.m_locality) == 1 and r.m_locality[0].image is not None,
-            "train_rephrases": not r.train_rephrases,
             "category": r.category == "",
+            "q_locality": not r.q_locality,
         }
         bad = [k for k, ok in shape.items() if not ok]
         if bad:
             raise DataError(
                 f"write_mmedit: record {r.id}: field '{bad[0]}' does not fit MMEdit's shape "
                 f"(id = list position '{i}', exactly one rephrase, one rephrase image, one "
-                f"text-only locality, one m_loc with an image, no train rephrases, no category)"
+                f"text-only locality, one m_loc with an image, no category, no q_locality)"
             )
         names = {
             "image": f"{i}.png",
@@ -689,19 +787,22 @@ def write_mmedit(
         _save_png(r.image, image_root / names["image"])
         _save_png(r.rephrase_images[0], image_root / names["image_rephrase"])
         _save_png(r.m_locality[0].image, image_root / names["m_loc"])
-        items.append(
-            {
-                "src": r.question,
-                "pred": r.answer,
-                "rephrase": r.rephrases[0],
-                "alt": r.target,
-                "loc": r.locality[0].question,
-                "loc_ans": r.locality[0].answer,
-                "m_loc_q": r.m_locality[0].question,
-                "m_loc_a": r.m_locality[0].answer,
-                **names,
-            }
-        )
+        item = {
+            "src": r.question,
+            "pred": r.answer,
+            "rephrase": r.rephrases[0],
+            "alt": r.target,
+            "loc": r.locality[0].question,
+            "loc_ans": r.locality[0].answer,
+            "m_loc_q": r.m_locality[0].question,
+            "m_loc_a": r.m_locality[0].answer,
+            **names,
+        }
+        if r.train_rephrases:
+            item["rephrased_questions_train"] = list(r.train_rephrases)
+        if r.negative_answer:
+            item["locality_answer_train"] = r.negative_answer
+        items.append(item)
     _write_json(items, path)
 
 
@@ -1044,8 +1145,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        cleanup = claim_output(args.out, folder=True)  # by trying, before any work
+    except OutputError as e:
+        parser.exit(2, f"data.py make-sample: error: {e}\n")
+    try:
         written = make_sample(args.seed, args.out, args.n)
     except (ValueError, OSError) as e:
+        cleanup()
         parser.exit(2, f"data.py make-sample: error: {e}\n")
     mine = set(written)
     others = [p for p in Path(args.out).rglob("*") if p.is_file() and p not in mine]
@@ -1055,6 +1161,48 @@ def main(argv: Optional[list[str]] = None) -> int:
         message += f" ({len(others)} other files already there were left as they were)"
     print(message)
     return 0
+
+
+# ---------------------------------------------------------------------------
+# Output paths, claimed by trying before any work (root passes os.access, then fails)
+# ---------------------------------------------------------------------------
+
+
+class OutputError(OSError):
+    """An output path that cannot be written, in one line that names the option and path."""
+
+
+def claim_output(path: Union[str, os.PathLike], flag: str = "--out", folder: bool = False):
+    """Try, before any work, that a command can write ``path``: a file, or with ``folder`` the
+    folder it fills. Makes the missing folders, creates and removes a file in the one that will
+    hold the output, and opens an existing output file for appending (which changes nothing).
+    Returns ``cleanup()``, which removes the folders made here if still empty: call it when the
+    run fails before writing. Raises OutputError, e.g. "--out /proc/x/r.json: cannot write
+    there (No such file or directory)"."""
+    path = Path(path)
+    where = path if folder else path.parent
+    made = [p for p in (where, *where.parents) if not p.exists()]  # deepest first
+
+    def cleanup():
+        for p in made:
+            try:
+                p.rmdir()
+            except OSError:  # not empty (or gone): keep it and what holds it
+                return
+
+    if path.is_dir() and not folder:
+        raise OutputError(f"{flag} {path}: is a folder; give a file's path")
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        trial = where / f".write-test-{os.getpid()}"
+        trial.open("xb").close()  # x: never an existing file
+        trial.unlink()
+        if path.is_file():
+            path.open("ab").close()
+    except OSError as e:
+        cleanup()
+        raise OutputError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
+    return cleanup
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ The methods: the unedited model, the baselines of baselines.py (FT, GRACE) and B
 import argparse
 import json
 import math
-import os
 import re
 import sys
 from dataclasses import asdict, dataclass
@@ -417,53 +416,96 @@ def load_backbone(args):
 
 
 def load_records(args) -> tuple[list[data.EditRecord], str]:
-    """Records from --data (an OKEDIT folder, or an MMEdit E-VQA json with --image-root), else
-    the shipped sample; and a name for them."""
+    """Records from --data (an OKEDIT folder, or an MMEdit E-VQA json with --coco-root), else
+    the shipped sample; and a name for them. Prints how many records were read and how many
+    the authors' loaders would skip."""
+    roots = ("coco_root", "rephrase_root", "locality_root")
+    given = [o for o in (*roots, "counterfact_types") if getattr(args, o) is not None]
     if args.data is None:
+        if given:
+            raise UsageError(f"--{given[0].replace('_', '-')} needs --data")
         return data.load_sample(limit=args.limit), f"sample ({data.SAMPLE_DIR.name})"
     path = Path(args.data)
     if not path.exists():
         raise FileNotFoundError(f"--data {path}: no such file or directory")
+    for option in roots:
+        root = getattr(args, option)
+        if root is not None and not Path(root).is_dir():
+            raise UsageError(f"--{option.replace('_', '-')} {root}: no such folder")
+    skipped = {}
     if path.is_dir():
-        return data.load_okedit(path, image_root=args.image_root, limit=args.limit), str(path)
-    if args.image_root is None or not Path(args.image_root).is_dir():
-        raise UsageError(
-            f"--data {path} is an MMEdit json file: it needs --image-root DIR, an existing folder"
+        records = data.load_okedit(
+            path,
+            args.coco_root,
+            args.rephrase_root,
+            args.locality_root,
+            limit=args.limit,
+            types=args.counterfact_types,
+            skipped=skipped,
         )
-    return data.load_mmedit(path, args.image_root, limit=args.limit), str(path)
+    elif path.suffix != ".json":
+        raise UsageError(f"--data {path}: neither an OKEDIT folder nor an E-VQA .json file")
+    elif args.coco_root is None:
+        raise UsageError(
+            f"--data {path} is an E-VQA json file: it needs --coco-root DIR, the folder its "
+            "image paths are relative to"
+        )
+    elif args.locality_root is not None or args.counterfact_types is not None:
+        raise UsageError(
+            f"--data {path} is an E-VQA json file: --locality-root and --counterfact-types "
+            "are OKEDIT's"
+        )
+    else:
+        records = data.load_mmedit(
+            path, args.coco_root, args.rephrase_root, limit=args.limit, skipped=skipped
+        )
+    counts = [f"{n} ({reason})" for reason, n in skipped.items()]
+    print(f"--data {path}: records read: {len(records)}; skipped: {', '.join(counts) or 'none'}")
+    return records, str(path)
 
 
 def make_config(args, **overrides) -> BalancEditConfig:
-    """BalancEditConfig from its defaults, the options given (not None) and ``overrides``."""
+    """BalancEditConfig from its defaults, then --preset's settings, the options given (not
+    None) and ``overrides``."""
     given = {}
+    preset = getattr(args, "preset", None)
+    if preset is not None:
+        if PRESETS[preset].backbone != args.backbone:
+            raise UsageError(
+                f"--preset {preset} holds the authors' settings for "
+                f"--backbone {PRESETS[preset].backbone}, not {args.backbone}"
+            )
+        given = {**PRESETS[preset].config, **AUTHORS_TRAINING}
     for option in CONFIG_HELP:
         if getattr(args, option, None) is not None:
             given[option] = getattr(args, option)
     return BalancEditConfig(**{**given, **overrides})
 
 
-def check_writable(path: Path, flag: str = "--out", suffix: str = ".json") -> None:
-    """Refuse, before any work, an output path that cannot be written."""
+def check_writable(path: Path, flag: str = "--out", suffix: str = ".json") -> Callable:
+    """Refuse, before any work, an output path with another suffix or that cannot be written
+    (found by trying: ``data.claim_output``). Returns its ``cleanup()``, for a run that fails
+    before writing."""
     if path.suffix != suffix:
         raise UsageError(f"{flag} {path}: give a path ending in {suffix}")
-    if path.is_dir():
-        raise UsageError(f"{flag} {path}: is a directory")
-    parent = next((p for p in path.parents if p.exists()), Path("."))  # the nearest that exists
-    writable = parent.is_dir() and os.access(parent, os.W_OK)
-    if not writable or (path.exists() and not os.access(path, os.W_OK)):
-        raise UsageError(
-            f"{flag} {path}: cannot write there ({parent} is not a writable directory)"
-        )
+    try:
+        return data.claim_output(path, flag)
+    except data.OutputError as e:  # a UsageError for callers: one line, exit status 2
+        raise UsageError(str(e)) from None
 
 
 def check_environment(args) -> None:
-    """Refuse at once a device this machine lacks, and model files that are not on the disk
-    (nothing downloads)."""
-    device = torch.device(args.device or "cpu")  # a name torch does not know raises here
+    """Refuse at once a device this machine cannot run on, and model files that are not on the
+    disk (nothing downloads)."""
     n_gpus = torch.cuda.device_count()
-    cuda_here = device.type == "cuda" and (device.index or 0) < n_gpus
-    if device.type != "cpu" and not cuda_here:
-        raise UsageError(f"--device {args.device}: not on this machine ({n_gpus} CUDA GPUs)")
+    here = ["cpu", *(f"cuda:{i}" for i in range(n_gpus))]  # the devices a run can use
+    try:
+        device = torch.device(args.device or "cpu")
+    except RuntimeError:  # a name torch does not know (its message lists every device type)
+        device = None
+    cuda_here = device is not None and device.type == "cuda" and (device.index or 0) < n_gpus
+    if device is None or (device.type != "cpu" and not cuda_here):
+        raise UsageError(f"--device {args.device}: not a device to run on here ({', '.join(here)})")
     needs = {"blip2": ("model",), "minigpt4": ("model", "blip2", "projection")}
     for name in needs.get(args.backbone, ()):  # local copies, made as the README says
         path = getattr(args, name)
@@ -483,23 +525,50 @@ class Setup:
     data_name: str
     cfg: BalancEditConfig
     out: Path  # the JSON output
+    cleanup: Callable  # removes the folders made for ``out``, if the run fails before writing
 
 
 def setup(args) -> Setup:
-    """Everything that can fail on bad input, cheapest first (options, output, data, the model)."""
+    """Everything that can fail on bad input, cheapest first (options, device, output, data, the
+    model). The output is claimed by trying (``data.claim_output``), and released if a later
+    check fails."""
     cfg = make_config(args)
-    out = Path(args.out or default_out(args))
-    picture = args.command.startswith("show") and args.out  # --out names the .png
-    check_writable(out, suffix=".png" if picture else ".json")
-    out = out.with_suffix(".json")  # a picture's numbers go beside it
     check_environment(args)
-    records, data_name = load_records(args)
-    if not records or not 0 <= getattr(args, "record", 0) < len(records):
-        raise UsageError(f"{len(records)} records in {data_name}; --record must be one of them")
-    backbone = load_backbone(args)
-    backbone.check(records)  # targets it cannot spell, questions too long for it
+    out = output_path(args)
+    picture = args.command.startswith("show") and args.out  # --out names the .png
+    cleanup = check_writable(out, suffix=".png" if picture else ".json")
+    out = out.with_suffix(".json")  # a picture's numbers go beside it
+    try:
+        records, data_name = load_records(args)
+        n = len(records)
+        if n == 0:
+            raise UsageError(f"no records in {data_name}")
+        if not 0 <= getattr(args, "record", 0) < n:
+            raise UsageError(f"{n} records in {data_name}: --record is an index, 0..{n - 1}")
+        check_images(records)
+        backbone = load_backbone(args)
+        backbone.check(records)  # targets it cannot spell, questions too long for it
+    except BaseException:
+        cleanup()
+        raise
     torch.manual_seed(cfg.seed)
-    return Setup(backbone, records, data_name, cfg, out)
+    return Setup(backbone, records, data_name, cfg, out, cleanup)
+
+
+MIN_SIDE = 8  # pixels: the smallest edit image worth editing on (the smallest ViT patch we run)
+
+
+def check_images(records: Sequence[data.EditRecord]) -> None:
+    """Refuse, before any work, an edit image too small to show an object (1x1, say): every
+    backbone would stretch it to its input size and edit a flat colour. One decode per record
+    (the loaders decode images when they are read)."""
+    for r in records:
+        w, h = r.image.size
+        if min(w, h) < MIN_SIDE:
+            raise UsageError(
+                f"record {r.id}: its edit image is {w}x{h} pixels; at least {MIN_SIDE}x{MIN_SIDE} "
+                "is needed to show an object"
+            )
 
 
 def header(args, s: Setup) -> dict:
@@ -549,12 +618,10 @@ def cmd_show_edit(args, s: Setup) -> dict:
     """One edit's probes against its radius: why each was, or was not, edited (Eq. 3)."""
     record = s.records[args.record]
     report, probes = pictures.edit_probes(BalancEditor(s.backbone, s.cfg), record)
-    title = (
-        f"record {record.id}: {record.question!r} -> {record.target!r}\n"
-        "filled: the answer changed; green: as it should"
-    )
+    title = f"--record {args.record} (id {record.id}): {record.question!r} -> {record.target!r}"
     pictures.show_edit(report, probes, s.out.with_suffix(".png"), title)
-    return {**header(args, s), "record": record.id, **report, "probes": probes}
+    drawn = {"record": args.record, "record_id": record.id, **report, "probes": probes}
+    return {**header(args, s), **drawn}
 
 
 def cmd_show_codebook(args, s: Setup) -> dict:
@@ -596,8 +663,21 @@ COMMANDS = {
         cmd_show_codebook, "a picture of the codebook after sequential edits (--out FILE.png)"
     ),
 }
-UNNAMED = ("command", "out", "progress", "device", "protocol")  # not in a default output's name
-PATHS = ("model", "blip2", "projection", "data", "image_root")  # named by their last part
+UNNAMED = ("command", "out", "progress", "device", "protocol", "threads")  # not in an output name
+PATHS = (  # named by their last part
+    "model",
+    "blip2",
+    "projection",
+    "data",
+    "coco_root",
+    "rephrase_root",
+    "locality_root",
+)
+
+
+def output_path(args: argparse.Namespace) -> Path:
+    """The file a command writes: --out (for a picture, its .png), else ``default_out``."""
+    return Path(args.out or default_out(args))
 
 
 def default_out(args: argparse.Namespace) -> str:
@@ -666,11 +746,44 @@ CONFIG_HELP = {  # the BalancEditConfig options: argparse keywords
     "rank": dict(type=POSITIVE_INT, help="rank of a lora value"),
     "seed": dict(type=int, help="seed"),
 }
+
+
+class Preset(NamedTuple):
+    """The authors' settings for one backbone: their hparams/BalancEdit/{name}.yaml."""
+
+    backbone: str
+    config: dict  # BalancEditConfig fields
+
+
+# Their Adam: 50 steps (n_iter) at edit_lr 0.01 * 0.01 (their balancedit.py, line 141)
+AUTHORS_TRAINING = dict(steps=50, lr=1e-4)
+BLIP2_LAYER = "model.language_model.model.decoder.layers.31.fc2"  # inner_params of the yaml
+MINIGPT4_LAYER = "llama_model.model.layers.31.mlp.up_proj"
+PRESETS = {  # which of their scripts read each file: multimodal_edit.py
+    "blip2": Preset("blip2", dict(layer=BLIP2_LAYER, distance="cos", alpha=0.05)),  # OKEDIT
+    "blip2_cos": Preset("blip2", dict(layer=BLIP2_LAYER, distance="cos", alpha=0.1)),  # E-VQA
+    "blip2_euc": Preset("blip2", dict(layer=BLIP2_LAYER, distance="euc", alpha=0.05)),
+    "minigpt4": Preset("minigpt4", dict(layer=MINIGPT4_LAYER, distance="cos", alpha=0.25)),
+    "minigpt4_cos": Preset("minigpt4", dict(layer=MINIGPT4_LAYER, distance="cos", alpha=0.35)),
+    "minigpt4_euc": Preset("minigpt4", dict(layer=MINIGPT4_LAYER, distance="euc", alpha=0.2)),
+}
 OUT_HELP = (
     "JSON output path (default: results/main.json for the main job, results/COMMAND.json for "
     "another command; --protocol sequential, or any option off its default, adds to the name: "
     "--methods grace --grace-eps0 4 writes results/main_methods-grace_grace-eps0-4.0.json)"
 )
+
+
+def add_threads(p) -> None:
+    """--threads N, for every command line that runs torch on the CPU (call
+    ``torch.set_num_threads(args.threads)`` before any work)."""
+    p.add_argument(
+        "--threads",
+        type=POSITIVE_INT,
+        default=1,
+        help="torch CPU threads (default 1: more threads than idle cores make torch wait on "
+        "itself, 5-9x slower on a busy 2-core machine; give it the cores that are idle)",
+    )
 
 
 def add_common(p: argparse.ArgumentParser, name: str) -> None:
@@ -693,20 +806,48 @@ def add_common(p: argparse.ArgumentParser, name: str) -> None:
     )
     g.add_argument(
         "--data",
-        help="OKEDIT-layout folder, or MMEdit E-VQA .json with --image-root "
+        help="OKEDIT as the authors release it (the folder of "
+        f"{data.ANNOTATION_FILES[0]}), or an E-VQA .json with --coco-root "
         "(default: the shipped sample)",
     )
     g.add_argument(
-        "--image-root", help="image folder of an MMEdit json (or OKEDIT's val2014 parent)"
+        "--coco-root",
+        help="the folder holding val2014/ (OKEDIT; default: --data), or the folder an E-VQA "
+        "json's image and m_loc paths are relative to",
     )
-    g.add_argument("--limit", type=POSITIVE_INT, help="first N records only")
+    g.add_argument(
+        "--rephrase-root",
+        help="OKEDIT: the folder of a {question_id}/ of rephrase images each (default: "
+        f"--data/{data.REPHRASE_DIR}); E-VQA: the folder image_rephrase paths are relative "
+        "to (default: --coco-root)",
+    )
+    g.add_argument(
+        "--locality-root",
+        help="OKEDIT: the folder of a {question_id}/ of locality images each, 0.png asked "
+        f"(default: --data/{data.LOCALITY_DIR})",
+    )
+    g.add_argument(
+        "--counterfact-types",
+        type=comma_list(str),
+        help="OKEDIT: keep only these counterfact_types, a comma list (e.g. 'text based')",
+    )
+    g.add_argument(
+        "--limit", type=POSITIVE_INT, help="first N records only (nothing after them is read)"
+    )
     g.add_argument(
         "--device", help="torch device (default: cpu for tiny, cuda if available for blip2)"
     )
     g.add_argument("--protocol", choices=tuple(PROTOCOLS), default="single", help="default: single")
     g.add_argument("--out", help=OUT_HELP)
+    add_threads(g)
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     c = p.add_argument_group("BalancEditConfig (default: the config's own defaults)")
+    c.add_argument(
+        "--preset",
+        choices=tuple(PRESETS),
+        help="the authors' settings (their hparams/BalancEdit/PRESET.yaml): layer, distance, "
+        "alpha, 50 steps at lr 1e-4; the options below override it",
+    )
     for option, kwargs in CONFIG_HELP.items():
         if option != COMMANDS[name].sets:  # an ablation sets its own
             c.add_argument("--" + option.replace("_", "-"), **kwargs)  # dest: option
@@ -738,7 +879,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="GRACE's fixed initial radius, Euclidean (default 1.0, GRACE's own)",
     )
     sub.choices["show-edit"].add_argument(
-        "--record", type=int, default=0, help="which record (default 0)"
+        "--record", type=int, default=0, help="which record: its index, 0 the first (default 0)"
     )
     sub.choices["sweep-alpha"].add_argument(
         "--alphas",
@@ -766,12 +907,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    torch.set_num_threads(args.threads)
     try:
         s = setup(args)
     except (UsageError, data.DataError, OSError, ValueError, RuntimeError) as e:
         build_parser().exit(2, f"evaluate.py {args.command}: error: {e}\n")
-    result = COMMANDS[args.command].run(args, s)
-    s.out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        result = COMMANDS[args.command].run(args, s)
+    except BaseException:  # an error or Ctrl-C: no empty results/ folder left behind
+        s.cleanup()
+        raise
     s.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {s.out}")
     return 0

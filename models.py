@@ -19,8 +19,10 @@ outside this file needs to know which one it holds:
   prompt is one forward call, then one call per new token with an all-False
   prompt mask, so a routing hook holds the route it chose on the prompt);
 - ``rephrase(question)`` -> other phrasings of the question;
-- ``tail(batch, layer_path)`` -> ``(h, rest)`` for cached training, or
-  None; ``layer_input(batch, layer_path)`` -> the layer's input ``(B, T, D)``.
+- ``tail(batch, layer_path, per_position=False)`` -> a ``Tail`` for cached
+  training (one forward; the value and the network after the layer then run
+  where the loss needs them), or None; ``layer_input(batch, layer_path)`` ->
+  the layer's input ``(B, T, D)``.
 
 Three backbones:
 
@@ -50,7 +52,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -76,6 +78,18 @@ class LMOutput:
     logits: torch.Tensor  # (B, T, V)
     loss: Optional[torch.Tensor] = None  # mean cross-entropy over the answer tokens
     kv_cache: Any = None  # the decoder's KV cache (a transformers Cache), when use_cache=True
+
+
+@dataclass
+class Tail:
+    """One forward's record of a batch at layer l (``Backbone.tail``), for training a value:
+    the value runs on ``h``, and ``rest`` takes its output to the logits that enter the loss,
+    so that ``F.cross_entropy(rest(l(h)), targets)`` is the batch's ``lm_loss``."""
+
+    inputs: torch.Tensor  # (B, T, D): l's input at every position of the batch (keys pool it)
+    h: torch.Tensor  # float32: l's input where the loss needs the value, (P, D) or (R, T, D)
+    rest: Callable[[torch.Tensor], torch.Tensor]  # the value's output on h -> (P, V) float32
+    targets: torch.Tensor  # (P,): the token each of those P logits predicts
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -227,6 +241,16 @@ class Backbone(nn.Module):
             batch["pixel_values"] = self.pixel_values(images)  # (B, 3, H, W)
         return batch
 
+    def layer_input_and_tail(
+        self, batch: dict[str, torch.Tensor], layer_path: str, per_position: bool = False
+    ) -> tuple[torch.Tensor, Optional[Tail]]:
+        """One forward of ``batch``: the input of layer ``layer_path`` on the batch's positions
+        (B, T, D), and its ``tail`` (None where this backbone has none for the layer)."""
+        tail = self.tail(batch, layer_path, per_position)
+        if tail is None:
+            return self.layer_input(batch, layer_path), None
+        return tail.inputs, tail
+
     @torch.no_grad()
     def layer_input(self, batch: dict[str, torch.Tensor], layer_path: str) -> torch.Tensor:
         """The input h^{l-1} that layer ``layer_path`` sees when the backbone runs on ``batch``,
@@ -273,11 +297,15 @@ class Backbone(nn.Module):
         text = text.strip().split("\n")[0].strip()
         return [text] if text and text != question else []
 
-    def tail(self, batch: dict[str, torch.Tensor], layer_path: str):
-        """Cached-activation training support: ``(h, rest)`` with ``h`` the input layer
-        ``layer_path`` sees on ``batch`` and ``rest(y)`` the logits when the layer outputs
-        ``y``, running only the network after the layer. None: not supported here (the
-        editor then runs the full forward at every step)."""
+    def tail(
+        self, batch: dict[str, torch.Tensor], layer_path: str, per_position: bool = False
+    ) -> Optional[Tail]:
+        """Cached-activation training: one forward of ``batch`` records what layer
+        ``layer_path`` sees, and the returned ``Tail`` runs only the network after it, where
+        the loss (``batch["labels"]``) needs it. ``per_position``: the value maps each
+        position's input on its own (a copy of the layer does), so where the network after
+        the layer is per position too, only the loss positions are kept. None: not supported
+        here (training then runs the full forward at every step)."""
         return None
 
     @torch.no_grad()
@@ -321,6 +349,17 @@ class Backbone(nn.Module):
         return answers
 
 
+def take_rows(x: Any, rows: torch.Tensor) -> Any:
+    """A decoder layer's keyword argument ``x`` at the batch rows ``rows`` (B,) bool: a tensor
+    with a batch axis (two axes or more, B first) is indexed, a tuple item by item; anything
+    else (a mask broadcast over the batch, cache positions, flags) is shared as it is."""
+    if isinstance(x, tuple):
+        return tuple(take_rows(item, rows) for item in x)
+    if isinstance(x, torch.Tensor) and x.dim() >= 2 and len(x) == len(rows):
+        return x[rows]
+    return x
+
+
 def decoder_tail(
     backbone: nn.Module,
     batch: dict[str, torch.Tensor],
@@ -331,16 +370,22 @@ def decoder_tail(
     kept: tuple[str, ...],
     finish_layer: Callable[..., torch.Tensor],
     head: Callable[[torch.Tensor], torch.Tensor],
-):
+    per_position: bool = False,
+) -> Optional[Tail]:
     """``Backbone.tail`` for a decoder-only LM: the part every decoder shares.
 
     ``target`` and ``residual_at`` name submodules of a decoder layer: ``layer_path`` must be
     some layer L's ``target`` (else None is returned), and the input of ``residual_at`` is the
     residual stream that the target's output joins. One forward records h (the target's
     input), that residual stream, and the keyword arguments named in ``kept`` that layer L+1
-    receives. Returns ``(h, rest)``: ``rest(y)`` runs ``finish_layer(layer L, h, residual,
-    y)`` (what layer L computes after the target), the layers after L, then ``head`` (final
-    norm, LM head) -> logits (B, T, V).
+    receives. ``finish_layer(layer L, h, residual, y)`` (what layer L computes after the
+    target) and ``head`` (final norm, LM head -> logits) work position by position.
+
+    Position t's logits predict token t + 1, so the loss reads P positions: those before a
+    target token. When L is the last layer, everything after the target is per position: with
+    ``per_position`` (a value that maps each position's h on its own) the tail keeps those P
+    positions and nothing else. Otherwise a later layer's attention mixes the positions, and
+    the tail keeps every position of the R rows that hold a target.
     """
     layers = list(layers)
     module = backbone.get_submodule(layer_path)
@@ -358,18 +403,35 @@ def decoder_tail(
     # cached activations must be exactly those the naive loop sees.
     with torch.enable_grad():
         seen = record_inputs(backbone, batch, watched, kwargs_of=following)
+    B, T = batch["attention_mask"].shape
     # detach: the recorded graph is dropped with `seen` when this function returns
-    h = seen["h"].detach()
-    residual = seen["residual"].detach()
-    later = {k: v for k, v in seen.get("kwargs", {}).items() if k in kept}
+    inputs = seen["h"].detach().reshape(B, T, -1)  # (B, T, F), whatever shape l saw
+    dtype = inputs.dtype  # the network's: the value's float32 output is cast to it
+    residual = seen["residual"].detach().reshape(B, T, -1)  # (B, T, D)
+    # The token each position predicts; -100 (none) at the last position
+    predicts = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)  # (B, T)
+    at = predicts != -100  # (B, T): the P positions whose logits enter the loss
+    targets = predicts[at]  # (P,)
+    if per_position and following is None:
+        h = inputs[at]  # (P, F)
+        residual = residual[at]  # (P, D)
 
-    def rest(y: torch.Tensor) -> torch.Tensor:
-        hidden = finish_layer(layer, h, residual, y)  # (B, T, D)
+        def rest_at(y: torch.Tensor) -> torch.Tensor:  # y: (P, D), the value's output
+            return head(finish_layer(layer, h, residual, y.to(dtype))).float()  # (P, V)
+
+        return Tail(inputs, h.float(), rest_at, targets)
+    rows = at.any(dim=1)  # (B,): the rows that hold a target
+    h = inputs[rows]  # (R, T, F)
+    residual = residual[rows]  # (R, T, D)
+    later = {k: take_rows(v, rows) for k, v in seen.get("kwargs", {}).items() if k in kept}
+
+    def rest(y: torch.Tensor) -> torch.Tensor:  # y: (R, T, D), the value's output
+        hidden = finish_layer(layer, h, residual, y.to(dtype))  # (R, T, D)
         for later_layer in layers[L + 1 :]:
             hidden = later_layer(hidden, **later)
-        return head(hidden)  # (B, T, V)
+        return head(hidden)[at[rows]].float()  # (P, V)
 
-    return h, rest
+    return Tail(inputs, h.float(), rest, targets)
 
 
 def opt_tail(
@@ -378,19 +440,19 @@ def opt_tail(
     layer_path: str,
     decoder: nn.Module,
     lm_head: nn.Module,
-):
+    per_position: bool = False,
+) -> Optional[Tail]:
     """``Backbone.tail`` for an OPT decoder whose target is one decoder layer's ``fc2``.
 
-    h is the input of ``fc2`` (B*T, F); the residual stream is the FFN's input; the later
-    layers need the attention mask and positions. ``rest(y)`` recomputes exactly what
-    OPT computes after ``fc2``: the residual add, the later layers, the final layer norm, the
-    LM head. Returns None when ``layer_path`` is not a decoder layer's ``fc2``.
+    h is the input of ``fc2``; the residual stream is the FFN's input; the later layers need
+    the attention mask and positions. ``rest(y)`` recomputes exactly what OPT computes after
+    ``fc2``: the residual add, the later layers, the final layer norm, the LM head. Returns
+    None when ``layer_path`` is not a decoder layer's ``fc2``.
     """
     pre_norm = decoder.config.do_layer_norm_before
-    B, T = batch["attention_mask"].shape
 
-    def finish_layer(layer, h, residual, y):  # y: (B*T, D) fc2 output
-        hidden = (residual + y).view(B, T, -1)  # (B, T, D)
+    def finish_layer(layer, h, residual, y):  # y: fc2's output, (..., D)
+        hidden = residual + y
         if not pre_norm:
             hidden = layer.final_layer_norm(hidden)
         return hidden
@@ -413,6 +475,7 @@ def opt_tail(
         kept=("attention_mask", "position_ids"),
         finish_layer=finish_layer,
         head=head,
+        per_position=per_position,
     )
 
 
@@ -422,21 +485,22 @@ def llama_tail(
     layer_path: str,
     model: nn.Module,
     lm_head: nn.Module,
-):
+    per_position: bool = False,
+) -> Optional[Tail]:
     """``Backbone.tail`` for a LLaMA-family decoder (``model`` holds ``layers`` and ``norm``)
     whose target is one decoder layer's ``mlp.up_proj``.
 
-    h is the input of ``up_proj`` (B, T, D), which is also the input of ``gate_proj``; the
-    residual stream is the MLP's input; the later layers need the attention mask, position
-    ids and the rotary ``position_embeddings``. ``rest(y)`` recomputes exactly what
-    LLaMA computes after ``up_proj``: ``down_proj(act(gate_proj(h)) * y)``, the residual add,
-    the later layers, the final RMSNorm, the LM head. Returns None when ``layer_path`` is not
-    a decoder layer's ``mlp.up_proj``.
+    h is the input of ``up_proj``, which is also the input of ``gate_proj``; the residual
+    stream is the MLP's input; the later layers need the attention mask, position ids and
+    the rotary ``position_embeddings``. ``rest(y)`` recomputes exactly what LLaMA computes
+    after ``up_proj``: ``down_proj(act(gate_proj(h)) * y)``, the residual add, the later
+    layers, the final RMSNorm, the LM head. Returns None when ``layer_path`` is not a decoder
+    layer's ``mlp.up_proj``.
     """
 
-    def finish_layer(layer, h, residual, y):  # y: (B, T, F) up_proj output
+    def finish_layer(layer, h, residual, y):  # y: up_proj's output, (..., F)
         mlp = layer.mlp
-        return residual + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * y)  # (B, T, D)
+        return residual + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * y)  # (..., D)
 
     def head(hidden):
         return lm_head(model.norm(hidden))
@@ -451,6 +515,7 @@ def llama_tail(
         kept=("attention_mask", "position_ids", "position_embeddings", "cache_position"),
         finish_layer=finish_layer,
         head=head,
+        per_position=per_position,
     )
 
 
@@ -587,8 +652,9 @@ class TinyVLM(Backbone):
         loss = lm_loss(out.logits, labels) if labels is not None else None
         return LMOutput(out.logits, loss, out.cache if use_cache else None)
 
-    def tail(self, batch: dict[str, torch.Tensor], layer_path: str):
-        return opt_tail(self, batch, layer_path, self.lm.model.decoder, self.lm.lm_head)
+    def tail(self, batch, layer_path: str, per_position: bool = False) -> Optional[Tail]:
+        decoder = self.lm.model.decoder
+        return opt_tail(self, batch, layer_path, decoder, self.lm.lm_head, per_position)
 
     def rephrase(self, question: str) -> list[str]:
         """TinyVLM knows its world's paraphrases (the stand-in for asking an LLM to rephrase)."""
@@ -765,9 +831,9 @@ class Blip2OPT(Backbone):
         loss = lm_loss(out.logits, labels) if labels is not None else None
         return LMOutput(out.logits, loss, new_cache if use_cache else None)
 
-    def tail(self, batch: dict[str, torch.Tensor], layer_path: str):
+    def tail(self, batch, layer_path: str, per_position: bool = False) -> Optional[Tail]:
         lm = self.model.language_model
-        return opt_tail(self, batch, layer_path, lm.model.decoder, lm.lm_head)
+        return opt_tail(self, batch, layer_path, lm.model.decoder, lm.lm_head, per_position)
 
 
 def offline_blip2_processor(n_query: int = 4, image_size: int = 32):
@@ -1095,8 +1161,9 @@ class MiniGPT4(Backbone):
     def decode_tokens(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).split("###")[0].strip()
 
-    def tail(self, batch: dict[str, torch.Tensor], layer_path: str):
-        return llama_tail(self, batch, layer_path, self.llama_model.model, self.llama_model.lm_head)
+    def tail(self, batch, layer_path: str, per_position: bool = False) -> Optional[Tail]:
+        llama = self.llama_model
+        return llama_tail(self, batch, layer_path, llama.model, llama.lm_head, per_position)
 
 
 def offline_minigpt4_tokenizer():
@@ -1192,12 +1259,16 @@ def train_tiny(
     config: TinyConfig = TinyConfig(),
     progress: bool = True,
     device: str = "cpu",
+    stream: Optional[Iterator[data.Sample]] = None,
+    words: Optional[Sequence[str]] = None,
 ) -> list[float]:
-    """Train TinyVLM on the world's endless training stream (seeded); returns the loss per step."""
+    """Train TinyVLM on ``stream`` (default: the world's endless training stream, seeded) with a
+    tokenizer over ``words`` (default: the world's vocabulary); returns the loss per step."""
     from tqdm import tqdm
 
     torch.manual_seed(seed)
-    model = TinyVLM(config).to(device)
+    tokenizer = build_tokenizer(words) if words is not None else None
+    model = TinyVLM(config, tokenizer).to(device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 20)
@@ -1205,7 +1276,8 @@ def train_tiny(
         opt,
         lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))),
     )
-    stream = data.training_stream(seed)
+    if stream is None:
+        stream = data.training_stream(seed)
     losses = []
     bar = tqdm(range(steps), desc="train-tiny", disable=not progress)
     for _ in bar:
@@ -1297,10 +1369,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     if args.steps < 1 or args.batch_size < 1 or not args.lr > 0:
         parser.error("--steps and --batch-size must be >= 1 and --lr > 0")
+    try:  # by trying, before any work: the folder is made (and removed if training fails)
+        cleanup = data.claim_output(args.out, "--out", folder=True)
+    except data.OutputError as e:
+        parser.exit(2, f"models.py train-tiny: error: {e}\n")
     start = time.time()
-    losses = train_tiny(
-        args.out, args.steps, args.batch_size, args.lr, args.seed, device=args.device
-    )
+    try:
+        losses = train_tiny(
+            args.out, args.steps, args.batch_size, args.lr, args.seed, device=args.device
+        )
+    except BaseException:
+        cleanup()
+        raise
     print(
         f"trained {args.steps} steps in {time.time() - start:.0f} s; final loss "
         f"{np.mean(losses[-50:]):.4f}; saved to {args.out}"

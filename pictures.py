@@ -35,7 +35,7 @@ def _pyplot():
 def _save(fig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # tight: a legend outside the axes too
     _pyplot().close(fig)
     print(f"wrote {path}")
 
@@ -139,33 +139,41 @@ def edit_probes(editor: BalancEditor, record) -> tuple[dict, dict]:
 def show_edit(report: dict, probes: dict, path: Path, title: str) -> None:
     """One edit on the distance axis: each probe at d(q, k), filled if its answer changed; the
     radius eps (Eq. 3) and the range it sweeps between d(Pos, k) (alpha = 1) and d(Neg, k)
-    (alpha = 0). Green: as it should be (in scope and changed, or out of scope and kept); red:
-    not."""
+    (alpha = 0), each end labelled. Green: as it should be (in scope and changed, or out of
+    scope and kept); red: not. The legend sits below the axis, clear of the probes."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 0.6 * len(probes) + 1.6))
-    lo, hi = sorted((report["d_pos"], report["d_neg"]))  # the band Eq. 3 sweeps
-    ax.axvspan(lo, hi, color="0.9", label="eps as alpha goes 1 -> 0 (Eq. 3)")
-    ax.axvline(report["radius"], color="k", label=f"eps at alpha = {report['alpha']}")
+    fig, ax = plt.subplots(figsize=(7.5, 0.6 * len(probes) + 1.6))
+    alpha = report["alpha"]
+    d_pos = report["d_pos"]
+    d_neg = report["d_neg"]
+    ax.axvspan(min(d_pos, d_neg), max(d_pos, d_neg), color="0.9", label="eps for alpha 1 -> 0")
+    eq3 = f"eps = {alpha:g} d(Pos, k) + {1 - alpha:g} d(Neg, k) = {report['radius']:.3f} (Eq. 3)"
+    ax.axvline(report["radius"], color="k", label=eq3)
+    top = ax.get_xaxis_transform()  # x in data, y in axes: 1 is the top of the axis
+    for x, name in ((d_pos, "d(Pos, k)"), (d_neg, "d(Neg, k)")):
+        ax.text(x, 1.01, f"{name}\n{x:.3f}", transform=top, ha="center", va="bottom")
     for y, (group, points) in enumerate(probes.items()):
         in_scope = group.split(" ")[0] in ("positive", "rephrasings", "other")
         for d, changed in points:
-            good = changed == in_scope
+            colour = "g" if changed == in_scope else "r"
             ax.scatter(
                 [d],
                 [y],
                 s=60,
-                edgecolors="g" if good else "r",
-                facecolors=("g" if good else "r") if changed else "none",
+                edgecolors=colour,
+                facecolors=colour if changed else "none",
                 zorder=3,
             )
+    # Legend entries for the markers (empty scatters draw nothing).
+    ax.scatter([], [], s=60, color="0.4", label="filled: the answer changed")
+    ax.scatter([], [], s=60, edgecolors="0.4", facecolors="none", label="hollow: it was kept")
+    ax.scatter([], [], s=60, color="g", label="green: as it should be")
+    ax.scatter([], [], s=60, color="r", label="red: not")
     ax.set_yticks(range(len(probes)), list(probes))
-    ax.set(
-        xlabel="d(q, k): the probe's distance to the edit's key",
-        title=title,
-        ylim=(-0.7, len(probes) - 0.3),
-    )
+    ax.set(xlabel="d(q, k): the probe's distance to the edit's key", ylim=(-0.7, len(probes) - 0.3))
+    ax.set_title(title, pad=30)
     ax.invert_yaxis()
-    ax.legend(fontsize="small", loc="center right")
+    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
     _save(fig, path)
 
 

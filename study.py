@@ -9,6 +9,7 @@ mean +- std over the test seeds.
 
     python study.py [--seeds 5] [--out results/study.json]   # also .md and .png beside it
     python study.py ablate-key [--seeds 5]                   # three keys, tuned the same way
+    python study.py --world easyvqa [--seeds 5]              # the same on easy-VQA (easyvqa.py)
 """
 
 import argparse
@@ -22,9 +23,11 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import torch
 
 import data
+import easyvqa
 import evaluate as ev
+import models
 import pictures
-from balancedit import BalancEditor, Router, prompt_mean
+from balancedit import BalancEditor, Router, distance, prompt_mean
 from baselines import FineTune, Grace
 
 DEV_SEEDS = (1001, 1002)  # tuning worlds; the test worlds are 1..N (N <= 1000)
@@ -32,6 +35,22 @@ ALPHAS = (0.1, 0.3, 0.5, 0.7, 0.9)  # BalancEdit's grid for alpha (Eq. 3)
 EPS0S = (0.5, 1.0, 2.0, 4.0, 8.0)  # GRACE's grid for eps0 (Euclidean, at TinyVLM's layer)
 SIZES = (10, 20, 40)  # sequential: edits in the codebook
 N_RECORDS = 40  # records per world (make_records' default)
+
+
+class World(NamedTuple):
+    """Where a study's records come from, and the TinyVLM trained there."""
+
+    records: Callable  # (seed, dev) -> N_RECORDS records; dev: a tuning world's
+    model: Path
+
+
+WORLDS = {
+    "tiny": World(lambda seed, dev: data.make_records(seed, N_RECORDS), models.TINY_DIR),
+    "easyvqa": World(  # dev and test worlds draw from disjoint halves of the test images
+        lambda seed, dev: easyvqa.make_records(seed, N_RECORDS, "dev" if dev else "test"),
+        easyvqa.MODEL_DIR,
+    ),
+}
 
 
 # ---------------- The authors' key, for ablate-key only
@@ -62,6 +81,18 @@ class EveryPosition(BalancEditor):
     def edit(self, record):
         self.target = record.target  # the answer that keys_of appends
         return super().edit(record)
+
+    def probe(self, record):
+        """k, d(Pos, k) and d(Neg, k) from the authors' keys (one more forward); the edit's row
+        and its tail for Eq. 2 as BalancEdit's."""
+        _, _, _, edit_row, tail = super().probe(record)
+        cfg = self.config
+        black = data.anchor_image(cfg.negative, record.image.size, seed=cfg.seed)
+        images = [record.image, record.image, black]
+        questions = [record.question, self.positive(record), record.question]
+        keys = self.keys_of(images, questions)  # (3, D) over every attended position
+        d = distance(keys[1:], keys[:1], cfg.distance)  # (2, 1): d(Pos, k), d(Neg, k)
+        return keys[0], float(d[0, 0]), float(d[1, 0]), edit_row, tail
 
     def attached(self) -> Router:
         return EveryPositionRouter(self.backbone, self.layer_path, self.codebook)
@@ -116,15 +147,23 @@ def stats(results: list[dict]) -> dict:
     return out
 
 
-def compare(backbone, cfg, rows: dict, seeds: list[int], sizes, progress: bool = True) -> dict:
+def compare(
+    backbone,
+    cfg,
+    rows: dict,
+    seeds: list[int],
+    sizes,
+    progress: bool = True,
+    world_name: str = "tiny",
+) -> dict:
     """Tune each row's knob by mean HM over the dev worlds (single edits; ties: the first in the
     grid), freeze it, then run every row on the test worlds: single edits, and sequential at
-    each of ``sizes``."""
+    each of ``sizes``. ``world_name``: a key of WORLDS, where the records come from."""
     worlds = {}
 
     def world(seed):  # the records of a world and their pre-edit references, made once
         if seed not in worlds:
-            records = data.make_records(seed, N_RECORDS)
+            records = WORLDS[world_name].records(seed, seed in DEV_SEEDS)
             worlds[seed] = (records, ev.references(backbone, records, progress=False))
         return worlds[seed]
 
@@ -171,6 +210,7 @@ def compare(backbone, cfg, rows: dict, seeds: list[int], sizes, progress: bool =
                 sequential[str(n)][name] = stats(results)
     bar.close()
     return {
+        "world": world_name,
         "seeds": {"dev": list(DEV_SEEDS), "test": seeds},
         "tuned": tuned,
         "single": single,
@@ -192,8 +232,8 @@ def report(result: dict, title: str) -> str:
         knobs += [f"{name} {k}={v}" for k, v in values.items() if k != "dev_hm"]
     parts = [
         f"# {title}",
-        f"Test worlds (seeds) {result['seeds']['test']}; knobs tuned on the dev worlds "
-        f"{result['seeds']['dev']} by HM: {', '.join(knobs) or 'none'}. "
+        f"World: {result['world']}. Test worlds (seeds) {result['seeds']['test']}; knobs tuned "
+        f"on the dev worlds {result['seeds']['dev']} by HM: {', '.join(knobs) or 'none'}. "
         "Cells: mean ± std over the test worlds.",
         "## Single edits",
         ev.table(result["single"], cell=mean_std, seconds=False),
@@ -229,14 +269,26 @@ def build_parser() -> argparse.ArgumentParser:
             default=5,
             help=f"test worlds: seeds 1..N (default 5); the dev worlds are seeds {DEV_SEEDS}",
         )
-        p.add_argument("--model", help="TinyVLM checkpoint dir (default assets/tinyvlm)")
+        p.add_argument(
+            "--world",
+            choices=tuple(WORLDS),
+            default="tiny",
+            help="where the records come from: the project's world (default), or easy-VQA's "
+            "test images with a TinyVLM trained on its train split (pip install easy-vqa)",
+        )
+        p.add_argument(
+            "--model",
+            help="TinyVLM checkpoint dir (default: the world's, assets/tinyvlm or "
+            "assets/tinyvlm_easyvqa)",
+        )
         p.add_argument("--device", help="torch device (default: cpu)")
         default = f"results/{command.replace('-', '_')}.json"
         p.add_argument(
             "--out",
-            default=default,
-            help=f"JSON output; the .md (and .png) go beside it (default: {default})",
+            help=f"JSON output; the .md (and .png) go beside it (default: {default}, "
+            f"{default[:-5]}_easyvqa.json for --world easyvqa)",
         )
+        ev.add_threads(p)
         p.add_argument(
             "--no-progress", dest="progress", action="store_false", help="no progress bar"
         )
@@ -252,6 +304,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     exit 2."""
     args = build_parser().parse_args(ev.default_command(argv, "study"))
     args.backbone = "tiny"  # what evaluate's checks and loader read
+    if args.model is None:
+        args.model = str(WORLDS[args.world].model)
+    if args.out is None:
+        world = "" if args.world == "tiny" else f"_{args.world}"
+        args.out = f"results/{args.command.replace('-', '_')}{world}.json"
     return args
 
 
@@ -259,14 +316,27 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Check the options, run the comparison, write the JSON, the .md (and, for study, the
     .png)."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     try:
-        ev.check_writable(out)
         ev.check_environment(args)
+        if args.world == "easyvqa":
+            easyvqa.package()  # one line if easy-vqa is not installed
         cfg = ev.make_config(args)
         backbone = ev.load_backbone(args)
+        cleanup = ev.check_writable(out)  # by trying: makes the folder, removed if we fail
     except (ev.UsageError, OSError, ValueError, RuntimeError) as e:
         build_parser().exit(2, f"study.py {args.command}: error: {e}\n")
+    try:
+        comparison(args, backbone, cfg, out)
+    except BaseException:  # an error or Ctrl-C: no empty results/ folder left behind
+        cleanup()
+        raise
+    return 0
+
+
+def comparison(args, backbone, cfg, out: Path) -> None:
+    """The comparison of ``args.command``; writes its JSON, .md (and .png)."""
     torch.manual_seed(cfg.seed)
     if args.command == "study":
         rows = STUDY_ROWS
@@ -278,18 +348,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     result = {
         "model": args.model,
         "config": asdict(cfg),
-        **compare(backbone, cfg, rows, seeds, sizes, args.progress),
+        **compare(backbone, cfg, rows, seeds, sizes, args.progress, args.world),
     }
     text = HELP[args.command]
     text = report(result, text[0].upper() + text[1:])  # the help line, capitalised, as title
     print(text)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     out.with_suffix(".md").write_text(text)
     if args.command == "study":
         pictures.plot_study(result, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.md')}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 """The graders' shared set-up: the task markers, the project folder on the import path, small
-models built in memory, and the grade table printed at the end of every run.
+models built in memory (fresh for every test, so that nothing one test leaves on a model reaches
+another), and at the end of every run what failed, each with its message, then the grade table.
 
     python -m pytest assignments            # every task, then the grade table
     python -m pytest assignments -m task2   # one task
 """
 
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,7 @@ WRITTEN = ("task6", "experiments, answered in writing (graded by hand)", 15)
 
 _task_of: dict[str, str] = {}  # test id -> task
 _outcome: dict[str, str] = {}  # test id -> "passed" / "failed" / "skipped"
+_message: dict[str, str] = {}  # test id -> the message of its first failure
 
 
 def pytest_configure(config):
@@ -53,6 +56,29 @@ def pytest_runtest_call(item):
         item.__dict__.pop("_hypothesis_failing_examples", None)
 
 
+def lesson(error: BaseException) -> str:
+    """A failure's message on one line: the grader's own words (an assertion's message, without
+    pytest's `assert ...` explanation below it), and hypothesis's falsifying example if any."""
+    text = str(error)
+    if isinstance(error, AssertionError):
+        text = text.split("\nassert ")[0]
+    elif not isinstance(error, pytest.fail.Exception):  # pytest.fail's message says it all
+        text = f"{type(error).__name__}: {text}"
+    notes = getattr(error, "__notes__", [])
+    if isinstance(error, NotImplementedError):
+        notes = []  # any example fails on a stub: tests that fail so are listed together
+    text += "".join(f" ({n})" for n in notes if n.startswith("Falsifying example"))
+    return " ".join(text.split())
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed and call.excinfo is not None and item.nodeid in _task_of:
+        _message.setdefault(item.nodeid, lesson(call.excinfo.value))
+    return report
+
+
 def pytest_runtest_logreport(report):
     if report.nodeid not in _task_of:
         return
@@ -68,6 +94,21 @@ def pytest_terminal_summary(terminalreporter):
     if not _task_of or terminalreporter.config.option.collectonly:
         return
     write = terminalreporter.write_line
+    failed = [i for i in _task_of if _outcome.get(i) == "failed"]
+    if failed:
+        write("")
+        write("What failed, and why (`--tb=short` prints a test's whole failure)")
+    # Tests of one task that fail with the same message are listed together.
+    groups: dict[tuple[str, str], list[str]] = {}
+    for i in failed:
+        key = (_task_of[i], _message.get(i, "(no message: see the failure above)"))
+        groups.setdefault(key, []).append(i.split("::")[-1])
+    whole = dict(break_on_hyphens=False, break_long_words=False)  # wrap between words only
+    for (task, message), names in groups.items():
+        line = f"{task} " + ", ".join(names)
+        write(textwrap.fill(line, 100, subsequent_indent="    ", **whole))
+        for line in textwrap.wrap(message, 94, max_lines=8, placeholder=" [...]", **whole):
+            write(f"      {line}")
     write("")
     write("Grades (points are shared equally among a task's tests)")
     total = 0.0
@@ -86,9 +127,10 @@ def pytest_terminal_summary(terminalreporter):
 
 
 # ---------------------------------------------------------------- shared fixtures
+# Each test gets its own: a hook or a change that one test leaves behind cannot reach another.
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def tiny():
     """A small random TinyVLM (2 decoder layers, fc2: 64 -> 32), seeded: fast enough for many
     edits."""
@@ -100,7 +142,7 @@ def tiny():
     ).eval()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def shipped():
     """The trained TinyVLM of assets/tinyvlm (it knows the world; the edits are made on it)."""
     import models
@@ -108,7 +150,7 @@ def shipped():
     return models.TinyVLM.from_pretrained()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def records():
     """The first records of the shipped sample (assets/okedit_tiny)."""
     import data

@@ -3,6 +3,9 @@
 
     python assignments/release.py --out DIR     # DIR must not exist, or be empty
 
+DIR is made and a file written and deleted in it before any work (only trying tells: root passes
+every permission check); if the run fails, what it made is removed again.
+
 The project's own tests/ are left out: they test the finished method and would fail on the stubs;
 the graders in assignments/ take their place (the starter's pytest.ini points at them).
 GraceRouter.route (the GRACE baseline's hook) is stubbed too, as part of Task 3: it shares its
@@ -193,6 +196,63 @@ def leaks(out: Path, removed: set[str]) -> list[str]:
     return sorted(wanted & kept)
 
 
+def prepare(out: Path) -> Path | None:
+    """Make ``out`` (new, or an empty folder) and write and delete a file in it, before any
+    work: root passes every os.access check, so only trying tells. Returns the topmost folder
+    this made (None if ``out`` was there), for ``undo``. Raises OSError, having undone it."""
+    made = None
+    for folder in [*reversed(out.parents), out]:
+        if not folder.exists():
+            made = made or folder
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".release-probe"
+        probe.write_text("")
+        probe.unlink()
+    except OSError:
+        undo(out, made)
+        raise
+    return made
+
+
+def undo(out: Path, made: Path | None) -> None:
+    """Remove what this run wrote: the folders it made, or what it put in a folder that was
+    there (empty) before."""
+    if made is not None:
+        shutil.rmtree(made, ignore_errors=True)
+        return
+    for path in out.iterdir():
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def write_starter(out: Path) -> set[str]:
+    """Copy the project into ``out`` and stub the task functions; returns the removed
+    statements."""
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc", ".hypothesis")
+    for name in [p.name for p in ROOT.glob("*.py")] + COPY:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, out / name, ignore=skip)
+        elif src.exists():
+            shutil.copy2(src, out / name)
+    ini = (ROOT / "pytest.ini").read_text()
+    ini = re.sub(r"(?m)^testpaths\s*=.*$", "testpaths = assignments", ini)
+    # The graders' own summary lists each failure with its message, above the grade table:
+    # no tracebacks, and no pytest summary after the table.
+    ini = re.sub(r"(?m)^addopts\s*=.*$", r"\g<0> --tb=no -rN", ini)
+    (out / "pytest.ini").write_text(ini)
+    removed = set()
+    for name, table in TASKS.items():
+        text, gone = stub((ROOT / name).read_text(), table, name)
+        ast.parse(text)  # the starter must import
+        (out / name).write_text(text)
+        removed |= gone
+    return removed
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description="Write the BalancEdit assignment's student starter."
@@ -207,26 +267,19 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 2
-    out.mkdir(parents=True, exist_ok=True)
-    skip = shutil.ignore_patterns("__pycache__", "*.pyc", ".hypothesis")
-    for name in [p.name for p in ROOT.glob("*.py")] + COPY:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, out / name, ignore=skip)
-        elif src.exists():
-            shutil.copy2(src, out / name)
-    ini = (ROOT / "pytest.ini").read_text()
-    ini = re.sub(r"(?m)^testpaths\s*=.*$", "testpaths = assignments", ini)
-    (out / "pytest.ini").write_text(ini)
-    removed = set()
-    for name, table in TASKS.items():
-        text, gone = stub((ROOT / name).read_text(), table, name)
-        ast.parse(text)  # the starter must import
-        (out / name).write_text(text)
-        removed |= gone
-    found = leaks(out, removed)
+    try:
+        made = prepare(out)
+    except OSError as e:
+        print(f"release.py: error: --out {out} cannot be written: {e}", file=sys.stderr)
+        return 2
+    try:
+        removed = write_starter(out)
+        found = leaks(out, removed)
+    except BaseException:
+        undo(out, made)
+        raise
     if found:
-        shutil.rmtree(out)
+        undo(out, made)
         print(
             "release.py: error: solution statements would survive in the starter (deleted it):\n  "
             + "\n  ".join(found),

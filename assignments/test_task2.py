@@ -91,6 +91,16 @@ def test_only_the_nearest_entrys_radius_counts():
     )
 
 
+def test_a_tie_goes_to_the_first_key():
+    cb = codebook([[0.0, 0.0], [3.0, 0.0]], [1.0, 0.5])
+    index, dist, hit = cb.lookup(torch.tensor([[1.5, 0.0], [1.5, 1.0]]))
+    assert index.tolist() == [0, 0] and hit.tolist() == [False, False], (
+        "(1.5, 0) and (1.5, 1) are as far from key 0 as from key 1: a tie goes to the first "
+        "(lowest-index) key, as torch.argmin and Tensor.min do, and both miss its ball (radius "
+        f"1); got index {index.tolist()}, hit {hit.tolist()}"
+    )
+
+
 def test_an_empty_codebook_misses_everything():
     index, dist, hit = Codebook().lookup(torch.randn(3, 5))
     got = (index.tolist(), dist.tolist(), hit.tolist())
@@ -128,8 +138,10 @@ def test_lookup_agrees_with_the_distances_of_task_1(seed, B, N, metric):
             f"query {b}: the nearest key ({metric}) is {int(d[b].argmin())} at "
             f"{d[b].min():.5f}; got entry {j}"
         )
-        assert dist[b].item() == pytest.approx(d[b, j].item(), abs=1e-5), (
-            f"query {b}: dist must be d(q, k_j) = {d[b, j]:.5f}; got {dist[b]:.5f}"
+        assert dist[b].item() == d[b, j].item(), (
+            f"query {b}: dist must be d(q, k_j) exactly as distance(queries, self.keys, "
+            f"self.metric) gives it, {d[b, j]:.8f}; got {dist[b]:.8f} (take it from the same "
+            "distance matrix as the argmin)"
         )
         assert bool(hit[b]) == bool(dist[b] <= radii[j]), (
             f"query {b}: hit must be dist <= eps_j ({dist[b]:.5f} <= {radii[j]:.5f}); "

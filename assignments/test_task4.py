@@ -11,7 +11,15 @@ import copy
 import pytest
 import torch
 
-from balancedit import BalancEditConfig, BalancEditor, Codebook, attach, new_value, train_value
+from balancedit import (
+    BalancEditConfig,
+    BalancEditor,
+    Codebook,
+    attach,
+    new_value,
+    override,
+    train_value,
+)
 
 pytestmark = pytest.mark.task4
 
@@ -88,18 +96,100 @@ def test_no_gradient_reaches_the_model(tiny, records):
 def test_adam_moves_each_weight_by_about_lr_at_the_first_step(tiny, records):
     value = new_value(tiny.get_submodule(tiny.target_layer))
     start = [p.detach().clone() for p in value.parameters()]
-    train_value(tiny, tiny.target_layer, value, edit_batch(tiny, records[0]), steps=1, lr=1e-3)
+    lr = 3e-3  # not Adam's default (1e-3)
+    train_value(tiny, tiny.target_layer, value, edit_batch(tiny, records[0]), steps=1, lr=lr)
     changes = [(p.detach() - s).abs().flatten() for p, s in zip(value.parameters(), start)]
     change = torch.cat(changes)
     moved = change[change > 0]
     assert len(moved) > 0, (
         "one step of train_value left the value unchanged: does the optimizer hold its parameters?"
     )
-    assert 0.9e-3 <= moved.median() and moved.max() <= 1.01e-3, (
+    hint = " Plain SGD moves each weight by lr * |gradient| instead."
+    if 0.9e-3 <= moved.median() and moved.max() <= 1.01e-3:
+        hint = (
+            " That is Adam's default lr, 1e-3: was the optimizer made without lr "
+            "(torch.optim.Adam(params, lr=lr))?"
+        )
+    assert 0.9 * lr <= moved.median() and moved.max() <= 1.01 * lr, (
         "Eq. 2 is trained with torch.optim.Adam on the value's parameters at the given lr: "
-        "Adam's first step moves every weight that has a gradient by about lr = 1e-3, whatever "
+        f"Adam's first step moves every weight that has a gradient by about lr = {lr}, whatever "
         f"the gradient's size; the weights that moved moved by {moved.median():.3g} (median) to "
-        f"{moved.max():.3g} (largest). Plain SGD moves each weight by lr * |gradient| instead"
+        f"{moved.max():.3g} (largest).{hint}"
+    )
+
+
+def adam_by_hand(model, path, value, batch, steps, lr, accumulate=False):
+    """Eq. 2 by hand: Adam's update (Kingma and Ba; torch's defaults, betas 0.9 and 0.999, eps
+    1e-8) at ``lr`` on the value's weights, the whole model per step with layer l replaced by
+    the value, each step on its own gradients (or, ``accumulate``, on their running sum: the
+    mistake of never resetting them). Returns the trained weights."""
+    weights = list(value.parameters())
+    m = [torch.zeros_like(w) for w in weights]  # Adam's first moments
+    v = [torch.zeros_like(w) for w in weights]  # and second moments
+    total = [torch.zeros_like(w) for w in weights]
+    for t in range(1, steps + 1):
+        with override(model, path, value):  # the hook's handle removes it at the block's end
+            grads = torch.autograd.grad(model(**batch).loss, weights)
+        with torch.no_grad():
+            for i, w in enumerate(weights):
+                total[i] += grads[i]
+                g = total[i] if accumulate else grads[i]
+                m[i] = 0.9 * m[i] + 0.1 * g
+                v[i] = 0.999 * v[i] + 0.001 * g * g
+                m_hat = m[i] / (1 - 0.9**t)
+                v_hat = v[i] / (1 - 0.999**t)
+                w -= lr * m_hat / (v_hat.sqrt() + 1e-8)
+    return [w.detach().clone() for w in weights]
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_train_value_is_adam_at_the_given_lr_with_fresh_gradients(tiny, records, cache):
+    layer = tiny.get_submodule(tiny.target_layer)
+    batch = edit_batch(tiny, records[0])
+    lr = 5e-2  # not Adam's default (1e-3)
+    value = new_value(layer)
+    train_value(tiny, tiny.target_layer, value, batch, steps=3, lr=lr, cache=cache)
+    got = [p.detach() for p in value.parameters()]
+    wrong = {
+        "Adam at its default lr, 1e-3: the optimizer was made without lr": dict(lr=1e-3),
+        "the gradients accumulate over the steps: they are never reset (or set) per step": dict(
+            lr=lr, accumulate=True
+        ),
+    }
+    for mistake, how in wrong.items():
+        theirs = adam_by_hand(tiny, tiny.target_layer, new_value(layer), batch, 3, **how)
+        same = all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(got, theirs))
+        assert not same, (
+            f"train_value(steps=3, lr={lr}, cache={cache}) trained the value of this mistake: "
+            f"{mistake}. Eq. 2 is torch.optim.Adam(value_parameters, lr=lr), and each step "
+            "uses that step's gradients only"
+        )
+    want = adam_by_hand(tiny, tiny.target_layer, new_value(layer), batch, 3, lr)
+    gap = max((a - b).abs().max().item() for a, b in zip(got, want))
+    assert gap <= 1e-5, (
+        f"train_value(steps=3, lr={lr}, cache={cache}) must train the value that 3 steps of "
+        "torch.optim.Adam(value_parameters, lr=lr) give, each on that step's gradients of the LM "
+        f"loss on the target tokens; the weights differ by up to {gap:.3g}"
+    )
+
+
+def forward_hooks(model) -> int:
+    """How many forward hooks and forward pre-hooks the model's modules hold."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_train_value_leaves_no_hook_on_the_model(tiny, records, cache):
+    hooks = forward_hooks(tiny)
+    value = new_value(tiny.get_submodule(tiny.target_layer))
+    batch = edit_batch(tiny, records[0])
+    train_value(tiny, tiny.target_layer, value, batch, steps=2, lr=1e-2, cache=cache)
+    left = forward_hooks(tiny) - hooks
+    assert left == 0, (
+        f"train_value(cache={cache}) left {left} forward hook(s) on the model: every later call "
+        "of the model would still go through the value. Remove each hook you add, also if a step "
+        "fails: balancedit.override returns the hook's handle, and `with override(...):` removes "
+        "it at the block's end (or call handle.remove() in a `finally:`)"
     )
 
 

@@ -40,13 +40,17 @@ def measure(protocol: str, *patches) -> dict:
 # The authors' key: the mean over every position, the teacher-forced answer included.
 every_position = [(evaluate, "BalancEditor", study.EveryPosition)]
 
-# The authors' loss target has no EOS.
-train = be.train_value
+# The authors' loss target has no EOS: labels without it, from the batch an edit is made of
+# (scoring leaves EOS out anyway, and keys read the prompt only).
+encode = backbone.encode
 
 
-def train_without_eos(backbone_, path, value, batch, *args):
-    labels = batch["labels"].masked_fill(batch["labels"] == backbone_.eos_token_id, -100)
-    return train(backbone_, path, value, {**batch, "labels": labels}, *args)
+def encode_without_eos(images, questions, answers=None, **kwargs):
+    batch = encode(images, questions, answers, **kwargs)
+    if "labels" in batch:
+        eos = batch["labels"] == backbone.eos_token_id
+        batch["labels"] = batch["labels"].masked_fill(eos, -100)
+    return batch
 
 
 # The authors' entries share one value; their values start cold; every radius becomes the
@@ -77,7 +81,7 @@ def add_overwriting_radii(self, key, value, radius, *rest):
 rows = [
     ("keys over the prompt, not over every position", "single", every_position),
     ("keys over the prompt, not over every position", "sequential", every_position),
-    ("EOS in the Eq. 2 loss", "single", [(be, "train_value", train_without_eos)]),
+    ("EOS in the Eq. 2 loss", "single", [(backbone, "encode", encode_without_eos)]),
     (
         "Adam eps 1e-8, not 1e-4",
         "single",

@@ -46,13 +46,18 @@ def runs(tmp_path_factory):
         timeout=120,
     )
     assert made.returncode == 0, made.stderr
+    # The starter as a student runs it (its own pytest.ini); the project's graders alike.
+    as_student = [sys.executable, "-m", "pytest"]
     grade = [sys.executable, "-m", "pytest", "assignments", "-q", "-p", "no:cacheprovider"]
-    grade.append("--tb=line")
+    grade += ["--tb=no", "-rN"]
     procs = {
         where: subprocess.Popen(
-            grade, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
-        for where, cwd in (("starter", starter), ("reference", ROOT))
+        for where, command, cwd in (
+            ("starter", as_student, starter),
+            ("reference", grade, ROOT),
+        )
     }
     done = {where: (p.communicate(timeout=600)[0], p.returncode) for where, p in procs.items()}
     return starter, done
@@ -75,6 +80,18 @@ def test_every_grader_of_every_task_fails_in_the_starter(runs):
             f"{task}: {passed} of {total} graders pass on the stubs"
         )
     assert "NotImplementedError: Task 1:" in out
+
+
+def test_the_starter_prints_what_failed_and_the_grades_not_tracebacks(runs):
+    out = runs[1]["starter"][0]
+    lines = out.strip().splitlines()
+    assert "Traceback" not in out and "Falsifying example" not in out, out[:3000]
+    assert len(lines) < 200, f"{len(lines)} lines:\n" + "\n".join(lines[:60])
+    listed = out.split("What failed, and why")[1].split("\nGrades (")[0]
+    for task in TASKS:
+        assert f"\n{task} test_" in listed, task
+    # The grade table comes last, then only pytest's count.
+    assert lines[-2].startswith("  total  0.0 / 85") and " failed in " in lines[-1], lines[-3:]
 
 
 def _functions(path: Path) -> dict[str, ast.FunctionDef]:
@@ -192,16 +209,36 @@ def test_release_refuses_a_starter_that_keeps_a_solution_statement(tmp_path):
     code = min(candidates)[1]  # one that the solution spreads over several lines, if any
     grader = project / "assignments" / "test_task5.py"
     grader.write_text(grader.read_text() + f"\n\ndef _copied():\n    {code}\n")
-    starter = tmp_path / "starter"
+    # A new folder (and its parent) is removed again; a folder that was there is emptied.
+    for out, left in ((tmp_path / "new" / "starter", False), (tmp_path / "empty", True)):
+        if left:
+            out.mkdir()
+        r = subprocess.run(
+            [sys.executable, str(project / "assignments" / "release.py"), "--out", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 1, r
+        assert "solution statements would survive" in r.stderr and code in r.stderr, r.stderr
+        assert out.exists() == left and not (left and any(out.iterdir()))
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("out", ["/proc/no/starter", "a file/starter"])
+def test_release_tries_whether_out_can_be_written_before_any_work(out, tmp_path):
+    """Root passes os.access on /proc, yet cannot make a folder there: only trying tells."""
+    (tmp_path / "a file").write_text("mine")
     r = subprocess.run(
-        [sys.executable, str(project / "assignments" / "release.py"), "--out", str(starter)],
+        [sys.executable, str(ROOT / "assignments" / "release.py"), "--out", out],
+        cwd=tmp_path,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=60,
     )
-    assert r.returncode == 1, r
-    assert "solution statements would survive" in r.stderr and code in r.stderr, r.stderr
-    assert not starter.exists()
+    assert r.returncode == 2 and r.stdout == "" and len(r.stderr.strip().splitlines()) == 1, r
+    assert f"--out {out} cannot be written" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a file"]
 
 
 def test_release_refuses_an_existing_non_empty_folder(tmp_path):

@@ -1,17 +1,22 @@
 """The pieces of `python bench.py`, fast: the bytes-per-entry arithmetic (golden numbers for
 OPT-2.7B's fc2), the alternating timer, routing with thousands of far entries (out-of-scope rows
-bit-identical) and the naive-vs-cached edit figure. The whole bench is too slow for tests.
+bit-identical), the naive-vs-cached edit figure, the edit's cost in forwards three ways, and the
+command line (the output claimed before any work). The whole bench is too slow for tests, and
+``--real-size`` never runs here.
 
 Already covered elsewhere, not repeated here: cached == naive training for full and LoRA values
 (test_editor.test_cached_training_matches_the_naive_loop), LoRA values routing and saving/loading
 like full ones (test_editor.test_save_load_round_trip_and_mismatch, test_routing.test_lora_value).
 """
 
+import json
+
 import pytest
 import torch
 
 import balancedit as be
 import bench
+import models
 
 
 def test_bytes_per_entry_golden_for_opt_2_7b_fc2():
@@ -97,3 +102,71 @@ def test_entry_bytes_count_left_over_gradients():
     assert (
         bench.entry_bytes(value, 8) == clean + (8 * 4 + 4) * 4
     )  # a gradient doubles the value's bytes
+
+
+def test_edit_cost_bench_times_three_ways_that_train_the_same_value(records):
+    backbone = models.random_blip2(n_query=4)
+    cfg = be.BalancEditConfig(steps=3, lr=1e-2)
+    r = bench.bench_edit_cost(backbone, records[0], cfg, repeats=1, forwards=1)
+    batch = backbone.encode([records[0].image], [records[0].question], [records[0].target])
+    assert r["positions"] == batch["input_ids"].shape[1] and r["steps"] == 3
+    for way in ("plain", "previous", "new"):
+        assert r[f"{way}_forwards"] == r[f"{way}_s"] / r["forward_s"] > 0
+        assert r[f"{way}_weights_max_rel_diff"] < 1e-5
+    assert r["new_vs_plain"] == r["plain_s"] / r["new_s"]
+
+
+def test_the_previous_path_runs_two_forwards_and_every_position(tiny, records, monkeypatch):
+    """previous_edit: keys_of's forward, then the tail of the edit's own batch."""
+    tails = []
+    original = tiny.tail
+    calls = []
+
+    def spy(batch, layer_path, per_position=False):
+        tail = original(batch, layer_path, per_position)
+        tails.append(tail)
+        return tail
+
+    monkeypatch.setattr(tiny, "tail", spy)
+    with tiny.register_forward_pre_hook(lambda *_: calls.append(1)):
+        bench.previous_edit(tiny, records[0], be.BalancEditConfig(steps=2))
+    assert len(calls) == 2 and len(tails) == 1
+    assert tails[0].h.shape[:2] == tails[0].inputs.shape[:2]  # (1, T, F): every position
+
+
+def test_the_output_is_claimed_before_any_work_and_released_if_the_run_fails(
+    tmp_path, monkeypatch, capsys
+):
+    ran = []
+    monkeypatch.setattr(bench, "run", lambda quick, progress: ran.append(1) or {"x": 1})
+    (tmp_path / "plain").write_text("")
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--json", str(tmp_path / "plain" / "b.json")])  # under a file: refused
+    assert e.value.code == 2 and "cannot write there" in capsys.readouterr().err and not ran
+    out = tmp_path / "new" / "folder" / "b.json"
+    assert bench.main(["--json", str(out), "--quick"]) == 0 and ran == [1]
+    assert json.loads(out.read_text()) == {"x": 1}
+
+    def fails(quick, progress):
+        raise RuntimeError("the run fails before writing")
+
+    monkeypatch.setattr(bench, "run", fails)
+    with pytest.raises(RuntimeError):
+        bench.main(["--json", str(tmp_path / "made" / "here" / "b.json")])
+    assert not (tmp_path / "made").exists()  # the folders it made are gone again
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--device", "cpu"], "--device and --dtype go with --real-size"),
+        (["--quick", "--real-size"], "not allowed with"),
+        (["--real-size", "--device", "cuda:7"], "not a device of this machine"),
+        (["--real-size", "--device", "tpu-ish"], "not a device of this machine"),
+    ],
+)
+def test_command_line_mistakes_are_one_line_before_any_work(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        bench.main([*argv, "--json", str(tmp_path / "b.json")])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "b.json").exists()

@@ -14,6 +14,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from data import (
+    ANNOTATION_FILES,
+    LOCALITY_DIR,
+    QUESTION_FILES,
+    REPHRASE_DIR,
     DataError,
     EditRecord,
     Sample,
@@ -23,6 +27,9 @@ from data import (
     write_mmedit,
     write_okedit,
 )
+
+ANN = ANNOTATION_FILES[0]
+QUE = QUESTION_FILES[0]
 
 # -----------------------------------------------------------------------------
 # helpers
@@ -47,6 +54,7 @@ def okedit_record(i, n_rephrase_images=2, n_loc=2, n_m_loc=1, text="x"):
         locality=[Sample(rand_image(), f"lq{i}{k}", f"la{i}{k}") for k in range(n_loc)],
         m_locality=[Sample(rand_image(), f"mq{i}{k}", f"ma{i}{k}") for k in range(n_m_loc)],
         category=f"cat{i % 2}" if i % 3 else "",
+        negative_answer=f"neg{i}" if i % 4 else "",
     )
 
 
@@ -62,7 +70,7 @@ def mmedit_record(i, text="x"):
         rephrase_images=[rand_image()],
         locality=[Sample(None, f"loc{i}", f"locans{i}")],
         m_locality=[Sample(rand_image(), f"mlq{i}", f"mla{i}")],
-        category="",
+        negative_answer=f"neg{i}" if i % 2 else "",
     )
 
 
@@ -78,6 +86,28 @@ def edit_json(path, fn):
     data = json.loads(path.read_text())
     data = fn(data)
     path.write_text(json.dumps(data))
+
+
+def edit_annotations(folder, fn):
+    """Apply fn to the list of an OKEDIT folder's annotations."""
+    edit_json(folder / ANN, lambda d: {**d, "annotations": fn(d["annotations"])})
+
+
+def in_memory(records):
+    """The records with every image decoded now: loaded records read their files when asked."""
+
+    def now(samples):
+        return [Sample(s.image, s.question, s.answer) for s in samples]
+
+    return [
+        replace(
+            r,
+            locality=now(r.locality),
+            m_locality=now(r.m_locality),
+            q_locality=now(r.q_locality),
+        )  # replace reads image and rephrase_images
+        for r in records
+    ]
 
 
 def assert_error(fn, *parts):
@@ -162,7 +192,7 @@ def test_okedit_round_trip(n, n_rep, n_loc, n_m, text):
     with tempfile.TemporaryDirectory() as d:
         write_okedit(records, d)
         loaded = load_okedit(d)
-    assert loaded == records
+        assert loaded == records  # while the files are there: records hold their paths
     assert [r.id for r in loaded] == [str(i * 7) for i in range(n)]
 
 
@@ -172,41 +202,140 @@ def test_okedit_round_trip_detects_pixel_change(okedit_dir):
     assert records != other  # different random pixels: equality really compares images
 
 
-def test_okedit_rephrase_images_natural_order(tmp_path):
+def test_okedit_rephrase_images_sorted_by_name(tmp_path):
+    """The loader sorts a folder's names as the authors' code does (10.png before 2.png); the
+    writer pads its names (00.png to 11.png) so that the order survives a round trip."""
     r = okedit_record(5, n_rephrase_images=12)
     write_okedit([r], tmp_path)
-    assert load_okedit(tmp_path)[0].rephrase_images == r.rephrase_images  # 10.png after 9.png
+    assert sorted(p.name for p in (tmp_path / REPHRASE_DIR / "5").iterdir())[:2] == [
+        "00.png",
+        "01.png",
+    ]
+    assert load_okedit(tmp_path)[0].rephrase_images == r.rephrase_images
+    folder = tmp_path / REPHRASE_DIR / "5"
+    for k, p in enumerate(sorted(folder.iterdir())):
+        p.rename(folder / f"{k}.png")  # the authors' names, unpadded
+    order = sorted(range(12), key=lambda k: f"{k}.png")  # 0, 1, 10, 11, 2, ...
+    assert order[:4] == [0, 1, 10, 11]
+    assert load_okedit(tmp_path)[0].rephrase_images == [r.rephrase_images[k] for k in order]
 
 
 def test_okedit_limit_and_custom_roots(okedit_dir, tmp_path):
     assert [r.id for r in load_okedit(okedit_dir, limit=1)] == ["17"]
-    moved = tmp_path / "elsewhere"
-    (okedit_dir / "rephrase").rename(moved)
-    assert len(load_okedit(okedit_dir, rephrase_root=moved)) == 2
+    records = in_memory(load_okedit(okedit_dir))
+    for name in ("val2014", REPHRASE_DIR, LOCALITY_DIR):
+        (tmp_path / name).mkdir()
+        (okedit_dir / name).rename(tmp_path / name / name)
+    roots = {
+        "coco_root": tmp_path / "val2014",
+        "rephrase_root": tmp_path / REPHRASE_DIR / REPHRASE_DIR,
+        "locality_root": tmp_path / LOCALITY_DIR / LOCALITY_DIR,
+    }
+    assert load_okedit(okedit_dir, **roots) == records
+    assert_error(lambda: load_okedit(okedit_dir), "val2014", "record 17", "not found")
+
+
+def test_okedit_file_names_without_train(okedit_dir):
+    records = load_okedit(okedit_dir)
+    (okedit_dir / ANN).rename(okedit_dir / ANNOTATION_FILES[1])
+    (okedit_dir / QUE).rename(okedit_dir / QUESTION_FILES[1])
+    assert load_okedit(okedit_dir) == records
 
 
 def test_okedit_authors_form(okedit_dir):
-    """jpg image, VQA-style answers, a plain-string locality_answer with 0.png only."""
-    rec = load_okedit(okedit_dir)[0]
+    """A jpg image, VQA's answers (the first is y^o), a plain-string locality_answer asked of
+    0.png with the edit's question (the folder's other images are not read), the fields the
+    project does not use."""
+    rec = in_memory(load_okedit(okedit_dir))[0]
     png = okedit_dir / "val2014" / "COCO_val2014_000000000001.png"
     Image.open(png).convert("RGB").save(png.with_suffix(".jpg"), quality=95)
     png.unlink()
-    (okedit_dir / "locality" / "17" / "1.png").unlink()
+    (okedit_dir / LOCALITY_DIR / "17" / "1.png").write_text("not read")
 
     def authors(anns):
         a = anns[0]
-        a["answers"] = [{"answer": "old17"}, {"answer": "other"}]
+        a["answers"] = [{"answer": "old17", "answer_id": 1}, {"answer": "other"}]
         a["locality_answer"] = "la170"
-        del a["locality_questions"], a["m_loc"], a["category"]
+        del a["locality_questions"], a["m_loc"], a["counterfact_type"]
         a["image_object"] = "cat"
         a["locality_image_object"] = "dog"
+        a["question_type"] = "what is"
+        a["counterfact_type_reason"] = "[text based], because"
         return anns
 
-    edit_json(okedit_dir / "annotations.json", authors)
+    edit_annotations(okedit_dir, authors)
     got = load_okedit(okedit_dir)[0]
     assert (got.answer, got.target, got.category, got.m_locality) == ("old17", "new17", "", [])
     assert got.locality == [Sample(rec.locality[0].image, rec.question, "la170")]
     assert got.image.size == rec.image.size and got.image.mode == "RGB" and got.image.info == {}
+
+
+def test_okedit_skips_an_empty_counterfact_answer_and_keeps_given_types(okedit_dir):
+    def two_types(anns):
+        anns[0]["counterfact_type"] = "text based"
+        anns[1]["counterfact_type"] = "image-text based"
+        return anns
+
+    edit_annotations(okedit_dir, two_types)
+    skipped = {}
+    assert [r.id for r in load_okedit(okedit_dir, types=["text based"], skipped=skipped)] == ["17"]
+    assert skipped == {"counterfact_type not kept": 1}
+    edit_annotations(okedit_dir, lambda anns: [{**anns[0], "counterfact_answer": ""}, anns[1]])
+    skipped = {}
+    assert [r.id for r in load_okedit(okedit_dir, skipped=skipped)] == ["23"]
+    assert skipped == {"empty counterfact_answer": 1}
+    assert_error(
+        lambda: load_okedit(okedit_dir, types=["text"]),
+        ANN,
+        "no annotation has a counterfact_type in ['text']",
+        "'image-text based', 'text based'",
+    )
+
+
+def test_okedit_limit_counts_records_and_reads_nothing_after_them(okedit_dir):
+    """A skipped annotation does not count; one after the limit is not read (record 99 has no
+    question and no images)."""
+    edit_annotations(
+        okedit_dir,
+        lambda anns: [
+            {**anns[0], "counterfact_answer": ""},
+            anns[1],
+            {**anns[1], "question_id": 99},
+        ],
+    )
+    assert [r.id for r in load_okedit(okedit_dir, limit=1)] == ["23"]
+    assert_error(lambda: load_okedit(okedit_dir), "record 99", "'question_id'")
+
+
+def test_loading_decodes_no_image(okedit_dir, mmedit_dir, monkeypatch):
+    """Records hold image files; pixels are decoded when a field is read, and a truncated file
+    fails then, naming the file, the record and the field."""
+    path = okedit_dir / REPHRASE_DIR / "23" / "1.png"
+    path.write_bytes(path.read_bytes()[:60])
+
+    def no_decoding(self):
+        raise AssertionError("decoded at load time")
+
+    with monkeypatch.context() as m:
+        m.setattr(Image.Image, "load", no_decoding)
+        m.setattr(Image.Image, "verify", no_decoding)
+        records = load_okedit(okedit_dir) + load_mm(mmedit_dir)
+    assert len(records) == 4
+    assert records[0].rephrase_images[0].size == (8, 6)
+    assert_error(
+        lambda: records[1].rephrase_images,
+        str(path),
+        "record 23",
+        "'rephrase_images'",
+        "cannot read image",
+    )
+
+
+def test_a_read_image_is_a_copy_of_its_own(okedit_dir):
+    record = load_okedit(okedit_dir)[0]
+    first = record.image
+    first.paste((0, 0, 0), (0, 0, 8, 6))
+    assert record.image != first and record.image == load_okedit(okedit_dir)[0].image
 
 
 def test_mmedit_round_trip():
@@ -246,9 +375,9 @@ def test_write_okedit_rejects_unloadable_records(tmp_path):
 
 
 def test_write_okedit_refuses_stale_files(okedit_dir):
-    (okedit_dir / "rephrase" / "17" / "zz.png").write_bytes(b"")
+    (okedit_dir / REPHRASE_DIR / "17" / "zz.png").write_bytes(b"")
     assert_error(
-        lambda: write_okedit([okedit_record(17)], okedit_dir), "rephrase", "record 17", "zz.png"
+        lambda: write_okedit([okedit_record(17)], okedit_dir), REPHRASE_DIR, "record 17", "zz.png"
     )
 
 
@@ -267,8 +396,8 @@ def test_write_mmedit_rejects_other_shapes(tmp_path):
 
 
 def test_okedit_missing_annotations_file(okedit_dir):
-    (okedit_dir / "annotations.json").unlink()
-    assert_error(lambda: load_okedit(okedit_dir), "annotations.json", "not found")
+    (okedit_dir / ANN).unlink()
+    assert_error(lambda: load_okedit(okedit_dir), ANN, ANNOTATION_FILES[1], "not found")
 
 
 def test_okedit_missing_image(okedit_dir):
@@ -284,16 +413,12 @@ def test_okedit_missing_image(okedit_dir):
 
 
 def test_okedit_missing_field(okedit_dir):
-    edit_json(
-        okedit_dir / "annotations.json",
+    edit_annotations(
+        okedit_dir,
         lambda a: [a[0], {k: v for k, v in a[1].items() if k != "counterfact_answer"}],
     )
     assert_error(
-        lambda: load_okedit(okedit_dir),
-        "annotations.json",
-        "record 23",
-        "'counterfact_answer'",
-        "missing",
+        lambda: load_okedit(okedit_dir), ANN, "record 23", "'counterfact_answer'", "missing"
     )
 
 
@@ -302,93 +427,72 @@ def test_okedit_missing_question_field(okedit_dir):
         del q["questions"][0]["rephrased_questions"]
         return q
 
-    edit_json(okedit_dir / "questions.json", drop)
+    edit_json(okedit_dir / QUE, drop)
     assert_error(
-        lambda: load_okedit(okedit_dir),
-        "questions.json",
-        "record 17",
-        "'rephrased_questions'",
-        "missing",
+        lambda: load_okedit(okedit_dir), QUE, "record 17", "'rephrased_questions'", "missing"
     )
 
 
-def test_okedit_empty_field(okedit_dir):
-    def empty(a):
+def test_okedit_blank_field(okedit_dir):
+    """Only "" is the authors' mark of a missing counterfactual; blanks are an error."""
+
+    def blank(a):
         a[0]["counterfact_answer"] = "  "
         return a
 
-    edit_json(okedit_dir / "annotations.json", empty)
-    assert_error(
-        lambda: load_okedit(okedit_dir),
-        "annotations.json",
-        "record 17",
-        "'counterfact_answer'",
-        "empty",
-    )
+    edit_annotations(okedit_dir, blank)
+    assert_error(lambda: load_okedit(okedit_dir), ANN, "record 17", "'counterfact_answer'", "empty")
 
 
-def test_okedit_wrong_type(okedit_dir):
+@pytest.mark.parametrize(
+    "value, says",
+    [
+        (5, "should be a list of objects, got int"),
+        (["old"], "should be a list of objects, got list of str"),
+        ([], "is empty"),
+    ],
+)
+def test_okedit_answers_are_vqa_objects(okedit_dir, value, says):
     def bad(a):
-        a[1]["answers"] = 5
+        a[1]["answers"] = value
         return a
 
-    edit_json(okedit_dir / "annotations.json", bad)
-    assert_error(
-        lambda: load_okedit(okedit_dir),
-        "annotations.json",
-        "record 23",
-        "'answers'",
-        "should be a list of strings, got int",
-    )
+    edit_annotations(okedit_dir, bad)
+    assert_error(lambda: load_okedit(okedit_dir), ANN, "record 23", "'answers'", says)
+    edit_annotations(okedit_dir, lambda a: [a[0], {**a[1], "answers": [{"answer_id": 1}]}])
+    assert_error(lambda: load_okedit(okedit_dir), "record 23 (answers item 0)", "'answer'")
 
 
 def test_okedit_top_level_wrong_type(okedit_dir):
-    (okedit_dir / "annotations.json").write_text('{"a": 1}')
-    assert_error(lambda: load_okedit(okedit_dir), "annotations.json", "top level", "list", "dict")
+    (okedit_dir / ANN).write_text("[1]")
+    assert_error(lambda: load_okedit(okedit_dir), ANN, "top level", "an object", "list")
+    (okedit_dir / ANN).write_text('{"questions": []}')
+    assert_error(lambda: load_okedit(okedit_dir), ANN, "'annotations'", "missing")
 
 
 def test_okedit_invalid_json(okedit_dir):
-    (okedit_dir / "questions.json").write_text('{"questions": [')
-    assert_error(lambda: load_okedit(okedit_dir), "questions.json", "invalid JSON")
-
-
-def test_okedit_truncated_image(okedit_dir):
-    path = okedit_dir / "rephrase" / "23" / "1.png"
-    path.write_bytes(path.read_bytes()[:60])
-    assert_error(
-        lambda: load_okedit(okedit_dir),
-        str(path),
-        "record 23",
-        "'rephrase_images'",
-        "cannot read image",
-    )
+    (okedit_dir / QUE).write_text('{"questions": [')
+    assert_error(lambda: load_okedit(okedit_dir), QUE, "invalid JSON")
 
 
 def test_okedit_not_an_image(okedit_dir):
-    path = okedit_dir / "locality" / "17" / "0.png"
+    path = okedit_dir / LOCALITY_DIR / "17" / "0.png"
     path.write_text("hello")
+    record = load_okedit(okedit_dir)[0]
     assert_error(
-        lambda: load_okedit(okedit_dir), str(path), "record 17", "'locality'", "cannot read image"
+        lambda: record.locality[0].image, str(path), "record 17", "'locality'", "cannot read image"
     )
 
 
 def test_okedit_question_id_not_in_questions(okedit_dir):
-    edit_json(okedit_dir / "questions.json", lambda q: {"questions": q["questions"][:1]})
-    assert_error(
-        lambda: load_okedit(okedit_dir),
-        "annotations.json",
-        "record 23",
-        "'question_id'",
-        "questions.json",
-    )
+    edit_json(okedit_dir / QUE, lambda q: {"questions": q["questions"][:1]})
+    assert_error(lambda: load_okedit(okedit_dir), ANN, "record 23", "'question_id'", QUE)
 
 
 def test_okedit_missing_rephrase_dir(okedit_dir):
-    for p in (okedit_dir / "rephrase" / "17").iterdir():
-        p.unlink()
-    (okedit_dir / "rephrase" / "17").rmdir()
+    shutil.rmtree(okedit_dir / REPHRASE_DIR / "17")
     assert_error(
-        lambda: load_okedit(okedit_dir), "rephrase", "record 17", "'rephrase_images'", "not found"
+        lambda: load_okedit(okedit_dir), REPHRASE_DIR, "record 17", "'rephrase_images'", "not found"
     )
 
 
@@ -398,29 +502,27 @@ def test_okedit_zero_locality_images(okedit_dir):
         a[0]["locality_questions"] = []
         return a
 
-    edit_json(okedit_dir / "annotations.json", none)
-    assert_error(
-        lambda: load_okedit(okedit_dir),
-        "annotations.json",
-        "record 17",
-        "'locality_answer'",
-        "empty",
-    )
+    edit_annotations(okedit_dir, none)
+    assert_error(lambda: load_okedit(okedit_dir), ANN, "record 17", "'locality_answer'", "empty")
 
 
 def test_okedit_missing_locality_image(okedit_dir):
-    (okedit_dir / "locality" / "23" / "1.png").unlink()
+    (okedit_dir / LOCALITY_DIR / "23" / "1.png").unlink()
     assert_error(lambda: load_okedit(okedit_dir), "1.png", "record 23", "'locality'", "not found")
 
 
 def test_okedit_locality_counts_disagree(okedit_dir):
     def more(a):
-        a[0]["locality_answer"] = ["x"]
         a[0]["locality_questions"] = ["y"]
         return a
 
-    edit_json(okedit_dir / "annotations.json", more)
-    assert_error(lambda: load_okedit(okedit_dir), "1.png", "record 17", "more locality images")
+    edit_annotations(okedit_dir, more)
+    assert_error(
+        lambda: load_okedit(okedit_dir),
+        ANN,
+        "record 17",
+        "'locality_questions' has 1 items but 'locality_answer' has 2",
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -489,26 +591,49 @@ def test_mmedit_invalid_json(mmedit_dir):
 def test_mmedit_truncated_image(mmedit_dir):
     path = mmedit_dir / "img" / "0_m_loc.png"
     path.write_bytes(path.read_bytes()[:-20])
+    record = load_mm(mmedit_dir)[0]  # found, decoded when read
     assert_error(
-        lambda: load_mm(mmedit_dir), "0_m_loc.png", "record 0", "'m_loc'", "cannot read image"
+        lambda: record.m_locality[0].image, "0_m_loc.png", "record 0", "'m_loc'", "cannot read"
     )
+
+
+def test_mmedit_authors_fields_and_skips(mmedit_dir):
+    """rephrased_questions_train are the positives, locality_answer_train the answer on Neg; a
+    record whose alt is "" is skipped (ids stay list positions); image_rephrase may live under
+    its own root."""
+
+    def authors(items):
+        items[0]["rephrased_questions_train"] = ["t0 a", "t0 b", "t0 c"]
+        items[0]["locality_answer_train"] = "3"
+        return [{**items[0], "alt": ""}, *items]
+
+    edit_json(mmedit_dir / "e-vqa.json", authors)
+    skipped = {}
+    records = in_memory(load_mmedit(mmedit_dir / "e-vqa.json", mmedit_dir / "img", skipped=skipped))
+    assert skipped == {"empty alt": 1} and [r.id for r in records] == ["1", "2"]
+    assert records[0].train_rephrases == ["t0 a", "t0 b", "t0 c"]
+    assert records[0].negative_answer == "3" and records[1].negative_answer == "neg1"
+    (mmedit_dir / "rep").mkdir()
+    for name in ("0_rephrase.png", "1_rephrase.png"):
+        (mmedit_dir / "img" / name).rename(mmedit_dir / "rep" / name)
+    assert_error(lambda: load_mm(mmedit_dir), "0_rephrase.png", "record 1", "not found")
+    moved = load_mmedit(mmedit_dir / "e-vqa.json", mmedit_dir / "img", mmedit_dir / "rep")
+    assert moved == records
 
 
 # -----------------------------------------------------------------------------
 # paths from a data file stay inside their data root
 
 
-@pytest.mark.parametrize(
-    "qid", ["../outside", "..\\outside", "rephrase/../../outside", "/tmp/outside"]
-)
+@pytest.mark.parametrize("qid", ["../outside", "..\\outside", "17/../../outside", "/tmp/outside"])
 def test_okedit_question_id_cannot_leave_the_data_folder(okedit_dir, qid):
-    shutil.copytree(okedit_dir / "rephrase" / "17", okedit_dir / "outside")  # loadable if reached
-    edit_json(
-        okedit_dir / "annotations.json",
+    shutil.copytree(okedit_dir / REPHRASE_DIR / "17", okedit_dir / "outside")  # loadable if reached
+    edit_annotations(
+        okedit_dir,
         lambda anns: [{**a, "question_id": qid} if a["question_id"] == 17 else a for a in anns],
     )
     edit_json(
-        okedit_dir / "questions.json",
+        okedit_dir / QUE,
         lambda d: {
             "questions": [
                 {**q, "question_id": qid} if q["question_id"] == 17 else q for q in d["questions"]
@@ -518,7 +643,7 @@ def test_okedit_question_id_cannot_leave_the_data_folder(okedit_dir, qid):
     before = all_files(okedit_dir)
     assert_error(
         lambda: load_okedit(okedit_dir),
-        "annotations.json",
+        ANN,
         f"record {qid}",
         "'question_id'",
         "inside",
@@ -546,11 +671,11 @@ def test_okedit_m_loc_cannot_leave_the_data_folder(okedit_dir, where):
         anns[1]["m_loc"][0]["image"] = where
         return anns
 
-    edit_json(okedit_dir / "annotations.json", point)
+    edit_annotations(okedit_dir, point)
     before = all_files(okedit_dir.parent)
     assert_error(
         lambda: load_okedit(okedit_dir),
-        "annotations.json",
+        ANN,
         "record 23 (m_loc item 0)",
         "'image'",
         "inside",
@@ -592,7 +717,7 @@ def test_symlinks_inside_the_data_folder_are_followed(okedit_dir, tmp_path):
 
 def load_as_rephrase_image(okedit_dir, image, **save):
     """Save `image` as record 17's first rephrase image and load it back through the loader."""
-    image.save(okedit_dir / "rephrase" / "17" / "0.png", **save)
+    image.save(okedit_dir / REPHRASE_DIR / "17" / "0.png", **save)
     before = all_files(okedit_dir)
     got = load_okedit(okedit_dir)[0].rephrase_images[0]
     assert all_files(okedit_dir) == before
@@ -659,11 +784,26 @@ def test_q_locality_round_trips_and_asks_the_records_own_images(tmp_path):
     write_okedit([r], tmp_path / "ok")
     back = load_okedit(tmp_path / "ok")[0]
     assert back.q_locality == r.q_locality
-    item = json.loads((tmp_path / "ok" / "annotations.json").read_text())[0]["q_locality"]
-    assert [q["image"] for q in item] == [
-        "val2014/COCO_val2014_000000000001.png",
-        "rephrase/3/1.png",
-    ]
+    item = json.loads((tmp_path / "ok" / ANN).read_text())["annotations"][0]["q_locality"]
+    assert [q["image_index"] for q in item] == [0, 2]  # the edit image, rephrase image 1
+    edit_annotations(
+        tmp_path / "ok", lambda a: [{**a[0], "q_locality": [{**item[0], "image_index": 3}]}]
+    )
+    assert_error(
+        lambda: load_okedit(tmp_path / "ok"),
+        "record 3 (q_locality item 0)",
+        "'image_index'",
+        "0..2, got 3",
+    )
     r.q_locality = [Sample(rand_image(), "what colour?", "red")]  # not one of the record's images
     assert_error(lambda: write_okedit([r], tmp_path / "bad"), "record 3", "q_locality")
-    assert not (tmp_path / "bad" / "annotations.json").exists()
+    assert not (tmp_path / "bad" / ANN).exists()
+
+
+def test_make_sample_claims_its_folder_before_any_work(capsys):
+    from data import main as data_main
+
+    with pytest.raises(SystemExit) as e:
+        data_main(["make-sample", "--out", "/proc/x/sample"])
+    assert e.value.code == 2
+    assert "cannot write there" in capsys.readouterr().err

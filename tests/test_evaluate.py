@@ -406,9 +406,8 @@ def test_show_edit_and_show_codebook_draw_and_report(checkpoint, tmp_path, capsy
         == 0
     )
     edit = json.loads((tmp_path / "edit.json").read_text())
-    assert (tmp_path / "edit.png").stat().st_size > 0 and edit["record"] == data.load_sample(
-        limit=3
-    )[1].id
+    assert (tmp_path / "edit.png").stat().st_size > 0 and edit["record"] == 1  # an index
+    assert edit["record_id"] == data.load_sample(limit=3)[1].id
     assert min(edit["d_pos"], edit["d_neg"]) <= edit["radius"] <= max(edit["d_pos"], edit["d_neg"])
     assert {"rephrasings (T-Gen)", "other images (I-Gen)", "near misses (Loc)"} <= set(
         edit["probes"]
@@ -427,3 +426,113 @@ def test_show_edit_and_show_codebook_draw_and_report(checkpoint, tmp_path, capsy
         with pytest.raises(SystemExit) as e:
             evaluate.main(argv + common)
         assert e.value.code == 2
+
+
+# ---------------------------------------------------------------- GRACE's radius rules at a tie
+
+
+def _same_target_pair(records):
+    """Two records with the same target, in order."""
+    for i, a in enumerate(records):
+        for b in records[i + 1 :]:
+            if a.target == b.target:
+                return a, b
+    pytest.fail("no two records with the same target")
+
+
+def test_grace_keeps_a_covered_key_inside_its_ball_and_splits_as_grace_does(tiny):
+    """A ball grown to cover a key holds it TIE inside, so a query off the key by float noise
+    (here 1e-6 farther) still hits; at a split the old ball stops TIE short of half the
+    distance, as in GRACE's code."""
+    a, b = _same_target_pair(data.load_sample(limit=6))
+    g = Grace(tiny, BalancEditConfig(steps=1))
+    k_b = g.at_key([b.image], [b.question])[0]  # (D,)
+    d = float(torch.linalg.vector_norm(k_b - g.at_key([a.image], [a.question])[0]))
+    g.eps0 = 0.75 * d  # b's key is outside a's first ball, within reach of growing it
+    g.edit(a)
+    assert g.edit(b).action == "expand"
+    cb = g.codebook
+    assert cb.radii[0] == pytest.approx(d + 1e-5, abs=1e-7)
+    away = (k_b - cb.keys[0]) / d  # (D,): the unit vector from the key to k_b
+    _, dist, hit = cb.lookup((k_b + 1e-6 * away)[None])
+    assert dist[0] > d and hit.tolist() == [True]
+
+    other = copy.copy(b)
+    other.target = next(t for t in ("daben", "fesak") if t != b.target)
+    assert g.edit(other).action == "split"
+    old, new = cb.radii.tolist()
+    assert new == pytest.approx(d / 2, abs=1e-6) and old == pytest.approx(d / 2 - 1e-5, abs=1e-6)
+
+
+# ---------------------------------------------------------------- outputs claimed by trying
+
+
+@pytest.mark.parametrize("out", ["/proc/x/r.json", "/sys/x.json"])
+def test_an_out_that_only_trying_refuses_fails_at_once(out, capsys, monkeypatch):
+    """Root passes os.access on /proc and /sys; only creating the folder and a file tells."""
+    monkeypatch.setattr(evaluate, "load_records", lambda args: pytest.fail("work started"))
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--out", out, "--no-progress"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and f"--out {out}: cannot" in err
+
+
+def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path, capsys):
+    out = tmp_path / "new" / "deeper" / "r.json"
+    with pytest.raises(SystemExit):
+        evaluate.main(["--out", str(out), "--data", str(tmp_path / "none"), "--no-progress"])
+    assert "--data" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # the folders made for --out are gone
+
+
+def test_claim_output_makes_the_folders_keeps_a_file_and_cleans_up(tmp_path):
+    kept = tmp_path / "old.json"
+    kept.write_text("results")
+    data.claim_output(kept)()  # an existing file: opened for appending, left as it was
+    assert kept.read_text() == "results"
+    cleanup = data.claim_output(tmp_path / "a" / "b" / "r.json")
+    assert (tmp_path / "a" / "b").is_dir() and list((tmp_path / "a" / "b").iterdir()) == []
+    (tmp_path / "a" / "note").write_text("someone else's")
+    cleanup()  # b was empty: removed; a holds a file now: kept
+    assert not (tmp_path / "a" / "b").exists() and (tmp_path / "a" / "note").exists()
+    folder = data.claim_output(tmp_path / "sample", flag="--out", folder=True)
+    assert (tmp_path / "sample").is_dir()
+    folder()
+    assert not (tmp_path / "sample").exists()
+    with pytest.raises(data.OutputError, match="--json .*: is a folder"):
+        data.claim_output(tmp_path, flag="--json")
+
+
+# ---------------------------------------------------------------- small things users notice
+
+
+@pytest.mark.parametrize("device", ["meta", "foo", "cuda:7"])
+def test_a_device_to_refuse_says_which_ones_there_are(device, capsys):
+    with pytest.raises(SystemExit):
+        evaluate.main(["--device", device, "--no-progress"])
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and f"--device {device}: not a device to run on" in err
+    assert "cpu" in err and "CUDA GPUs" not in err and "xla" not in err  # not torch's list
+
+
+def test_a_tiny_edit_image_is_refused_naming_its_record(monkeypatch, capsys, tmp_path):
+    records = data.load_sample(limit=2)
+    records[1].image = records[1].image.resize((1, 1))
+    monkeypatch.setattr(evaluate, "load_records", lambda args: (records, "two records"))
+    monkeypatch.setattr(evaluate, "load_backbone", lambda args: pytest.fail("work started"))
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--out", str(tmp_path / "never.json"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"record {records[1].id}: its edit image is 1x1 pixels" in err
+
+
+def test_threads_is_an_option_that_sets_torch_and_names_no_output(monkeypatch):
+    args = evaluate.parse_args(["--threads", "3"])
+    assert args.threads == 3 and evaluate.parse_args([]).threads == 1
+    assert evaluate.default_out(args) == "results/main.json"
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    monkeypatch.setattr(evaluate, "setup", lambda args: pytest.fail("stop here"))
+    with pytest.raises(pytest.fail.Exception):
+        evaluate.main(["--threads", "3"])
+    assert calls == [3]

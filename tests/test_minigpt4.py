@@ -219,6 +219,8 @@ def test_the_route_is_held_during_kv_cache_decoding():
 
 @pytest.mark.parametrize("layers", [2, 3])  # layer 1: the last layer; a middle layer
 def test_cached_training_matches_the_naive_loop_on_a_padded_batch(layers):
+    """Eq. 2 three ways: the plain loop, the tail over every position and the tail asked for the
+    answer positions only; the last layer's up_proj keeps those, a middle one every position."""
     m = model() if layers == 2 else models.random_minigpt4(layers=3, n_query=N_QUERY, seed=1)
     path = "llama_model.model.layers.1.mlp.up_proj"
     records = data.load_sample(limit=2)
@@ -228,16 +230,25 @@ def test_cached_training_matches_the_naive_loop_on_a_padded_batch(layers):
         [r.target for r in records],
     )
     assert (batch["attention_mask"] == 0).any()  # padded: two rows of different lengths
+    answer_only = m.tail(batch, path, per_position=True)
+    P = int((batch["labels"] != -100).sum())
+    B, T = batch["input_ids"].shape
+    assert answer_only.h.shape[:-1] == ((P,) if layers == 2 else (B, T))
+    losses = {}
     weights = {}
-    for cache in (True, False):
+    for name, cache in (("plain", False), ("every", True), ("answers", answer_only)):
         value = be.new_value(m.get_submodule(path))
-        be.train_value(m, path, value, batch, steps=5, lr=1e-2, cache=cache)
-        weights[cache] = value.weight.detach().clone()
-    torch.testing.assert_close(weights[True], weights[False], rtol=1e-5, atol=1e-7)
-    assert not torch.equal(weights[True], m.get_submodule(path).weight)
-    h, rest = m.tail(batch, path)
+        losses[name] = be.train_value(m, path, value, batch, steps=5, lr=1e-2, cache=cache)
+        weights[name] = value.weight.detach().clone()
+    for name in ("every", "answers"):
+        assert losses[name] == pytest.approx(losses["plain"], rel=1e-5)
+        torch.testing.assert_close(weights[name], weights["plain"], rtol=1e-5, atol=1e-7)
+    assert not torch.equal(weights["plain"], m.get_submodule(path).weight)
+    tail = m.tail(batch, path)
+    read = batch["labels"][:, 1:] != -100  # the positions whose logits the loss reads
     with torch.no_grad():
-        assert torch.equal(rest(m.get_submodule(path)(h)), m(**batch).logits)
+        logits = m(**batch).logits[:, :-1][read]  # (P, V)
+        assert torch.equal(tail.rest(m.get_submodule(path)(tail.h)), logits)
     assert m.tail(batch, "llama_model.model.layers.1.mlp.down_proj") is None
 
 

@@ -9,6 +9,7 @@ import itertools
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from conftest import TINY
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -239,18 +240,55 @@ def test_blip2_from_pretrained_reads_a_local_directory(tmp_path):
         assert torch.allclose(loaded(**batch).logits, model(**batch).logits, atol=1e-6)
 
 
-def test_blip2_tail_recomputes_the_logits_after_the_target_layer():
+@pytest.mark.parametrize("per_position", [False, True])
+def test_blip2_tail_recomputes_the_logits_the_loss_reads(per_position):
+    """At the last layer's fc2 the tail keeps every position, or only those the loss reads."""
     model = backbone("blip2")
     batch = encode(model, [1, 5])
-    h, rest = model.tail(batch, model.target_layer)
+    tail = model.tail(batch, model.target_layer, per_position)
     layer = model.get_submodule(model.target_layer)
+    read = batch["labels"][:, 1:] != -100  # (B, T - 1): position t predicts token t + 1
+    B, T = batch["input_ids"].shape
+    assert tail.h.shape[:-1] == ((int(read.sum()),) if per_position else (B, T))
+    assert tail.targets.tolist() == batch["labels"][:, 1:][read].tolist()
     with torch.no_grad():
-        full = model(**batch).logits
-        assert torch.allclose(rest(layer(h)), full, atol=1e-5)
-        y = layer(h)
+        out = model(**batch)
+        logits = tail.rest(layer(tail.h))  # (P, V)
+        assert torch.allclose(logits, out.logits[:, :-1][read], atol=1e-5)
+        torch.testing.assert_close(F.cross_entropy(logits, tail.targets), out.loss)
+        y = layer(tail.h)
         # a shifted output changes the logits (LayerNorm would undo a constant shift)
-        assert not torch.allclose(rest(y + torch.randn_like(y)), full, atol=1e-3)
+        assert not torch.allclose(tail.rest(y + torch.randn_like(y)), logits, atol=1e-3)
     assert model.tail(batch, "model.language_model.model.decoder.layers.0.fc1") is None
+
+
+def test_a_middle_layer_keeps_every_position_of_the_rows_the_loss_reads():
+    """After layer 0's fc2, layer 1's attention mixes the positions: asked for the answer
+    positions only, the tail still keeps every position, of the rows with a target only."""
+    model = backbone("blip2")
+    path = "model.language_model.model.decoder.layers.0.fc2"
+    batch = encode(model, [1, 5, 2])
+    assert (batch["attention_mask"] == 0).any()  # padded
+    batch["labels"][1:] = -100  # the loss reads row 0 only
+    tail = model.tail(batch, path, per_position=True)
+    B, T = batch["input_ids"].shape
+    assert tail.inputs.shape[:2] == (B, T) and tail.h.shape[:2] == (1, T)
+    torch.testing.assert_close(tail.inputs, model.layer_input(batch, path))
+    read = batch["labels"][:, 1:] != -100
+    with torch.no_grad():
+        logits = tail.rest(model.get_submodule(path)(tail.h))
+        assert torch.allclose(logits, model(**batch).logits[:, :-1][read], atol=1e-5)
+
+
+def test_layer_input_and_tail_is_one_forward(tiny, records):
+    calls = []
+    batch = tiny.encode([records[0].image], [records[0].question], [records[0].target])
+    with tiny.register_forward_pre_hook(lambda *_: calls.append(1)):
+        h, tail = tiny.layer_input_and_tail(batch, tiny.target_layer, per_position=True)
+        assert len(calls) == 1 and h is tail.inputs and tail.h.dim() == 2
+        h, tail = tiny.layer_input_and_tail(batch, "lm.model.decoder.layers.0.fc1")
+        assert len(calls) == 2 and tail is None
+    assert h.shape[:2] == batch["input_ids"].shape
 
 
 def test_shipped_tinyvlm_knows_its_world_offline(monkeypatch):
@@ -292,6 +330,27 @@ def test_train_tiny_needs_an_out_directory(capsys):
     assert "assets/tinyvlm is the shipped one" in " ".join(capsys.readouterr().out.split())
     assert models.build_parser().parse_args(["train-tiny", "--out", "elsewhere"]).out == "elsewhere"
     assert {p: p.read_bytes() for p in models.TINY_DIR.rglob("*") if p.is_file()} == shipped
+
+
+def test_train_tiny_claims_its_out_folder_before_training(tmp_path, monkeypatch, capsys):
+    """An --out that cannot be written is refused at once; a folder made for a run that then
+    fails is removed again."""
+    trained = []
+    monkeypatch.setattr(models, "train_tiny", lambda *a, **k: trained.append(a) or [1.0])
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as e:
+        models.main(["train-tiny", "--out", str(tmp_path / "file" / "ckpt")])
+    assert e.value.code == 2 and "cannot write there" in capsys.readouterr().err and not trained
+    assert models.main(["train-tiny", "--out", str(tmp_path / "new" / "ckpt")]) == 0
+    assert (tmp_path / "new" / "ckpt").is_dir() and len(trained) == 1
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("training fails")
+
+    monkeypatch.setattr(models, "train_tiny", fails)
+    with pytest.raises(RuntimeError):
+        models.main(["train-tiny", "--out", str(tmp_path / "made" / "ckpt")])
+    assert not (tmp_path / "made").exists()
 
 
 def test_a_question_longer_than_the_positions_is_one_clear_error(tiny, records):

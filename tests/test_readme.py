@@ -44,6 +44,8 @@ def test_readme_opens_with_a_python_example_that_runs():
     exec(compile(example, "README.md", "exec"), namespace)
     assert namespace["before"] == [namespace["record"].answer] != [namespace["record"].target]
     assert namespace["report"].d_pos < namespace["report"].radius < namespace["report"].d_neg
+    shape, colour = re.search(r"on an? (\w+) (\w+)\n", example).group(2, 1)  # "a green diamond"
+    assert data.KIND_NAMES[(shape, colour)] == namespace["record"].answer  # what record 0 shows
 
 
 def test_readme_commands_parse():
@@ -72,6 +74,20 @@ def test_readme_setup_and_test_commands_are_what_ci_runs():
         assert command in README and command in ci
 
 
+def _table_after(command):
+    """The first markdown table after ``command`` (the start of a bash block) in the README:
+    its header cells and {first cell: the numbers}."""
+    lines = README[README.index(command) :].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    table = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        table.append([c.strip() for c in line.strip().strip("|").split("|")])
+    header, _, *rows = table  # the second row is the |---| line
+    return header, {row[0]: [float(c) for c in row[1:]] for row in rows}
+
+
 def _table(text, first):
     rows = {}
     for line in text.splitlines():
@@ -96,3 +112,56 @@ def test_readme_results_are_what_the_main_job_measures(tmp_path, capsys):
     assert be["acc"] == 100.0
     assert be["hm"] > ft["hm"] and be["hm"] > grace["hm"]
     assert ft["loc"] < be["loc"] - 20 and grace["i_gen"] < be["i_gen"]
+
+
+def test_readme_sequential_table_is_what_the_sequential_protocol_measures(tmp_path):
+    """`python evaluate.py --protocol sequential`: the README's table, to the printed digit. No
+    score rests on a float tie (GRACE keeps a key its ball grows to cover inside the ball)."""
+    out = tmp_path / "sequential.json"
+    assert evaluate.main(["--protocol", "sequential", "--no-progress", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())["methods"]
+    header, readme = _table_after("```bash\npython evaluate.py --protocol sequential ")
+    assert header == ["Method", *evaluate.HEADERS.values()]
+    assert list(readme) == ["ft", "grace", "balancedit"]
+    for method, row in readme.items():
+        measured = [result[method][k] for k in evaluate.COLUMNS]
+        assert row == pytest.approx(measured, abs=0.006), method
+
+
+OUTPUTS = {  # what each program's command line writes: (args -> a path or None, a folder?)
+    "evaluate.py": (evaluate.output_path, False),
+    "study.py": (lambda args: Path(args.out), False),
+    "bench.py": (lambda args: Path(args.json), False),
+    "data.py": (lambda args: Path(args.out), True),  # make-sample fills a folder
+    "models.py": (lambda args: Path(args.out) if args.command == "train-tiny" else None, True),
+}
+
+
+def test_readme_commands_can_write_their_outputs_in_a_fresh_clone(tmp_path, monkeypatch):
+    """Run where a fresh clone has no results/ folder: every README command's output path can
+    be claimed by trying (its folders made, a file created in it), and the claim leaves
+    nothing behind."""
+    monkeypatch.chdir(tmp_path)
+    claimed = []
+    for line in _commands():
+        argv = shlex.split(line)
+        args = PARSERS[argv[1]](argv[2:])
+        where, folder = OUTPUTS[argv[1]]
+        path = where(args)
+        if path is None:  # a command that writes nothing (check-tiny)
+            continue
+        cleanup = data.claim_output(path, folder=folder)
+        assert (path if folder else path.parent).is_dir(), line
+        cleanup()
+        assert list(tmp_path.iterdir()) == [], line
+        claimed.append(path)
+    assert Path("results/main.json") in claimed and len(claimed) >= 10
+
+
+def test_readme_picture_command_runs_in_a_fresh_clone(tmp_path, monkeypatch):
+    """The README's quick picture command, run whole where results/ does not exist yet."""
+    monkeypatch.chdir(tmp_path)
+    line = next(c for c in _commands() if " show-edit " in c)
+    assert evaluate.main([*shlex.split(line)[2:], "--no-progress"]) == 0
+    out = evaluate.output_path(evaluate.parse_args(shlex.split(line)[2:]))
+    assert out.stat().st_size > 0 and out.with_suffix(".json").stat().st_size > 0

@@ -118,6 +118,8 @@ def test_the_study_command_writes_json_markdown_and_png(tiny, small, tmp_path, m
         ["study", "--pool", "last"],
         ["study", "--device", "cuda:7"],
         ["ablate-key", "--model", "/no/such/dir"],
+        ["study", "--out", "/proc/x/s.json"],  # root passes os.access here: only trying tells
+        ["study", "--threads", "0"],
     ],
 )
 def test_study_commands_refuse_bad_input_before_any_work(argv, capsys, monkeypatch):
@@ -181,6 +183,7 @@ def test_every_position_key_holds_the_answer_and_its_queries_find_it(tiny, recor
         want, prompt_mean(seen[0].reshape(*every.shape, -1), batch["prompt_mask"])
     )
     report = editor.edit(record)
+    torch.testing.assert_close(editor.codebook.keys[report.index], want[0])  # the entry's key
     with editor.attached() as router, torch.no_grad():
         tiny(**batch)  # the edit's own teacher-forced input: its query is the key
         assert router.last_index.tolist() == [report.index]

@@ -1,0 +1,438 @@
+"""easy-VQA, a world somebody else designed: TinyVLM trained on its train split, edited on its test
+images, with the project's own trainer, editor and protocols.
+
+easy-VQA (Victor Zhou; the PyPI package ``easy-vqa``, MIT) holds 4,000 train and 1,000 test
+64x64 images, each of one shape (circle, rectangle, triangle) in one of 8 colours, drawn by its
+own renderer and asked its own question templates: 4 about the shape, 4 about the colour and
+16 yes/no. TinyVLM (models.py) is trained on the train split by the project's trainer, over
+easy-VQA's vocabulary. Edit records come from the test images only, at two scopes like the
+paper's Fig. 1, each edit's target another of easy-VQA's own answers:
+
+    shape    "what shape is in the image?" on every image of one shape -> another shape
+    colour   "what color is the <shape>?" on one (shape, colour) kind  -> another colour
+
+The test images are split in two halves by image id: "dev" (odd ids, for tuning) and "test"
+(even ids), so that dev and test records never share an image.
+
+    python easyvqa.py train            # the shipped checkpoint, assets/tinyvlm_easyvqa
+    python easyvqa.py check            # its exact match on the test questions, by family
+    python easyvqa.py make-records --seed 0 --out DIR   # edit records in the OKEDIT layout
+
+The package brings its images; nothing downloads. Without it, these commands say so.
+"""
+
+import argparse
+import functools
+import json
+import random
+import re
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterator, NamedTuple, Optional, Sequence
+
+from PIL import Image
+
+import data
+import evaluate as ev
+import models
+
+MODEL_DIR = models.ASSETS / "tinyvlm_easyvqa"
+SHAPES = ("circle", "rectangle", "triangle")
+COLOURS = ("red", "green", "blue", "yellow", "teal", "brown", "gray", "black")
+KINDS = [(s, c) for s in SHAPES for c in COLOURS]  # 24 kinds
+WHAT = {  # easy-VQA's open questions, by the family of their answer
+    "shape": (
+        "what shape is in the image?",
+        "what shape does the image contain?",
+        "what shape is present?",
+        "what is the {colour} shape?",
+    ),
+    "colour": (
+        "what color is the {shape}?",
+        "what color is the shape?",
+        "what is the color of the shape?",
+        "what is the color of the {shape}?",
+    ),
+}
+YES_NO = (  # (template, negated): {x} is "<colour> shape" or "<shape>"; 16 templates in all
+    ("does the image contain a {x}?", False),
+    ("does the image not contain a {x}?", True),
+    ("is a {x} present?", False),
+    ("is no {x} present?", True),
+    ("is there a {x} in the image?", False),
+    ("is there not a {x} in the image?", True),
+    ("is there a {x}?", False),
+    ("is there not a {x}?", True),
+)
+FAMILIES = ("shape", "colour", "yes/no")
+PARTS = {"dev": 1, "test": 0}  # a half of the test images: image id % 2
+EDITED_COLOURS = 4  # colour scope: colours edited per shape (the other 4 stay for Loc)
+# Its shapes span 8-33 pixels anywhere in the image (the world's: 28-42, centred), too small for
+# 16-pixel patches: 8-pixel ones, 64 image tokens, and room for them in the decoder.
+CONFIG = models.TinyConfig(patch_size=8, max_positions=96)
+
+
+class Parsed(NamedTuple):
+    """What a question asks: its family, the shape or colour it names (or None), negation."""
+
+    family: str
+    shape: Optional[str]
+    colour: Optional[str]
+    negated: bool
+
+
+def _parse_table() -> dict[str, Parsed]:
+    """Every question easy-VQA's templates can ask, filled in, -> what it asks."""
+    table = {}
+    for family, templates in WHAT.items():
+        for t in templates:
+            for s, c in KINDS:
+                shape = s if "{shape}" in t else None
+                colour = c if "{colour}" in t else None
+                table[t.format(shape=s, colour=c)] = Parsed(family, shape, colour, False)
+    for t, negated in YES_NO:
+        for s, c in KINDS:
+            table[t.format(x=f"{c} shape")] = Parsed("yes/no", None, c, negated)
+            table[t.format(x=s)] = Parsed("yes/no", s, None, negated)
+    return table
+
+
+QUESTIONS = _parse_table()
+
+
+def parse(question: str) -> Parsed:
+    """What an easy-VQA question asks; ValueError for any other question."""
+    if question not in QUESTIONS:
+        raise ValueError(f"not an easy-VQA question: {question!r}")
+    return QUESTIONS[question]
+
+
+def answer(question: str, kind: tuple[str, str]) -> Optional[str]:
+    """The true answer about an image of ``kind`` (shape, colour); None where the question has
+    none, because it names a shape or colour the image lacks ("what is the red shape?")."""
+    p = parse(question)
+    shape, colour = kind
+    if p.family == "yes/no":
+        if p.shape is not None:
+            present = p.shape == shape
+        else:
+            present = p.colour == colour
+        return "yes" if present != p.negated else "no"
+    if p.shape not in (None, shape) or p.colour not in (None, colour):
+        return None
+    return shape if p.family == "shape" else colour
+
+
+def vocabulary() -> list[str]:
+    """Every word easy-VQA asks or answers (sorted, for the tokenizer); the edit targets are
+    among its answers."""
+    words = set(SHAPES) | set(COLOURS) | {"yes", "no"}
+    for q in QUESTIONS:
+        words |= set(re.findall(r"\w+|[^\w\s]", q))
+    return sorted(words)
+
+
+# ---------------- The installed package's data
+class NotInstalled(RuntimeError):
+    """The easy-vqa package is missing."""
+
+
+def package():
+    """The installed ``easy_vqa`` module, or NotInstalled with how to install it."""
+    try:
+        import easy_vqa
+    except ImportError:
+        raise NotInstalled("easy-VQA is not installed: pip install easy-vqa") from None
+    return easy_vqa
+
+
+@functools.cache
+def questions(split: str) -> list[tuple[str, str, int]]:
+    """easy-VQA's "train" or "test" questions as its package lists them: (question, answer,
+    image id)."""
+    pkg = package()
+    getters = {"train": pkg.get_train_questions, "test": pkg.get_test_questions}
+    if split not in getters:
+        raise ValueError(f"easy-VQA has splits train and test, not {split!r}")
+    texts, answers, ids = getters[split]()
+    return list(zip(texts, answers, ids))
+
+
+@functools.cache
+def images(split: str) -> dict[int, Image.Image]:
+    """Each image id of a split -> its image, decoded RGB (once per process)."""
+    pkg = package()
+    getters = {"train": pkg.get_train_image_paths, "test": pkg.get_test_image_paths}
+    out = {}
+    for i, path in sorted(getters[split]().items()):
+        with Image.open(path) as im:
+            out[i] = im.convert("RGB")
+    return out
+
+
+@functools.cache
+def asked(split: str) -> dict[int, list[tuple[str, str]]]:
+    """Each image id of a split -> its (question, answer) pairs."""
+    out = defaultdict(list)
+    for q, a, i in questions(split):
+        out[i].append((q, a))
+    return dict(out)
+
+
+@functools.cache
+def kinds(split: str) -> dict[int, tuple[str, str]]:
+    """Each image id -> its (shape, colour), for the images whose own questions fit one kind
+    only (888 of the 1,000 test images; the others' questions fit several)."""
+    out = {}
+    for i, pairs in asked(split).items():
+        fits = [k for k in KINDS if all(answer(q, k) == a for q, a in pairs)]
+        if len(fits) == 1:
+            out[i] = fits[0]
+    return out
+
+
+def pool(part: str) -> dict[tuple[str, str], list[int]]:
+    """Each kind -> the ids of its test images in ``part`` ("dev" or "test")."""
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
+    out = {k: [] for k in KINDS}
+    for i, kind in sorted(kinds("test").items()):
+        if i % 2 == PARTS[part]:
+            out[kind].append(i)
+    return out
+
+
+# ---------------- TinyVLM on easy-VQA
+def training_stream(seed: int) -> Iterator[data.Sample]:
+    """easy-VQA's train questions, in a fresh seeded order every epoch, endlessly."""
+    train = questions("train")
+    image_of = images("train")
+    rng = random.Random(seed)
+    while True:
+        for q, a, i in rng.sample(train, len(train)):
+            yield data.Sample(image_of[i], q, a)
+
+
+def train(
+    out_dir,
+    steps: int = 3000,
+    batch_size: int = 32,
+    lr: float = 5e-4,
+    seed: int = 0,
+    config: models.TinyConfig = CONFIG,
+    progress: bool = True,
+) -> list[float]:
+    """models.train_tiny on easy-VQA's train split over its vocabulary; the loss per step."""
+    stream = training_stream(seed)
+    words = vocabulary()
+    return models.train_tiny(
+        out_dir, steps, batch_size, lr, seed, config, progress, stream=stream, words=words
+    )
+
+
+def accuracy(
+    backbone, limit: Optional[int] = None, batch_size: int = 64, progress: bool = False
+) -> dict[str, float]:
+    """Exact match (%) of greedy answers on easy-VQA's test questions, by family and in all;
+    ``limit``: the first ``limit`` questions only."""
+    asks = questions("test")[:limit]
+    image_of = images("test")
+    right = defaultdict(int)
+    total = defaultdict(int)
+    starts = range(0, len(asks), batch_size)
+    for k in ev.progress_bar(starts, progress, "test questions"):
+        chunk = asks[k : k + batch_size]
+        answers = backbone.generate([image_of[i] for _, _, i in chunk], [q for q, _, _ in chunk])
+        for (q, a, _), got in zip(chunk, answers):
+            for family in (parse(q).family, "all"):
+                total[family] += 1
+                right[family] += got == a
+    return {f: 100.0 * right[f] / total[f] for f in (*FAMILIES, "all") if total[f]}
+
+
+# ---------------- Edit records
+def make_records(
+    seed: int,
+    n: int = 40,
+    part: str = "test",
+    n_images: int = 5,
+    n_locality: int = 3,
+    n_unrelated: int = 2,
+) -> list[data.EditRecord]:
+    """``n`` edit records from the ``part`` half of the test images, alternately of scope
+    "shape" and "colour", consistent with each other so that all of them can be applied at
+    once (the sequential protocol):
+
+    - one shape, in every colour, always gets the same other shape; the colour edits change
+      EDITED_COLOURS colours of each other shape, a kind always to the same colour;
+    - T-Gen: the family's other templates, one of them kept back as the positive;
+    - I-Gen: other images of the scope; Loc: the edit's question on kinds no edit changes,
+      never of the target's kind (a leak there could not be seen): the shape neither edited
+      nor the target; the same shape in an unedited colour;
+    - q_loc: each of the edit's images asked the other open family (even places) or a yes/no
+      question (odd places), only questions whose answer stays the same once the image's
+      kind is changed as the edits change it: "what color is the shape?" on an edited circle,
+      not "what color is the circle?", "is there a red shape?", not "is there a circle?";
+    - m_loc: images of kinds no edit touches, asked one of their own easy-VQA questions.
+    """
+    if n < 2 or n % 2:
+        raise ValueError(f"n must be an even number >= 2, got {n}")
+    if n_locality > len(COLOURS) - EDITED_COLOURS - 1:
+        raise ValueError(f"n_locality must be at most {len(COLOURS) - EDITED_COLOURS - 1}")
+    by_kind = pool(part)
+    image_of = images("test")
+    rng = random.Random(seed)
+    shape = rng.choice(SHAPES)  # shape scope: this shape -> shape_target
+    shape_target = rng.choice([s for s in SHAPES if s != shape])
+    new_colour = {}  # colour scope: kind -> its target colour
+    for s in SHAPES:
+        if s != shape:
+            for c in rng.sample(COLOURS, EDITED_COLOURS):
+                new_colour[(s, c)] = rng.choice([x for x in COLOURS if x != c])
+    colour_kinds = rng.sample(sorted(new_colour), len(new_colour))
+
+    def edited(kind):  # the kind as the world's edits make it
+        if kind[0] == shape:
+            return (shape_target, kind[1])
+        return (kind[0], new_colour.get(kind, kind[1]))
+
+    def pick(ids, k, why):  # k distinct ids, or one line saying what ran out
+        if len(ids) < k:
+            raise ValueError(f"easy-VQA {part} images: {why}: {len(ids)} left, {k} needed")
+        return rng.sample(ids, k)
+
+    untouched = [i for k in KINDS if edited(k) == k for i in by_kind[k]]
+    used = set()  # each record its own edit image
+    records = []
+    for r in range(n):
+        if r % 2 == 0:
+            family = "shape"
+            scope = [k for k in KINDS if k[0] == shape]
+            near = [k for k in KINDS if k[0] not in (shape, shape_target)]
+            ids = [i for k in scope for i in by_kind[k] if i not in used]
+            image_id = pick(ids, 1, f"edit images of {shape}s")[0]
+            kind = kinds("test")[image_id]
+            target = shape_target
+            question = WHAT["shape"][0]
+            asks = [t.format(colour=kind[1]) for t in WHAT["shape"][1:]]
+        else:
+            family = "colour"
+            kind = colour_kinds[(r // 2) % len(colour_kinds)]
+            scope = [kind]
+            target = new_colour[kind]
+            near = [(kind[0], c) for c in COLOURS if edited((kind[0], c)) == (kind[0], c)]
+            near = [k for k in near if k[1] != target]
+            ids = [i for i in by_kind[kind] if i not in used]
+            image_id = pick(ids, 1, f"edit images of {kind[1]} {kind[0]}s")[0]
+            question = WHAT["colour"][0].format(shape=kind[0])
+            asks = [t.format(shape=kind[0]) for t in WHAT["colour"][1:]]
+        used.add(image_id)
+        asks = rng.sample(asks, len(asks))  # the last one is the positive
+        others = [i for k in scope for i in by_kind[k] if i != image_id]
+        shown = [image_id, *pick(others, n_images, "I-Gen images")]
+        locality = []
+        for k in pick([k for k in near if by_kind[k]], n_locality, "Loc kinds"):
+            i = rng.choice(by_kind[k])
+            locality.append(data.Sample(image_of[i], question, answer(question, k)))
+        q_locality = []
+        other = "colour" if family == "shape" else "shape"
+        for j, i in enumerate(shown):
+            k = kinds("test")[i]
+            ask = other if j % 2 == 0 else "yes/no"
+            safe = [q for q, p in QUESTIONS.items() if p.family == ask]
+            safe = [q for q in safe if answer(q, k) is not None]
+            safe = [q for q in safe if answer(q, k) == answer(q, edited(k))]
+            reply = rng.choice(sorted({answer(q, k) for q in safe}))  # yes and no alike
+            q = rng.choice([q for q in safe if answer(q, k) == reply])
+            q_locality.append(data.Sample(image_of[i], q, reply))
+        m_locality = []
+        for i in pick(untouched, n_unrelated, "m_loc images"):
+            q, a = rng.choice([(q, a) for q, a in asked("test")[i] if a != target])
+            m_locality.append(data.Sample(image_of[i], q, a))
+        records.append(
+            data.EditRecord(
+                id=str(r + 1),
+                image=image_of[image_id],
+                question=question,
+                answer=answer(question, kind),
+                target=target,
+                rephrases=asks[:-1],
+                train_rephrases=asks[-1:],
+                rephrase_images=[image_of[i] for i in shown[1:]],
+                locality=locality,
+                m_locality=m_locality,
+                category=family,
+                q_locality=q_locality,
+            )
+        )
+    return records
+
+
+# ---------------- Command line
+def build_parser() -> argparse.ArgumentParser:
+    parser = ev.Parser(
+        prog="easyvqa.py",
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("\n\n")[0],
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    positive = ev.POSITIVE_INT
+    t = sub.add_parser("train", help="train TinyVLM on the train split (seeded)")
+    t.add_argument("--out", default=str(MODEL_DIR), help=f"checkpoint dir (default {MODEL_DIR})")
+    t.add_argument("--steps", type=positive, default=3000, help="optimizer steps (default 3000)")
+    t.add_argument("--batch-size", type=positive, default=32, help="per step (default 32)")
+    t.add_argument("--lr", type=ev.POSITIVE, default=5e-4, help="peak lr (default 5e-4)")
+    t.add_argument("--seed", type=int, default=0, help="weights and data order (default 0)")
+    c = sub.add_parser("check", help="exact match on the test questions, by family")
+    c.add_argument("--model", default=str(MODEL_DIR), help=f"checkpoint dir (default {MODEL_DIR})")
+    c.add_argument("--limit", type=positive, help="the first N test questions only")
+    m = sub.add_parser("make-records", help="edit records from the test images, OKEDIT layout")
+    m.add_argument("--out", required=True, help="a new or empty folder")
+    m.add_argument("--seed", type=int, default=0, help="which records (default 0)")
+    m.add_argument("--part", choices=tuple(PARTS), default="test", help="image half (test)")
+    even = ev.number(int, lambda n: n >= 2 and n % 2 == 0, "an even number >= 2")
+    m.add_argument("-n", type=even, default=40, help="records, even (default 40)")
+    for p in (t, c, m):
+        p.add_argument("--no-progress", dest="progress", action="store_false", help="no bars")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Check the options, the package and the paths before any work, then run the command."""
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        package()
+        if args.command == "check":
+            if not (Path(args.model) / "model.safetensors").is_file():
+                raise ev.UsageError(
+                    f"--model {args.model}: no TinyVLM checkpoint there "
+                    f"(python easyvqa.py train --out {args.model} makes one)"
+                )
+            model = models.TinyVLM.from_pretrained(args.model)
+        else:
+            out = Path(args.out)
+            if args.command == "make-records" and out.is_dir() and any(out.iterdir()):
+                raise ev.UsageError(f"--out {out}: not empty; give a new or empty folder")
+            data.claim_output(out, folder=True)
+    except (ev.UsageError, NotInstalled, OSError, ValueError) as e:
+        parser.exit(2, f"easyvqa.py {args.command}: error: {e}\n")
+    start = time.time()
+    if args.command == "train":
+        losses = train(out, args.steps, args.batch_size, args.lr, args.seed, progress=args.progress)
+        loss = sum(losses[-50:]) / len(losses[-50:])
+        print(f"trained {args.steps} steps in {time.time() - start:.0f} s; loss {loss:.4f}")
+    elif args.command == "check":
+        result = accuracy(model, args.limit, progress=args.progress)
+        print(json.dumps({k: round(v, 2) for k, v in result.items()}))
+    else:
+        written = data.write_okedit(make_records(args.seed, args.n, args.part), out)
+        print(f"wrote {args.n} records, {len(written)} files to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
