@@ -56,6 +56,10 @@ PAPER_GPU_S = 8.04  # the paper's seconds per BalancEdit edit on a GPU (Table 5)
 HOOK_SIZES = (1, 100, 1_000, 10_000)
 
 
+SPREADS: dict[str, float] = {}  # each timed variant's (max - min) / median over its repeats
+BUSY_SPREAD = 0.25  # a wider spread: other work shared the cores, and the ratios are rough
+
+
 def alternate(
     fns: dict[str, Callable[[], float]], repeats: int, warmup: int = 1
 ) -> dict[str, float]:
@@ -68,6 +72,13 @@ def alternate(
             seconds = fns[name]()
             if turn >= warmup:
                 times[name].append(seconds)
+    for name, ts in times.items():
+        spread = (max(ts) - min(ts)) / statistics.median(ts)  # 0 on an idle machine
+        SPREADS[name] = spread
+        if spread > BUSY_SPREAD:
+            print(
+                f"note: {name}'s repeats spread {spread:.0%}: the machine was busy", file=sys.stderr
+            )
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -605,6 +616,7 @@ def run(quick: bool = False, progress: bool = True) -> dict:
     details.update(bytes_details)
     seq_figures, details["sequential"] = section_sequential(tiny, cfg, n_edits, window, progress)
     figures.update(cost_figures)
+    details["repeat_spreads"] = dict(SPREADS)  # above BUSY_SPREAD: measured under contention
     return {**figures, **hook_figures, **bytes_figures, **seq_figures, "details": details}
 
 

@@ -170,3 +170,12 @@ def test_command_line_mistakes_are_one_line_before_any_work(argv, message, capsy
         bench.main([*argv, "--json", str(tmp_path / "b.json")])
     assert e.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "b.json").exists()
+
+
+def test_alternate_says_when_the_repeats_spread_like_a_busy_machine(capsys):
+    steady = iter([1.0] * 4)
+    jumpy = iter([1.0, 1.0, 3.0, 1.0])
+    bench.alternate({"steady": lambda: next(steady), "jumpy": lambda: next(jumpy)}, repeats=3)
+    err = capsys.readouterr().err
+    assert "jumpy's repeats spread 200%" in err and "steady" not in err
+    assert bench.SPREADS["steady"] == 0.0
