@@ -760,12 +760,13 @@ class Blip2OPT(Backbone):
     @classmethod
     def from_pretrained(
         cls,
-        name_or_path: str | os.PathLike = BLIP2_OPT,
+        name_or_path: str | os.PathLike,
         dtype: Optional[torch.dtype] = None,
         device: Optional[str] = None,
     ) -> "Blip2OPT":
-        """Load model and processor (a hub id, or a local directory; offline with HF_HUB_OFFLINE=1).
-        Defaults: CUDA if available; fp16 on CUDA, fp32 on CPU."""
+        """Load model and processor from ``name_or_path``, which the user names: a local
+        directory, or a hub id (e.g. ``BLIP2_OPT``; offline with HF_HUB_OFFLINE=1). Nothing loads
+        by default. Defaults: CUDA if available; fp16 on CUDA, fp32 on CPU."""
         from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
         if device is None:
