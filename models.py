@@ -1251,6 +1251,15 @@ def random_minigpt4(
 # ---------------------------------------------------------------------------
 
 
+def warmup_cosine(opt: torch.optim.Optimizer, steps: int):
+    """The lr schedule of a training run: linear warm-up over 5% of ``steps``, cosine decay."""
+    warmup = max(1, steps // 20)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))),
+    )
+
+
 def train_tiny(
     out_dir: str | os.PathLike,
     steps: int = 3000,
@@ -1262,21 +1271,21 @@ def train_tiny(
     device: str = "cpu",
     stream: Optional[Iterator[data.Sample]] = None,
     words: Optional[Sequence[str]] = None,
+    model: Optional["TinyVLM"] = None,
 ) -> list[float]:
     """Train TinyVLM on ``stream`` (default: the world's endless training stream, seeded) with a
-    tokenizer over ``words`` (default: the world's vocabulary); returns the loss per step."""
+    tokenizer over ``words`` (default: the world's vocabulary); returns the loss per step.
+    ``model``: go on from this one instead of a fresh one (``config`` and ``words`` unused)."""
     from tqdm import tqdm
 
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer(words) if words is not None else None
-    model = TinyVLM(config, tokenizer).to(device)
+    if model is None:
+        tokenizer = build_tokenizer(words) if words is not None else None
+        model = TinyVLM(config, tokenizer)
+    model = model.to(device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, cosine decay
-        opt,
-        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))),
-    )
+    sched = warmup_cosine(opt, steps)
     if stream is None:
         stream = data.training_stream(seed)
     losses = []

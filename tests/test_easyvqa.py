@@ -4,6 +4,7 @@ package's own answers, the edit records' invariants, the shipped checkpoint, the
 import sys
 
 import pytest
+import torch
 
 import data
 import easyvqa
@@ -153,9 +154,17 @@ def test_the_shipped_checkpoint_loads_offline_and_answers_test_questions(monkeyp
 
 def test_train_uses_the_train_split_and_its_vocabulary(tmp_path):
     small = models.TinyConfig(vision_layers=1, layers=1, hidden=32, ffn=64, vision_width=32)
-    losses = easyvqa.train(tmp_path, steps=2, batch_size=4, config=small, progress=False)
+    losses = easyvqa.train(
+        tmp_path, steps=2, batch_size=4, config=small, progress=False, vision_steps=3
+    )
     assert len(losses) == 2
     model = models.TinyVLM.from_pretrained(tmp_path)
+    torch.manual_seed(0)  # the same ViT, pretrained alone: the language model's steps froze it
+    alone = models.TinyVLM(small, models.build_tokenizer(easyvqa.vocabulary()))
+    assert len(easyvqa.pretrain_vision(alone, 3, 64, 5e-4, 0, False)) == 3
+    for name, weight in alone.vision.state_dict().items():
+        assert torch.equal(model.vision.state_dict()[name], weight), name
+    assert not torch.equal(model.projector.weight, alone.projector.weight)  # that one learned
     assert sorted(model.tokenizer.get_vocab()) == sorted(
         models.build_tokenizer(easyvqa.vocabulary()).get_vocab()
     )

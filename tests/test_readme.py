@@ -12,6 +12,7 @@ import pytest
 
 import bench
 import data
+import easyvqa
 import evaluate
 import models
 import study
@@ -24,6 +25,7 @@ PARSERS = {
     "models.py": lambda argv: models.build_parser().parse_args(argv),
     "bench.py": lambda argv: bench.build_parser().parse_args(argv),
     "study.py": study.parse_args,
+    "easyvqa.py": lambda argv: easyvqa.build_parser().parse_args(argv),
 }
 
 
@@ -134,6 +136,7 @@ OUTPUTS = {  # what each program's command line writes: (args -> a path or None,
     "bench.py": (lambda args: Path(args.json), False),
     "data.py": (lambda args: Path(args.out), True),  # make-sample fills a folder
     "models.py": (lambda args: Path(args.out) if args.command == "train-tiny" else None, True),
+    "easyvqa.py": (lambda args: Path(args.out) if args.command != "check" else None, True),
 }
 
 
