@@ -438,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("-n", type=even, default=40, help="records, even (default 40)")
     for p in (t, c, m):
         p.add_argument("--no-progress", dest="progress", action="store_false", help="no bars")
+    for p in (t, c):
+        ev.add_threads(p)
     return parser
 
 
@@ -461,6 +463,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             data.claim_output(out, folder=True)
     except (ev.UsageError, NotInstalled, OSError, ValueError) as e:
         parser.exit(2, f"easyvqa.py {args.command}: error: {e}\n")
+    if args.command != "make-records":
+        torch.set_num_threads(args.threads)
     start = time.time()
     if args.command == "train":
         losses = train(out, args.steps, args.batch_size, args.lr, args.seed, progress=args.progress)
