@@ -215,6 +215,13 @@ def bench_edit_cost(
 
         return run
 
+    head = max(backbone.parameters(), key=torch.Tensor.numel)  # the LM head (V, D): the largest
+
+    def read() -> float:  # one pass over the LM head's weight, the least a step reads twice
+        start = time.perf_counter()
+        float(head.detach().sum())
+        return time.perf_counter() - start
+
     forward()  # warm-up: the first calls allocate and pick kernels
     editor_value(True)()
     edits = {
@@ -222,9 +229,12 @@ def bench_edit_cost(
         "previous": timed("previous", lambda: previous_edit(backbone, record, cfg)),
         "new": timed("new", editor_value(True)),
     }
-    s = alternate({"forward": forward, **edits}, repeats, warmup=0)
+    s = alternate({"forward": forward, "read": read, **edits}, repeats, warmup=0)
     scale = max(float(b.abs().max()) for b in trained["plain"])
     out = {"positions": batch["input_ids"].shape[1], "steps": cfg.steps, "forward_s": s["forward"]}
+    # Each step reads the head twice (the logits, then their gradient): the steps' floor.
+    out["head_read_s"] = s["read"]
+    out["steps_floor_forwards"] = 2 * cfg.steps * s["read"] / s["forward"]
     for name in edits:
         diff = max(float((a - b).abs().max()) for a, b in zip(trained[name], trained["plain"]))
         out[f"{name}_s"] = s[name]
@@ -487,15 +497,21 @@ def section_edit_cost(cfg, repeats: int) -> tuple[dict, dict]:
         f"FFN 3,072, 32 query tokens; median of {repeats})\n"
     )
     header = ("backbone", "positions", "forward ms", "plain loop", "previous cached", "editor")
-    header += ("editor vs plain", "editor vs previous", "max rel. weight diff")
+    header += ("editor vs plain", "editor vs previous", "max rel. weight diff", "steps' floor")
     cells = []
     for name, r in rows.items():
         ways = [f"{r[f'{way}_forwards']:.1f}" for way in ("plain", "previous", "new")]
         diff = max(r["previous_weights_max_rel_diff"], r["new_weights_max_rel_diff"])
         speedups = (f"{r['new_vs_plain']:.1f}x", f"{r['new_vs_previous']:.1f}x", f"{diff:.2e}")
-        cells.append((name, str(r["positions"]), f"{1e3 * r['forward_s']:.0f}", *ways, *speedups))
+        floor = f"{r['steps_floor_forwards']:.1f}"
+        cells.append(
+            (name, str(r["positions"]), f"{1e3 * r['forward_s']:.0f}", *ways, *speedups, floor)
+        )
     print(table_lines(header, cells))
-    print("\n(forwards per edit: the edit's wall time over one plain forward of its batch)")
+    print(
+        "\n(forwards per edit: the edit's wall time over one plain forward of its batch; the "
+        "steps' floor: two passes over the LM head's weight per step, in forwards)"
+    )
     blip2, llama = rows.values()
     figures = {
         "edit_forwards_opt125m": blip2["new_forwards"],

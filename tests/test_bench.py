@@ -114,6 +114,7 @@ def test_edit_cost_bench_times_three_ways_that_train_the_same_value(records):
         assert r[f"{way}_forwards"] == r[f"{way}_s"] / r["forward_s"] > 0
         assert r[f"{way}_weights_max_rel_diff"] < 1e-5
     assert r["new_vs_plain"] == r["plain_s"] / r["new_s"]
+    assert r["steps_floor_forwards"] == 2 * 3 * r["head_read_s"] / r["forward_s"] > 0
 
 
 def test_the_previous_path_runs_two_forwards_and_every_position(tiny, records, monkeypatch):
