@@ -299,7 +299,7 @@ def train_value(backbone, layer_path, value, batch, steps, lr, cache=True) -> li
     cross-entropy on the target tokens (labels -100 elsewhere). Returns each step's loss.
     ``cache``: True (record now), a ``models.Tail`` of ``batch``, or False/None (the plain loop)."""
     params = [p for p in value.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr, fused=True)  # one kernel for every parameter
+    opt = torch.optim.Adam(params, lr=lr, fused=True)
     # The layers below l are frozen: record h^{l-1} once, then run v and the rest of the net.
     tail = backbone.tail(batch, layer_path) if cache is True else cache
     losses = []
