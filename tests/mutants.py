@@ -324,7 +324,7 @@ MUTANTS = [
         "adam-without-lr",
         "train_value",
         "Adam created without the lr it was given (its default, 1e-3)",
-        [("torch.optim.Adam(params, lr=lr)", "torch.optim.Adam(params)")],
+        [("torch.optim.Adam(params, lr=lr, fused=True)", "torch.optim.Adam(params, fused=True)")],
         "test_train_value_is_adam_at_the_given_lr_with_fresh_gradients",
         "made without lr",
     ),

@@ -143,13 +143,13 @@ def test_the_shipped_checkpoint_loads_offline_and_answers_test_questions(monkeyp
     model = models.TinyVLM.from_pretrained(easyvqa.MODEL_DIR)
     result = easyvqa.accuracy(model, limit=128)
     assert set(result) == {*easyvqa.FAMILIES, "all"}
-    # colours and yes/no it reads; shapes it reads poorly, but better than chance (1 in 3)
-    assert result["colour"] >= 90 and result["yes/no"] >= 85 and result["shape"] > 100 / 3, result
+    # all three families, shapes too (its ViT was pretrained; trained through the LM alone it
+    # read shapes at 49%)
+    assert min(result[f] for f in easyvqa.FAMILIES) >= 90, result
     records = easyvqa.make_records(0, 8)
     model.check(records)  # every target is a word it can spell and generate
-    colour = [r for r in records if r.category == "colour"]
-    got = model.generate([r.image for r in colour], [r.question for r in colour])
-    assert got == [r.answer for r in colour]
+    got = model.generate([r.image for r in records], [r.question for r in records])
+    assert got == [r.answer for r in records]  # it knows what each edit will change
 
 
 def test_train_uses_the_train_split_and_its_vocabulary(tmp_path):
