@@ -1358,6 +1358,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=5e-4, help="peak AdamW learning rate (default 5e-4)")
     t.add_argument("--seed", type=int, default=0, help="seed for weights and the training stream")
     t.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    t.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (default 1: idle cores)"
+    )
     k = sub.add_parser(
         "check-tiny", help="exact match of a TinyVLM checkpoint on the shipped sample"
     )
@@ -1377,8 +1380,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             parser.exit(2, f"models.py check-tiny: error: {e}\n")
         print(json.dumps({k: round(v, 2) for k, v in knowledge(model, data.load_sample()).items()}))
         return 0
-    if args.steps < 1 or args.batch_size < 1 or not args.lr > 0:
-        parser.error("--steps and --batch-size must be >= 1 and --lr > 0")
+    if min(args.steps, args.batch_size, args.threads) < 1 or not args.lr > 0:
+        parser.error("--steps, --batch-size and --threads must be >= 1 and --lr > 0")
+    torch.set_num_threads(args.threads)
     try:  # by trying, before any work: the folder is made (and removed if training fails)
         cleanup = data.claim_output(args.out, "--out", folder=True)
     except data.OutputError as e:
