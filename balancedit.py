@@ -321,6 +321,15 @@ def train_value(backbone, layer_path, value, batch, steps, lr, cache=True) -> li
 
 
 @dataclass
+class Probe:  # what an edit's one forward finds (BalancEditor.probe)
+    k: torch.Tensor  # (D,) the key
+    d_pos: float  # d(Pos, k)
+    d_neg: float  # d(Neg, k)
+    batch: dict  # the edit's row (i, t, y^n): Eq. 2's batch
+    tail: object  # its models.Tail, or None (the plain loop)
+
+
+@dataclass
 class EditReport:  # what one edit did
     index: int  # the entry of this edit
     action: str  # "new"; "overlap": from a same-target entry's value; "conflict": replaced one
@@ -367,24 +376,24 @@ class BalancEditor:
         """Add the edit (i, t) -> y^n of ``record``, in the paper's steps."""
         start = time.perf_counter()
         y = record.target
-        k, d_pos, d_neg, batch, tail = self.probe(record)  # 1. the key, d(Pos, k), d(Neg, k)
-        eps = radius(d_pos, d_neg, self.config.alpha)  # 2. Eq. 3
+        p = self.probe(record)  # 1. the key, d(Pos, k), d(Neg, k)
+        eps = radius(p.d_pos, p.d_neg, self.config.alpha)  # 2. Eq. 3
         image_sha1 = hashlib.sha1(record.image.tobytes()).hexdigest()
         asked = Asked(image_sha1, record.question, [*record.train_rephrases, *record.rephrases])
         removed = self.drop_conflicts(asked, y)  # 3. the many-edit rules
         init = None
         if len(self.codebook):  # the rules below compare k with the keys there are
-            d = distance(k[None], self.codebook.keys, self.config.distance)[0]  # (N,) d(k, k_j)
+            d = distance(p.k[None], self.codebook.keys, self.config.distance)[0]  # (N,) d(k, k_j)
             same = torch.tensor([t == y for t in self.codebook.targets], device=d.device)  # (N,)
             init = None if removed else self.same_target_value(d, same)
             eps = self.shrink_overlaps(d, ~same, eps)
-        value, losses = self.train(batch, tail, init)  # 4. Eq. 2
-        index = self.codebook.add(k, value, eps, y, asked)  # 5. the new entry
+        value, losses = self.train(p.batch, p.tail, init)  # 4. Eq. 2
+        index = self.codebook.add(p.k, value, eps, y, asked)  # 5. the new entry
         action = "conflict" if removed else "new" if init is None else "overlap"
         seconds = time.perf_counter() - start
-        return EditReport(index, action, removed, d_pos, d_neg, eps, losses, seconds)
+        return EditReport(index, action, removed, p.d_pos, p.d_neg, eps, losses, seconds)
 
-    def probe(self, record):
+    def probe(self, record) -> Probe:
         """One forward of (i, t), (i, R(t)) and (black, t): k, d(Pos, k), d(Neg, k), Eq. 2's row."""
         cfg = self.config
         black = anchor_image(cfg.negative, record.image.size, seed=cfg.seed)  # or white, noise
@@ -397,7 +406,7 @@ class BalancEditor:
         keys = prompt_mean(h, batch["prompt_mask"], cfg.pool)  # (3, D): k, Pos's, Neg's
         d = distance(keys[1:], keys[:1], cfg.distance)  # (2, 1): d(Pos, k), d(Neg, k)
         edit_row = {n: x[:1] for n, x in batch.items()}
-        return keys[0], float(d[0, 0]), float(d[1, 0]), edit_row, tail if cfg.cache else None
+        return Probe(keys[0], float(d[0, 0]), float(d[1, 0]), edit_row, tail if cfg.cache else None)
 
     # Many edits (the paper's "how to continually edit"), one rule per method.
     def drop_conflicts(self, asked: Asked, target: str) -> list[str]:

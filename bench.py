@@ -315,10 +315,10 @@ def bench_real_size(device: str, dtype: torch.dtype, cfg, record: data.EditRecor
         forward = clock() - start
     editor = balancedit.BalancEditor(backbone, cfg)
     start = clock()
-    _, _, _, row, tail = editor.probe(record)
+    found = editor.probe(record)
     probe = clock() - start
     start = clock()
-    _, losses = editor.train(row, tail, None)
+    _, losses = editor.train(found.batch, found.tail, None)
     train = clock() - start
     edit = probe + train
     return {

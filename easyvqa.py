@@ -158,8 +158,7 @@ def questions(split: str) -> list[tuple[str, str, int]]:
     getters = {"train": pkg.get_train_questions, "test": pkg.get_test_questions}
     if split not in getters:
         raise ValueError(f"easy-VQA has splits train and test, not {split!r}")
-    texts, answers, ids = getters[split]()
-    return list(zip(texts, answers, ids))
+    return list(zip(*getters[split]()))  # its three lists: questions, answers, image ids
 
 
 @functools.cache

@@ -27,7 +27,7 @@ import easyvqa
 import evaluate as ev
 import models
 import pictures
-from balancedit import BalancEditor, Router, distance, prompt_mean
+from balancedit import BalancEditor, Probe, Router, distance, prompt_mean
 from baselines import FineTune, Grace
 
 DEV_SEEDS = (1001, 1002)  # tuning worlds; the test worlds are 1..N (N <= 1000)
@@ -85,14 +85,14 @@ class EveryPosition(BalancEditor):
     def probe(self, record):
         """k, d(Pos, k) and d(Neg, k) from the authors' keys (one more forward); the edit's row
         and its tail for Eq. 2 as BalancEdit's."""
-        _, _, _, edit_row, tail = super().probe(record)
+        ours = super().probe(record)
         cfg = self.config
         black = data.anchor_image(cfg.negative, record.image.size, seed=cfg.seed)
         images = [record.image, record.image, black]
         questions = [record.question, self.positive(record), record.question]
         keys = self.keys_of(images, questions)  # (3, D) over every attended position
         d = distance(keys[1:], keys[:1], cfg.distance)  # (2, 1): d(Pos, k), d(Neg, k)
-        return keys[0], float(d[0, 0]), float(d[1, 0]), edit_row, tail
+        return Probe(keys[0], float(d[0, 0]), float(d[1, 0]), ours.batch, ours.tail)
 
     def attached(self) -> Router:
         return EveryPositionRouter(self.backbone, self.layer_path, self.codebook)

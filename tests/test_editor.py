@@ -123,16 +123,16 @@ def test_the_keys_of_one_forward_are_those_of_separate_forwards(tiny, records, p
     pool the prompt, which (causal) does not see the answer: the same keys as alone."""
     r = records[1]
     editor = be.BalancEditor(tiny, be.BalancEditConfig(steps=1, pool=pool))
-    k, d_pos, d_neg, batch, tail = editor.probe(r)
+    found = editor.probe(r)
     black = data.anchor_image("black", r.image.size)
     rows = [(r.image, r.question), (r.image, editor.positive(r)), (black, r.question)]
     alone = torch.cat([editor.keys_of([image], [q]) for image, q in rows])  # (3, D)
-    torch.testing.assert_close(k, alone[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(found.k, alone[0], rtol=1e-5, atol=1e-6)
     d = be.distance(alone[1:], alone[:1], "cos")[:, 0]  # d(Pos, k), d(Neg, k)
-    assert [d_pos, d_neg] == pytest.approx(d.tolist(), abs=1e-5)
+    assert [found.d_pos, found.d_neg] == pytest.approx(d.tolist(), abs=1e-5)
     # Eq. 2's record is the edit's row: its labels are y^n's tokens, and only those are read
-    assert len(batch["input_ids"]) == 1
-    assert tail.targets.tolist() == tiny.answer_ids(r.target)
+    assert len(found.batch["input_ids"]) == 1
+    assert found.tail.targets.tolist() == tiny.answer_ids(r.target)
 
 
 def test_cached_training_matches_the_naive_loop_at_a_middle_layer_on_a_padded_batch(records):
@@ -160,8 +160,10 @@ def test_cached_training_matches_the_naive_loop_at_a_middle_layer_on_a_padded_ba
         editor = be.BalancEditor(model, be.BalancEditConfig(layer=path, steps=5, cache=cache))
         report = editor.edit(records[1])
         edits[cache] = report.losses, editor.codebook.values[0].weight
-    _, _, _, row, tail = be.BalancEditor(model, be.BalancEditConfig(layer=path)).probe(records[1])
-    assert tail.h.shape[:2] == row["input_ids"].shape  # (1, T, F): every position of the row
+    found = be.BalancEditor(model, be.BalancEditConfig(layer=path)).probe(records[1])
+    assert (
+        found.tail.h.shape[:2] == found.batch["input_ids"].shape
+    )  # (1, T, F): every position of the row
     assert edits[True][0] == pytest.approx(edits[False][0], rel=1e-5)
     torch.testing.assert_close(edits[True][1], edits[False][1], rtol=1e-5, atol=1e-6)
 
