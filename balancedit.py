@@ -14,20 +14,19 @@ T positions, D the layer's input width, N codebook entries.
 
 import contextlib
 import hashlib
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
+import checkpoint
 from data import ANCHORS, anchor_image
+from editor import Editor, EditReport
 
+HEADER = {"format": "balancedit-codebook", "version": 2}  # a saved codebook's first fields
 CHOICES = {  # allowed values of the config's fields
     "distance": ("cos", "euc"),
     "pool": ("mean", "last"),
@@ -97,10 +96,11 @@ def radius(d_pos, d_neg, alpha: float):
     return min(max(eps, min(d_pos, d_neg)), max(d_pos, d_neg))
 
 
-def prompt_mean(h: torch.Tensor, prompt: torch.Tensor, pool: str = "mean") -> torch.Tensor:
+def prompt_key(h: torch.Tensor, prompt: torch.Tensor, pool: str = "mean") -> torch.Tensor:
     """The key (or query) of each sample, (B, D) float32: h^{l-1} (B, T, D) pooled over the
-    prompt (B, T), never padding or the answer, so that generation and a padded batch see the
-    same key. NaN for a row with no prompt position (a KV-cache decoding step)."""
+    prompt (B, T), its "mean" or its "last" position, never padding or the answer, so that
+    generation and a padded batch see the same key. NaN for a row with no prompt position (a
+    KV-cache decoding step)."""
     if pool == "last":
         # The running count of prompt positions reaches the row's total at its last one.
         count = prompt.cumsum(dim=1)  # (B, T)
@@ -186,8 +186,8 @@ class Codebook(nn.Module):
 
 
 class LoRAValue(nn.Module):
-    """v(x) = W x + b + B A x, W and b layer l's own (frozen): r (in + out) trained numbers
-    instead of a copy of l. B starts at zero, so v starts as l."""
+    """v(x) = W x + bias + B A x, W and bias layer l's own (frozen): r (in + out) trained
+    numbers instead of a copy of l. B starts at zero, so v starts as l."""
 
     def __init__(self, layer: nn.Linear, rank: int = 8):
         super().__init__()
@@ -195,13 +195,13 @@ class LoRAValue(nn.Module):
         # l's weight and bias, shared (not copied), neither trained nor saved.
         self.register_buffer("W", layer.weight.detach(), persistent=False)  # (out, in)
         bias = None if layer.bias is None else layer.bias.detach()
-        self.register_buffer("b", bias, persistent=False)  # (out,) or None
+        self.register_buffer("bias", bias, persistent=False)  # (out,) or None
         self.A = nn.Parameter(torch.empty(rank, layer.in_features, device=device))  # (r, in)
         self.B = nn.Parameter(torch.zeros(layer.out_features, rank, device=device))  # (out, r)
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) float32 -> (..., out)
-        base = F.linear(x.to(self.W.dtype), self.W, self.b).float()
+        base = F.linear(x.to(self.W.dtype), self.W, self.bias).float()
         return base + F.linear(F.linear(x, self.A), self.B)
 
 
@@ -220,69 +220,81 @@ def new_value(layer: nn.Linear, form: str = "full", rank: int = 8) -> nn.Module:
 
 class Router(contextlib.AbstractContextManager):
     """Eq. 1 as a forward hook on layer l, per sample, until ``detach()`` or a ``with``'s end.
-    The backbone's ``forward`` takes the batch's ``prompt_mask`` (B, T) only for this router
-    to read: it undoes OPT's flattening of (B, T, D) to (B*T, D) before ``fc2``."""
+    It reads the prompt mask (B, T) of the model's call in progress (``model.prompt_mask``,
+    set by models.Backbone), which also undoes OPT's flattening of (B, T, D) to (B*T, D)
+    before ``fc2``. A variant overrides ``query`` or ``rewrite``, the parts that differ."""
 
     def __init__(self, model: nn.Module, layer_path: str, codebook: Codebook, pool: str = "mean"):
+        self.model = model
         self.codebook = codebook
         self.pool = pool  # how a query pools h^{l-1}: "mean" or "last"
-        self.mask = None  # the prompt mask (B, T) of the model's current call, or None
         self.held = None  # (B,) the route chosen on the prompt, held while decoding
         self.last_index = None  # (B,) the entry each sample used in the last call; -1: l
         self.last_query = None  # (B, D) the last call's queries
-        self.handles = [model.get_submodule(layer_path).register_forward_hook(self.route)]
-        self.handles.append(model.register_forward_pre_hook(self.read_mask, with_kwargs=True))
-
-    def read_mask(self, model, args, kwargs):
-        self.mask = kwargs.get("prompt_mask")
+        self.handle = model.get_submodule(layer_path).register_forward_hook(self.route)
 
     def detach(self) -> None:
-        """Remove the hooks: the plain model again."""
-        for handle in self.handles:
-            handle.remove()
+        """Remove the hook: the plain model again."""
+        self.handle.remove()
 
     def __exit__(self, *exc):
         self.detach()
 
-    def route(self, layer, args, out):
-        h = args[0]  # (B, T, D), or (B*T, D) as OPT's fc2 sees it
-        if self.mask is None and h.dim() == 3:
-            prompt = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)  # every position
-        elif self.mask is None:
-            prompt = torch.ones(len(h), 1, dtype=torch.bool, device=h.device)  # a row, a sample
-        elif h.shape[:-1].numel() == self.mask.numel():  # B*T positions, however flattened
-            prompt = self.mask.to(h.device, torch.bool)
-        else:
-            layout = f"the prompt mask layout {tuple(self.mask.shape)}"
+    def prompt(self, h: torch.Tensor) -> torch.Tensor | None:
+        """The call's prompt mask (B, T) that h (B, T, D) or (B*T, D) is laid out on; None: the
+        call gave none (then every position of a 3-D h, or every row of a 2-D h, is a prompt)."""
+        mask = getattr(self.model, "prompt_mask", None)
+        if mask is None:
+            return None
+        if h.shape[:-1].numel() != mask.numel():
+            layout = f"the prompt mask layout {tuple(mask.shape)}"
             raise ValueError(f"layer input {tuple(h.shape)} does not match {layout}")
-        B, T = prompt.shape
-        h = h.reshape(B, T, -1)  # (B, T, D)
-        q = prompt_mean(h, prompt, self.pool)  # (B, D); NaN where a row has no prompt position
-        j, _, hit = self.codebook.lookup(q)  # Eq. 1: j = argmin_k d(q, k), d(q, k_j) <= eps_j
-        index = torch.where(hit, j, -1)  # (B,) each sample's entry; -1: layer l
-        if self.mask is None:
+        return mask.to(h.device, torch.bool)
+
+    def query(self, h: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+        """q of Eq. 1 for each sample (B, D), NaN where a row has no prompt position."""
+        return prompt_key(h, prompt, self.pool)
+
+    def hold(self, index: torch.Tensor, prompt: torch.Tensor, masked: bool) -> torch.Tensor:
+        """KV-cache decoding: a row with no prompt position keeps its prompt's route. A call
+        without a mask holds nothing; a new batch size holds nothing, nor does an entry removed
+        since (it may have shifted)."""
+        if not masked:
             self.held = None
-        else:
-            # KV-cache decoding: a row with no prompt position keeps its prompt's route. A new
-            # batch size holds nothing, nor does an entry removed since.
-            held = self.held
-            if held is None or len(held) != B:
-                held = torch.full_like(index, -1)
-            held = held.masked_fill(held >= len(self.codebook), -1)  # (B,)
-            index = torch.where(prompt.any(dim=1), index, held)  # (B,)
-            self.held = index
-        self.last_index = index
-        self.last_query = q
-        if (index < 0).all():
-            return None  # no sample in scope: l's own output, untouched
+            return index
+        held = self.held
+        if held is None or len(held) != len(index):
+            held = torch.full_like(index, -1)
+        held = held.masked_fill(held >= len(self.codebook), -1)  # (B,)
+        self.held = torch.where(prompt.any(dim=1), index, held)  # (B,)
+        return self.held
+
+    def rewrite(self, out, h, index, prompt) -> torch.Tensor:
+        """Eq. 1's output: v_j(h) on every position of a row routed to entry j (``index`` (B,))."""
+        B, T = prompt.shape
         y = out.reshape(B, T, -1).clone()  # (B, T, D_out), a copy to write into
         for e in index[index >= 0].unique().tolist():
             rows = index == e  # (B,)
             y[rows] = self.codebook.values[e](h[rows].float()).to(out.dtype)  # Eq. 1: v_j(h)
         return y.reshape(out.shape)
 
-
-attach = Router  # with attach(model, layer_path, codebook[, pool]) as router: ... (Eq. 1)
+    def route(self, layer, args, out):
+        h = args[0]  # (B, T, D), or (B*T, D) as OPT's fc2 sees it
+        prompt = self.prompt(h)
+        masked = prompt is not None
+        if not masked:  # every position of a (B, T, D) input; each row of a 2-D one alone
+            prompt = torch.ones(h.shape[:2] if h.dim() == 3 else (len(h), 1), dtype=torch.bool)
+            prompt = prompt.to(h.device)
+        B, T = prompt.shape
+        h = h.reshape(B, T, -1)  # (B, T, D)
+        q = self.query(h, prompt)  # (B, D)
+        j, _, hit = self.codebook.lookup(q)  # Eq. 1: j = argmin_k d(q, k), d(q, k_j) <= eps_j
+        index = self.hold(torch.where(hit, j, -1), prompt, masked)  # (B,); -1: layer l
+        self.last_index = index
+        self.last_query = q
+        if (index < 0).all():
+            return None  # no sample in scope: l's own output, untouched
+        return self.rewrite(out, h, index, prompt)
 
 
 def override(model: nn.Module, layer_path: str, value: nn.Module):
@@ -294,21 +306,20 @@ def override(model: nn.Module, layer_path: str, value: nn.Module):
     return model.get_submodule(layer_path).register_forward_hook(hook)
 
 
-def train_value(backbone, layer_path, value, batch, steps, lr, cache=True) -> list[float]:
+def train_value(backbone, layer_path, value, batch, steps, lr, tail=None) -> list[float]:
     """Eq. 2: v* = argmin_v L(f_new(i, t), y^n) by Adam on v's parameters only; L is the LM
     cross-entropy on the target tokens (labels -100 elsewhere). Returns each step's loss.
-    ``cache``: True (record now), a ``models.Tail`` of ``batch``, or False/None (the plain loop)."""
+    ``tail``: the batch's ``models.Tail`` (cached activations: the same values, faster), or None
+    (the plain loop: the whole model at every step)."""
     params = [p for p in value.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr, fused=True)
-    # The layers below l are frozen: record h^{l-1} once, then run v and the rest of the net.
-    tail = backbone.tail(batch, layer_path) if cache is True else cache
     losses = []
     for _ in range(steps):
-        if not tail:
+        if tail is None:
             # The whole model, l replaced by v; a hook's handle removes it at the block's end.
             with override(backbone, layer_path, value):
                 loss = backbone(**batch).loss
-        else:  # v, then the net after l, where the loss reads
+        else:  # the layers below l are frozen: v on the recorded h^{l-1}, then the net after l
             logits = tail.rest(value(tail.h))  # (P, V) float32
             loss = F.cross_entropy(logits, tail.targets)
         # Gradients for v only (inputs=): no .grad is ever written into the model.
@@ -329,19 +340,7 @@ class Probe:  # what an edit's one forward finds (BalancEditor.probe)
     tail: object  # its models.Tail, or None (the plain loop)
 
 
-@dataclass
-class EditReport:  # what one edit did
-    index: int  # the entry of this edit
-    action: str  # "new"; "overlap": from a same-target entry's value; "conflict": replaced one
-    removed: list[str]  # the entries a conflict removed, as "question -> target"
-    d_pos: float  # d(Pos, k)
-    d_neg: float  # d(Neg, k)
-    radius: float  # eps of the entry
-    losses: list[float] = field(default_factory=list)  # Eq. 2's loss at each step
-    seconds: float = 0.0  # wall time of the edit
-
-
-class BalancEditor:
+class BalancEditor(Editor):
     """BalancEdit at one layer: ``edit`` adds an entry, ``attached()`` is the edited model."""
 
     def __init__(self, backbone: nn.Module, config: BalancEditConfig = BalancEditConfig()):
@@ -361,9 +360,9 @@ class BalancEditor:
         """The key of each (image, question), (B, D), as the routing hook computes it."""
         batch = self.backbone.to_device(self.backbone.encode(images, questions))
         h = self.backbone.layer_input(batch, self.layer_path)  # (B, T, D)
-        return prompt_mean(h, batch["prompt_mask"], self.config.pool)  # (B, D)
+        return prompt_key(h, batch["prompt_mask"], self.config.pool)  # (B, D)
 
-    def positive(self, record) -> str:
+    def positive_question(self, record) -> str:
         """R(t): a training rephrasing (never one that scores T-Gen), else the backbone's own."""
         if record.train_rephrases:
             return record.train_rephrases[0]
@@ -376,9 +375,10 @@ class BalancEditor:
         """Add the edit (i, t) -> y^n of ``record``, in the paper's steps."""
         start = time.perf_counter()
         y = record.target
-        p = self.probe(record)  # 1. the key, d(Pos, k), d(Neg, k)
+        image = record.image  # decoded from its file once
+        p = self.probe(record, image)  # 1. the key, d(Pos, k), d(Neg, k)
         eps = radius(p.d_pos, p.d_neg, self.config.alpha)  # 2. Eq. 3
-        image_sha1 = hashlib.sha1(record.image.tobytes()).hexdigest()
+        image_sha1 = hashlib.sha1(image.tobytes()).hexdigest()
         asked = Asked(image_sha1, record.question, [*record.train_rephrases, *record.rephrases])
         removed = self.drop_conflicts(asked, y)  # 3. the many-edit rules
         init = None
@@ -393,17 +393,17 @@ class BalancEditor:
         seconds = time.perf_counter() - start
         return EditReport(index, action, removed, p.d_pos, p.d_neg, eps, losses, seconds)
 
-    def probe(self, record) -> Probe:
+    def probe(self, record, image) -> Probe:
         """One forward of (i, t), (i, R(t)) and (black, t): k, d(Pos, k), d(Neg, k), Eq. 2's row."""
         cfg = self.config
-        black = anchor_image(cfg.negative, record.image.size, seed=cfg.seed)  # or white, noise
-        images = [record.image, record.image, black]
-        questions = [record.question, self.positive(record), record.question]
+        black = anchor_image(cfg.negative, image.size, seed=cfg.seed)  # or white, noise
+        images = [image, image, black]
+        questions = [record.question, self.positive_question(record), record.question]
         answers = [record.target] * 3  # y^n after each prompt: causal, so no key sees it
         batch = self.backbone.to_device(self.backbone.encode(images, questions, answers))
         batch["labels"][1:] = -100  # Eq. 2 learns the edit's row only
         h, tail = self.backbone.layer_input_and_tail(batch, self.layer_path, per_position=True)
-        keys = prompt_mean(h, batch["prompt_mask"], cfg.pool)  # (3, D): k, Pos's, Neg's
+        keys = prompt_key(h, batch["prompt_mask"], cfg.pool)  # (3, D): k, Pos's, Neg's
         d = distance(keys[1:], keys[:1], cfg.distance)  # (2, 1): d(Pos, k), d(Neg, k)
         edit_row = {n: x[:1] for n, x in batch.items()}
         return Probe(keys[0], float(d[0, 0]), float(d[1, 0]), edit_row, tail if cfg.cache else None)
@@ -451,44 +451,24 @@ class BalancEditor:
 
     def attached(self) -> Router:
         """``with editor.attached(): ...`` runs the edited model (Eq. 1)."""
-        return attach(self.backbone, self.layer_path, self.codebook, self.config.pool)
+        return Router(self.backbone, self.layer_path, self.codebook, self.config.pool)
 
     def remove(self, j: int) -> None:
-        """Undo edit j, as if it had never been made."""
+        """Undo edit j alone: its entry goes, the later ones shift down one."""
         self.codebook.remove(j)
 
     def save(self, path) -> None:
         """Write ``path/codebook.safetensors`` (keys, radii, values) and ``path/codebook.json``."""
-        path = Path(path)
-        if path.exists() and not path.is_dir():
-            raise ValueError(f"{path}: exists and is not a folder; cannot save a codebook there")
-        path.mkdir(parents=True, exist_ok=True)
-        state = {k: t.cpu().contiguous() for k, t in self.codebook.state_dict().items()}
-        save_file(state, str(path / "codebook.safetensors"))
-        meta = {"format": "balancedit-codebook", "version": 2, "config": asdict(self.config)}
-        meta["layer"] = self.layer_path
+        meta = {**HEADER, "config": asdict(self.config), "layer": self.layer_path}
         meta["targets"] = self.codebook.targets
         meta["asked"] = [None if a is None else asdict(a) for a in self.codebook.asked]
-        (path / "codebook.json").write_text(json.dumps(meta, indent=1) + "\n")
+        checkpoint.save(path, "codebook", self.codebook.state_dict(), meta)
 
     @classmethod
     def load(cls, path, backbone: nn.Module) -> "BalancEditor":
         """Read what ``save`` wrote; a bad file is one ValueError naming the file and the fault."""
-        meta_file = Path(path, "codebook.json")
-        tensor_file = Path(path, "codebook.safetensors")
-        try:
-            meta = json.loads(meta_file.read_text())
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{meta_file}: cannot load a codebook: {e}") from e
-        fields = {"format", "version", "config", "layer", "targets", "asked"}
-        header = {"format": "balancedit-codebook", "version": 2}
-        if not isinstance(meta, dict) or set(meta) != fields or meta | header != meta:
-            want = f"{header} and the fields {sorted(fields)}"
-            raise ValueError(f"{meta_file}: cannot load a codebook: want {want}")
-        try:
-            state = load_file(str(tensor_file))
-        except (OSError, SafetensorError) as e:
-            raise ValueError(f"{tensor_file}: cannot load a codebook: {e}") from e
+        fields = {"config", "layer", "targets", "asked"}
+        meta, state = checkpoint.load(path, "codebook", HEADER, fields)
         try:  # a bad field or entry: the message says which
             editor = cls(backbone, BalancEditConfig(**meta["config"]))
             if meta["layer"] != editor.layer_path:

@@ -1,35 +1,36 @@
 """The baselines BalancEdit is compared with: FT (fine-tuning layer l) and GRACE (a fixed radius).
 
-Both have BalancEdit's interface: ``edit(record) -> EditReport``, ``attached()``, ``remove(i)``
-and ``len()``, so that the protocols of evaluate.py run them alike.
+Each is an ``editor.Editor``, so that the protocols of evaluate.py run them alike, and each has
+its own config; both train with Eq. 2's loss (balancedit.train_value).
 """
 
 import contextlib
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from balancedit import (
-    BalancEditConfig,
-    Codebook,
-    EditReport,
-    Router,
-    distance,
-    new_value,
-    override,
-    train_value,
-)
+from balancedit import Codebook, Router, distance, new_value, override, train_value
+from editor import Editor, EditReport
 
 TIE = 1e-5  # GRACE's margin at a split, also kept beyond a key that a ball grows to cover
 
 
-class FineTune:
-    """FT: fine-tune (a float32 copy of) layer l with Eq. 2's loss, steps and lr. No routing, so
-    every input sees the edit; removing any edit undoes them all."""
+@dataclass
+class FTConfig:
+    layer: str | None = None  # dotted path of layer l; None: the backbone's
+    steps: int = 100  # Adam steps per edit (BalancEdit's)
+    lr: float = 1e-2  # Adam's learning rate (BalancEdit's)
+    cache: bool = True  # train on cached activations: the same values, faster
 
-    def __init__(self, backbone, config: BalancEditConfig):
+
+class FineTune(Editor):
+    """FT: fine-tune (a float32 copy of) layer l with Eq. 2's loss, steps and lr. No routing, so
+    every input sees the edit."""
+
+    def __init__(self, backbone, config: FTConfig = FTConfig()):
         self.backbone = backbone
         self.config = config
         self.layer_path = config.layer or backbone.target_layer
@@ -46,8 +47,9 @@ class FineTune:
         batch = self.backbone.encode([record.image], [record.question], [record.target])
         batch = self.backbone.to_device(batch)
         cfg = self.config
+        tail = self.backbone.tail(batch, self.layer_path) if cfg.cache else None
         losses = train_value(
-            self.backbone, self.layer_path, self.tuned, batch, cfg.steps, cfg.lr, cfg.cache
+            self.backbone, self.layer_path, self.tuned, batch, cfg.steps, cfg.lr, tail
         )
         self.n_edits += 1
         return EditReport(
@@ -66,33 +68,33 @@ class FineTune:
             return contextlib.nullcontext()
         return override(self.backbone, self.layer_path, self.tuned)
 
-    def remove(self, i: int) -> None:
-        """Undo every edit: one tuned layer holds them all."""
+    def remove(self, j: int) -> None:
+        """Undo every edit, not edit j alone: one tuned layer holds them all."""
+        if not 0 <= j < self.n_edits:
+            raise IndexError(f"edit {j} out of range for {self.n_edits} edits")
         self.tuned = None
         self.n_edits = 0
 
 
 class GraceRouter(Router):
-    """GRACE's hook: the query is the layer input at the last prompt position, and a hit replaces
-    the layer output at that position only (in GRACE each later token is its own query, far from
-    the key, so the answer's later tokens keep the layer). Decoding steps have no prompt
-    position: no edit."""
+    """GRACE's hook: the query is the layer input at the last prompt position (``pool="last"``),
+    and a hit replaces the layer output at that position only (in GRACE each later token is its
+    own query, far from the key, so the answer's later tokens keep the layer). Decoding steps
+    have no prompt position: they miss."""
 
-    def route(self, layer, args, out):
-        prompt = self.mask.bool()  # (B, T)
+    def __init__(self, model: nn.Module, layer_path: str, codebook: Codebook):
+        super().__init__(model, layer_path, codebook, pool="last")
+
+    def hold(self, index, prompt, masked) -> torch.Tensor:
+        return index  # nothing held: a decoding step's query (no prompt position) misses
+
+    def rewrite(self, out, h, index, prompt) -> torch.Tensor:
         B, T = prompt.shape
         positions = torch.arange(T, device=prompt.device)  # (T,)
         # Each row's last prompt position: the largest position where prompt is True, else -1.
         last = torch.where(prompt, positions, -1).amax(dim=1)  # (B,)
-        h = args[0].reshape(B, T, -1)  # (B, T, D): OPT's fc2 sees (B*T, D)
-        q = h[torch.arange(B), last.clamp(min=0)]  # (B, D)
-        j, _, hit = self.codebook.lookup(q)
-        index = torch.where(hit & (last >= 0), j, -1)  # (B,): -1 for a miss
-        self.last_index = index
-        if (index < 0).all():
-            return None
         new = out.clone(memory_format=torch.contiguous_format).view(B, T, -1)  # (B, T, D_out)
-        for b in (index >= 0).nonzero()[:, 0].tolist():
+        for b in ((index >= 0) & (last >= 0)).nonzero()[:, 0].tolist():
             new[b, last[b]] = self.codebook.values[int(index[b])].v.to(out.dtype)
         return new.view(out.shape)
 
@@ -115,7 +117,16 @@ class Vector(nn.Module):
         return torch.where(self.write.reshape(*h.shape[:-1], 1), self.v, y)
 
 
-class Grace:
+@dataclass
+class GraceConfig:
+    layer: str | None = None  # dotted path of layer l; None: the backbone's
+    eps0: float = 1.0  # the initial radius of every entry (Euclidean), GRACE's default
+    steps: int = 100  # Adam steps per edit (BalancEdit's)
+    lr: float = 1.0  # Adam's learning rate for the vector, GRACE's default
+    cache: bool = True  # train on cached activations: the same values, faster
+
+
+class Grace(Editor):
     """GRACE (Hartvigsen et al. 2023) at the same layer: a Euclidean codebook of vectors with a
     FIXED initial radius eps0. No key within eps0 + eps_j: a new entry; the same target: that ball
     grows to cover the key; another target: a new entry, and both radii become half the
@@ -126,11 +137,10 @@ class Grace:
     the edit's own prompt then hits depends on the last bits of a forward pass (another batch,
     another thread count). The ball grows TIE beyond the key instead, so the key is inside."""
 
-    def __init__(self, backbone, config: BalancEditConfig, eps0: float = 1.0, lr: float = 1.0):
+    def __init__(self, backbone, config: GraceConfig = GraceConfig()):
         self.backbone = backbone
         self.config = config
-        self.eps0 = eps0
-        self.lr = lr
+        self.eps0 = config.eps0
         self.layer_path = config.layer or backbone.target_layer
         self.layer = backbone.get_submodule(self.layer_path)
         self.codebook = Codebook("euc").to(self.layer.weight.device)
@@ -178,9 +188,8 @@ class Grace:
             vector = Vector(self.layer, y)  # a new vector starts as the layer's output
         vector.write = write
         cfg = self.config
-        losses = train_value(
-            self.backbone, self.layer_path, vector, batch, cfg.steps, self.lr, cfg.cache
-        )
+        tail = self.backbone.tail(batch, self.layer_path) if cfg.cache else None
+        losses = train_value(self.backbone, self.layer_path, vector, batch, cfg.steps, cfg.lr, tail)
         if action != "expand":
             j = cb.add(k, vector, eps, record.target)
         return EditReport(
@@ -197,5 +206,7 @@ class Grace:
     def attached(self) -> GraceRouter:
         return GraceRouter(self.backbone, self.layer_path, self.codebook)
 
-    def remove(self, i: int) -> None:
-        self.codebook.remove(i)
+    def remove(self, j: int) -> None:
+        """Remove entry j: the edit that made it, and any later edit of the same target that
+        grew its ball instead of adding an entry."""
+        self.codebook.remove(j)

@@ -1,5 +1,5 @@
 """The data that edits are made and scored on: edit records, the paper's two dataset
-loaders, anchor images, and the tiny world behind TinyVLM and the shipped sample.
+loaders and writers, anchor images, and the shipped sample.
 
 The paper (Guo et al., ICML 2025) evaluates on OKEDIT, its own benchmark, and on
 MMEdit's E-VQA; both are read here into one structure, `EditRecord`, which carries
@@ -15,11 +15,8 @@ everything the metrics of the paper's Appendix C need:
                                         families: an edit must not change them (q_loc)
 
 `anchor_image` makes the black / white / noise negative anchor images of the
-paper's Table 7 ablation.
-
-The world (bottom of the file) is a tiny, fully known visual domain that
-generates both TinyVLM's endless training stream and the shipped tiny OKEDIT
-sample (`python data.py make-sample --seed 0 --out assets/okedit_tiny`).
+paper's Table 7 ablation. `load_sample` reads the shipped tiny OKEDIT sample, which
+world.py generates.
 
 Layouts, as the authors release them (their loaders: donglgcn/EasyEdit, branch MMOKVQA,
 easyeditor/dataset/okvqa.py and vqa.py):
@@ -39,26 +36,21 @@ easyeditor/dataset/okvqa.py and vqa.py):
 
 Records hold image files, decoded when read (`ImageFile`). Bad input gets a `DataError`
 naming the file, the record and the field; the only records skipped are those the authors'
-loaders skip (an empty target), and they are counted. Writers produce byte-identical files
-on every run, and `load_x(write_x(records)) == records`.
+loaders skip (an empty target), and they are counted. writers.py writes records back in
+these layouts.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import os
-import random
-import re
-import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
-from typing import Any, Iterator, NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 # -----------------------------------------------------------------------------
 # records
@@ -191,15 +183,7 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
-def _is_str(v: Any) -> bool:
-    return isinstance(v, str)
-
-
-def _is_id(v: Any) -> bool:
-    return isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool))
-
-
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -207,22 +191,20 @@ def _is_str_list(v: Any) -> bool:
     return isinstance(v, list) and all(isinstance(x, str) for x in v)
 
 
-def _is_str_or_str_list(v: Any) -> bool:
-    return isinstance(v, str) or _is_str_list(v)
-
-
-def _is_dict_list(v: Any) -> bool:
-    return isinstance(v, list) and all(isinstance(x, dict) for x in v)
-
-
 # expected type name -> (check, description for "should be {description}")
 _EXPECTED = {
-    "str": (_is_str, "a string"),
-    "id": (_is_id, "an int or a string"),
-    "int": (_is_int, "an int"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "id": (lambda v: isinstance(v, str) or is_int(v), "an int or a string"),
+    "int": (is_int, "an int"),
     "str_list": (_is_str_list, "a list of strings"),
-    "str_or_str_list": (_is_str_or_str_list, "a string or a list of strings"),
-    "dict_list": (_is_dict_list, "a list of objects"),
+    "str_or_str_list": (
+        lambda v: isinstance(v, str) or _is_str_list(v),
+        "a string or a list of strings",
+    ),
+    "dict_list": (
+        lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v),
+        "a list of objects",
+    ),
 }
 
 
@@ -322,24 +304,6 @@ def _open_image(path: Path, record: str, field: str) -> Image.Image:
         ) from e
     rgb.info = {}
     return rgb
-
-
-def _save_png(image: Image.Image, path: Path) -> Path:
-    """Save with fixed options and no metadata, so reruns are byte-identical."""
-    if not isinstance(image, Image.Image):
-        raise DataError(f"{path}: cannot write {type(image).__name__} as an image")
-    rgb = image.convert("RGB")
-    rgb.info = {}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rgb.save(path, format="PNG", compress_level=6)
-    return path
-
-
-def _write_json(data: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(data, sort_keys=True, indent=1, ensure_ascii=False) + "\n"
-    path.write_text(text, encoding="utf-8")
-    return path
 
 
 # -----------------------------------------------------------------------------
@@ -476,44 +440,70 @@ def _okedit_record(ann: dict, rid: str, questions: dict, files: _Okedit) -> Edit
     train_rephrases = _field(
         q, "rephrased_questions_train", "str_list", files.questions, rid, [], nonempty=False
     )
+    image = _coco_image(files.coco, image_id, rid)
+    rephrase_images = _rephrase_images(files, rid)
+    return EditRecord(
+        id=rid,
+        image=image,
+        question=question,
+        answer=answer,
+        target=target,
+        rephrases=list(rephrases),
+        train_rephrases=list(train_rephrases),
+        rephrase_images=rephrase_images,
+        locality=_okedit_locality(ann, rid, question, loc_answer, files),
+        m_locality=_okedit_m_loc(ann, rid, files),
+        category=category,
+        q_locality=_okedit_q_loc(ann, rid, [image, *rephrase_images], path),
+        negative_answer=negative,
+    )
 
-    # --- the edit image: COCO's name, .jpg as COCO ships it, or lossless .png
-    stem = files.coco / "val2014" / f"COCO_val2014_{image_id:012d}"
+
+def _coco_image(coco: Path, image_id: int, rid: str) -> ImageFile:
+    """The edit image: COCO's name, .jpg as COCO ships it, or lossless .png."""
+    stem = coco / "val2014" / f"COCO_val2014_{image_id:012d}"
     jpg = stem.with_suffix(".jpg")
     png = stem.with_suffix(".png")
     if not jpg.is_file() and not png.is_file():
         raise DataError(f"{jpg} or {png.name}: record {rid}: field 'image': file not found")
-    image = ImageFile(jpg if jpg.is_file() else png, rid, "image")
+    return ImageFile(jpg if jpg.is_file() else png, rid, "image")
 
-    # --- rephrase images: every file of {rephrase root}/{qid}/, sorted by name
-    rdir = _inside(files.rephrase, rid, path, rid, "question_id")
+
+def _rephrase_images(files: _Okedit, rid: str) -> list[ImageFile]:
+    """Every file of {rephrase root}/{qid}/, sorted by name."""
+    rdir = _inside(files.rephrase, rid, files.annotations, rid, "question_id")
     if not rdir.is_dir():
         raise DataError(f"{rdir}: record {rid}: field 'rephrase_images': folder not found")
     names = sorted(p.name for p in rdir.iterdir() if p.is_file() and not p.name.startswith("."))
     if not names:
         raise DataError(f"{rdir}: record {rid}: field 'rephrase_images': folder holds no images")
-    rephrase_images = [ImageFile(rdir / n, rid, "rephrase_images") for n in names]
+    return [ImageFile(rdir / n, rid, "rephrase_images") for n in names]
 
-    # --- locality: {locality root}/{qid}/0.png asked the edit's question (of the authors' ten
-    # DALL-E images only 0.png is asked). Our extension: lists of answers and questions for
-    # 0.png, 1.png, ...; other files of the folder are not read.
+
+def _okedit_locality(
+    ann: dict, rid: str, question: str, loc_answer: Union[str, list[str]], files: _Okedit
+) -> list[Sample]:
+    """{locality root}/{qid}/0.png asked the edit's question (of the authors' ten DALL-E images
+    only 0.png is asked). Our extension: lists of answers and questions for 0.png, 1.png, ...;
+    other files of the folder are not read."""
+    path = files.annotations
     loc_answers = [loc_answer] if isinstance(loc_answer, str) else loc_answer
     loc_questions = _field(
         ann, "locality_questions", "str_list", path, rid, default=[question] * len(loc_answers)
     )
     if len(loc_questions) != len(loc_answers):
-        raise _err(
-            path,
-            rid,
-            "locality_questions",
-            f"has {len(loc_questions)} items but 'locality_answer' has {len(loc_answers)}",
-        )
+        problem = f"has {len(loc_questions)} items but 'locality_answer' has {len(loc_answers)}"
+        raise _err(path, rid, "locality_questions", problem)
     ldir = _inside(files.locality, rid, path, rid, "question_id")
     locality = []
     for k, (lq, la) in enumerate(zip(loc_questions, loc_answers)):
         locality.append(Sample(_image_file(ldir / f"{k}.png", rid, "locality"), lq, la))
+    return locality
 
-    # --- m_loc (our extension): unrelated samples, images relative to the data folder
+
+def _okedit_m_loc(ann: dict, rid: str, files: _Okedit) -> list[Sample]:
+    """m_loc (our extension): unrelated samples, images relative to the data folder."""
+    path = files.annotations
     m_locality = []
     for k, m in enumerate(_field(ann, "m_loc", "dict_list", path, rid, [], nonempty=False)):
         where = f"{rid} (m_loc item {k})"
@@ -525,10 +515,12 @@ def _okedit_record(ann: dict, rid: str, questions: dict, files: _Okedit) -> Edit
                 _field(m, "answer", "str", path, where),
             )
         )
+    return m_locality
 
-    # --- q_locality (our extension): the record's own images asked other questions;
-    # image_index 0 is the edit image, k the k-th rephrase image
-    own = [image, *rephrase_images]
+
+def _okedit_q_loc(ann: dict, rid: str, own: list[ImageFile], path: Path) -> list[Sample]:
+    """q_locality (our extension): the record's own images asked other questions;
+    image_index 0 is the edit image, k the k-th rephrase image."""
     q_locality = []
     for k, item in enumerate(_field(ann, "q_locality", "dict_list", path, rid, [], nonempty=False)):
         where = f"{rid} (q_locality item {k})"
@@ -542,152 +534,7 @@ def _okedit_record(ann: dict, rid: str, questions: dict, files: _Okedit) -> Edit
                 _field(item, "answer", "str", path, where),
             )
         )
-
-    return EditRecord(
-        id=rid,
-        image=image,
-        question=question,
-        answer=answer,
-        target=target,
-        rephrases=list(rephrases),
-        train_rephrases=list(train_rephrases),
-        rephrase_images=rephrase_images,
-        locality=locality,
-        m_locality=m_locality,
-        category=category,
-        q_locality=q_locality,
-        negative_answer=negative,
-    )
-
-
-def _check_owned_dir(folder: Path, names: set[str], rid: str, field: str) -> None:
-    """Refuse to write into a per-record folder holding files we would not write:
-    the loader reads every file there, so stale files would change the dataset."""
-    if folder.is_dir():
-        stale = sorted(p.name for p in folder.iterdir() if p.name not in names)
-        if stale:
-            raise DataError(
-                f"{folder}: record {rid}: field '{field}': folder already holds "
-                f"files this write would not produce ({', '.join(stale[:5])}); "
-                f"write into an empty directory"
-            )
-
-
-def _okedit_checks(r: EditRecord, seen: set[str]) -> None:
-    """Refuse a record that OKEDIT cannot hold, naming its field."""
-    if not (isinstance(r.id, str) and re.fullmatch(r"-?[0-9]+", r.id) and str(int(r.id)) == r.id):
-        raise DataError(
-            f"write_okedit: record {r.id!r}: field 'id' must be an int-like string "
-            f"such as '17' (OKEDIT's question_id is an int)"
-        )
-    if r.id in seen:
-        raise DataError(f"write_okedit: record {r.id}: field 'id' is duplicated")
-    for name, items in (("rephrase_images", r.rephrase_images), ("locality", r.locality)):
-        if not items:
-            raise DataError(
-                f"write_okedit: record {r.id}: field '{name}' is empty; OKEDIT needs at least one"
-            )
-    for name, samples in (("locality", r.locality), ("m_locality", r.m_locality)):
-        if any(s.image is None for s in samples):
-            raise DataError(
-                f"write_okedit: record {r.id}: field '{name}' has a text-only "
-                f"sample; OKEDIT stores an image for each"
-            )
-
-
-def write_okedit(
-    records: list[EditRecord],
-    out_dir: Union[str, os.PathLike],
-    image_ids: Optional[list[int]] = None,
-) -> list[Path]:
-    """Write records as the authors release OKEDIT, with our extensions where a record needs
-    them; load_okedit reads them back equal. Images are lossless PNGs:
-    val2014/COCO_val2014_{image_id:012d}.png, rephrased_images/{qid}/{k}.png,
-    locality_images_dalle2/{qid}/{k}.png and m_loc/{qid}/{k}.png. Deterministic; returns the
-    paths written. image_id defaults to 1..N in order; ids must be int-like strings."""
-    out = Path(out_dir)
-    if image_ids is None:
-        image_ids = list(range(1, len(records) + 1))
-    if (
-        len(image_ids) != len(records)
-        or len(set(image_ids)) != len(image_ids)
-        or not all(_is_int(x) and x >= 0 for x in image_ids)
-    ):
-        raise DataError(
-            f"write_okedit: image_ids must be {len(records)} distinct non-negative ints"
-        )
-    annotations = []
-    questions = []
-    seen: set[str] = set()
-    written = []
-    for r, image_id in zip(records, image_ids):
-        _okedit_checks(r, seen)
-        seen.add(r.id)
-        qid = int(r.id)
-        image = r.image  # each read decodes: read once
-        rephrase_images = r.rephrase_images
-
-        stem = out / "val2014" / f"COCO_val2014_{image_id:012d}"
-        if stem.with_suffix(".jpg").exists():  # the loader would read it instead
-            raise DataError(
-                f"{stem.with_suffix('.jpg')}: record {r.id}: field 'image': a stale "
-                f".jpg would shadow the .png written here; write into an empty directory"
-            )
-        written.append(_save_png(image, stem.with_suffix(".png")))
-        width = len(str(len(rephrase_images) - 1))  # 0-9, or 00-11: name order = list order
-        rep_names = [f"{k:0{width}d}.png" for k in range(len(rephrase_images))]
-        rdir = out / REPHRASE_DIR / r.id
-        _check_owned_dir(rdir, set(rep_names), r.id, "rephrase_images")
-        for name, im in zip(rep_names, rephrase_images):
-            written.append(_save_png(im, rdir / name))
-        for k, s in enumerate(r.locality):
-            written.append(_save_png(s.image, out / LOCALITY_DIR / r.id / f"{k}.png"))
-        m_loc = []
-        for k, s in enumerate(r.m_locality):
-            rel = f"m_loc/{r.id}/{k}.png"
-            written.append(_save_png(s.image, out / rel))
-            m_loc.append({"image": rel, "question": s.question, "answer": s.answer})
-        own = [im.tobytes() for im in [image, *rephrase_images]]  # what image_index counts
-        q_loc = []
-        for k, s in enumerate(r.q_locality):
-            if s.image is None or s.image.tobytes() not in own:
-                raise DataError(
-                    f"write_okedit: record {r.id}: field 'q_locality' item {k}: its image must be "
-                    f"the record's image or one of its rephrase images"
-                )
-            index = own.index(s.image.tobytes())
-            q_loc.append({"image_index": index, "question": s.question, "answer": s.answer})
-
-        ann = {
-            "question_id": qid,
-            "image_id": image_id,
-            "answers": [{"answer": r.answer}],  # VQA's form
-            "counterfact_answer": r.target,
-        }
-        loc_answers = [s.answer for s in r.locality]  # one: the authors' form, a string
-        ann["locality_answer"] = loc_answers[0] if len(loc_answers) == 1 else loc_answers
-        if any(s.question != r.question for s in r.locality):
-            ann["locality_questions"] = [s.question for s in r.locality]
-        optional = {
-            "counterfact_type": r.category,
-            "locality_answer_train": r.negative_answer,
-            "m_loc": m_loc,
-            "q_locality": q_loc,
-        }
-        ann.update({k: v for k, v in optional.items() if v})
-        annotations.append(ann)
-        q = {
-            "question_id": qid,
-            "image_id": image_id,
-            "question": r.question,
-            "rephrased_questions": list(r.rephrases),
-        }
-        if r.train_rephrases:
-            q["rephrased_questions_train"] = list(r.train_rephrases)
-        questions.append(q)
-    written.append(_write_json({"annotations": annotations}, out / ANNOTATION_FILES[0]))
-    written.append(_write_json({"questions": questions}, out / QUESTION_FILES[0]))
-    return written
+    return q_locality
 
 
 # -----------------------------------------------------------------------------
@@ -750,460 +597,12 @@ def load_mmedit(
     return records
 
 
-def write_mmedit(
-    records: list[EditRecord],
-    json_path: Union[str, os.PathLike],
-    image_root: Union[str, os.PathLike],
-) -> None:
-    """Write records of MMEdit's shape as E-VQA json + PNGs named {i}.png,
-    {i}_rephrase.png, {i}_m_loc.png under image_root (the coco and the rephrase root). Raises
-    rather than drop anything E-VQA cannot hold (ids other than list positions, category,
-    more than one rephrase / rephrase image / locality / m_loc)."""
-    path = Path(json_path)
-    image_root = Path(image_root)
-    items = []
-    for i, r in enumerate(records):
-        shape = {
-            "id": r.id == str(i),
-            "rephrases": len(r.rephrases) == 1,
-            "rephrase_images": len(r.rephrase_images) == 1,
-            "locality": len(r.locality) == 1 and r.locality[0].image is None,
-            "m_locality": len(r.m_locality) == 1 and r.m_locality[0].image is not None,
-            "category": r.category == "",
-            "q_locality": not r.q_locality,
-        }
-        bad = [k for k, ok in shape.items() if not ok]
-        if bad:
-            raise DataError(
-                f"write_mmedit: record {r.id}: field '{bad[0]}' does not fit MMEdit's shape "
-                f"(id = list position '{i}', exactly one rephrase, one rephrase image, one "
-                f"text-only locality, one m_loc with an image, no category, no q_locality)"
-            )
-        names = {
-            "image": f"{i}.png",
-            "image_rephrase": f"{i}_rephrase.png",
-            "m_loc": f"{i}_m_loc.png",
-        }
-        _save_png(r.image, image_root / names["image"])
-        _save_png(r.rephrase_images[0], image_root / names["image_rephrase"])
-        _save_png(r.m_locality[0].image, image_root / names["m_loc"])
-        item = {
-            "src": r.question,
-            "pred": r.answer,
-            "rephrase": r.rephrases[0],
-            "alt": r.target,
-            "loc": r.locality[0].question,
-            "loc_ans": r.locality[0].answer,
-            "m_loc_q": r.m_locality[0].question,
-            "m_loc_a": r.m_locality[0].answer,
-            **names,
-        }
-        if r.train_rephrases:
-            item["rephrased_questions_train"] = list(r.train_rephrases)
-        if r.negative_answer:
-            item["locality_answer_train"] = r.negative_answer
-        items.append(item)
-    _write_json(items, path)
-
-
-# ---------------------------------------------------------------------------
-# The world: a tiny, fully known visual domain.
-#
-# One object per 64x64 image: a shape in a colour (a "kind", e.g. a red
-# circle), with nuisance variation (size, position, background tint, pixel
-# noise). Three question families with ten paraphrases each: shape, colour
-# and name, where every kind has a made-up name (the analogue of OKEDIT's
-# "What brand is this computer?"). The knowledge is fixed; a seed only picks
-# renderings and records, so one trained TinyVLM knows every seed's world.
-#
-# Edits change an answer at two scopes, like the paper's Fig. 1:
-#   scope "kind":  the name of one kind       ("what is this called?" on red circles)
-#   scope "shape": the shape word of a shape  ("what shape is this?" on all circles)
-# Training and evaluation renderings never coincide: the object's centre
-# (cx, cy) has cx + cy even in training renderings and odd in evaluation ones.
-# ---------------------------------------------------------------------------
-
-SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star")
-COLOURS = {  # base RGB; each rendering jitters it by up to +-14 per channel
-    "red": (215, 35, 35),
-    "green": (35, 165, 55),
-    "blue": (40, 75, 215),
-    "yellow": (230, 205, 35),
-    "purple": (135, 45, 170),
-    "orange": (240, 130, 25),
-}
-KINDS = [(s, c) for s in SHAPES for c in COLOURS]  # 36 kinds
-
-
-def _made_up_words(n: int, seed: int, avoid: set[str] = frozenset()) -> list[str]:
-    """n distinct pronounceable non-words, fixed by `seed` (not the world's seed)."""
-    rng = random.Random(seed)
-    words: list[str] = []
-    while len(words) < n:
-        syllables = "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(2))
-        w = syllables + rng.choice("knrsx")
-        if w not in words and w not in avoid:
-            words.append(w)
-    return words
-
-
-KIND_NAMES = dict(zip(KINDS, _made_up_words(len(KINDS), seed=1)))  # what each kind is called
-# The edit targets y^n, never trained on.
-NEW_WORDS = _made_up_words(64, seed=2, avoid=set(KIND_NAMES.values()))
-
-QUESTIONS = {  # family -> ten paraphrases
-    "shape": [
-        "what shape is this?",
-        "what shape is the object?",
-        "which shape is shown?",
-        "what is the shape of the object?",
-        "what shape do you see?",
-        "what shape is in the picture?",
-        "which shape is in the image?",
-        "tell me the shape of this thing.",
-        "what geometric shape is this?",
-        "what is the form of this object?",
-    ],
-    "colour": [
-        "what colour is this?",
-        "what colour is the object?",
-        "which colour is shown?",
-        "what is the colour of the object?",
-        "what colour do you see?",
-        "what colour is in the picture?",
-        "which colour does the object have?",
-        "tell me the colour of this thing.",
-        "what hue is this object?",
-        "what is the colour of this thing?",
-    ],
-    "name": [
-        "what is this called?",
-        "what is the name of this thing?",
-        "what do people call this?",
-        "how is this object named?",
-        "what is this object called?",
-        "what name does this have?",
-        "tell me the name of this object.",
-        "what is the name of the object in the picture?",
-        "what do we call this thing?",
-        "which name does this object have?",
-    ],
-}
-FAMILY_OF = {q: f for f, qs in QUESTIONS.items() for q in qs}
-ANCHOR_ANSWERS = {  # defined answers for the plain anchor images
-    "black": {"shape": "nothing", "colour": "black", "name": "nothing"},
-    "white": {"shape": "nothing", "colour": "white", "name": "nothing"},
-}
-SIZE = 64
-JITTER = 5  # the object's centre lies within +-JITTER pixels of the image centre
-
-
-def answer_of(kind: tuple[str, str], family: str) -> str:
-    """The world's true answer for a kind (shape, colour) and a question family."""
-    shape, colour = kind
-    return {"shape": shape, "colour": colour, "name": KIND_NAMES[kind]}[family]
-
-
-def rephrasings(question: str) -> list[str]:
-    """The other paraphrases of `question` in its family (what TinyVLM 'knows' as rephrasings)."""
-    if question not in FAMILY_OF:
-        raise ValueError(f"not a question of the world: {question!r}")
-    return [q for q in QUESTIONS[FAMILY_OF[question]] if q != question]
-
-
-def vocabulary() -> list[str]:
-    """Every word the world can ask or answer, plus the edit targets (sorted, for the tokenizer)."""
-    words = set(KIND_NAMES.values()) | set(NEW_WORDS) | set(SHAPES) | set(COLOURS)
-    words |= {a for answers in ANCHOR_ANSWERS.values() for a in answers.values()}
-    for q in FAMILY_OF:
-        words |= set(re.findall(r"\w+|[^\w\s]", q))
-    return sorted(words)
-
-
-def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
-    if shape == "triangle":
-        return [(cx, cy - r), (cx - r * 0.95, cy + r * 0.8), (cx + r * 0.95, cy + r * 0.8)]
-    if shape == "diamond":
-        return [(cx, cy - r), (cx + r * 0.8, cy), (cx, cy + r), (cx - r * 0.8, cy)]
-    if shape == "star":
-        return [
-            (
-                cx + (r if i % 2 == 0 else r * 0.45) * math.sin(i * math.pi / 5),
-                cy - (r if i % 2 == 0 else r * 0.45) * math.cos(i * math.pi / 5),
-            )
-            for i in range(10)
-        ]
-    raise ValueError(shape)
-
-
-def _centre(rng: random.Random, r: int, split: str) -> tuple[int, int]:
-    """The object's centre: cx + cy is even in "train" renderings and odd in "eval" ones."""
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    lo = SIZE // 2 - JITTER
-    hi = SIZE // 2 + JITTER
-    cx = rng.randint(lo, hi)
-    cy = rng.randint(lo, hi)
-    if (cx + cy) % 2 != (0 if split == "train" else 1):  # the train/eval partition
-        cy += 1 if cy < hi else -1
-    return cx, cy
-
-
-def render(kind: tuple[str, str], rng: random.Random, split: str) -> Image.Image:
-    """One 64x64 rendering of `kind`; split "train" puts the centre on cx+cy even, "eval" on odd."""
-    shape, colour = kind
-    r = rng.randint(14, 21)  # object half-size
-    cx, cy = _centre(rng, r, split)
-    grey = rng.randint(190, 235)  # light backgrounds: every colour is darker than its background
-    background = tuple(min(255, grey + rng.randint(-12, 12)) for _ in range(3))
-    fill = tuple(min(255, max(0, v + rng.randint(-14, 14))) for v in COLOURS[colour])
-    image = Image.new("RGB", (SIZE, SIZE), background)
-    draw = ImageDraw.Draw(image)
-    if shape == "circle":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    elif shape == "square":
-        s = round(r * 0.85)
-        draw.rectangle((cx - s, cy - s, cx + s, cy + s), fill=fill)
-    elif shape == "cross":
-        w = max(3, r // 3)
-        draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=fill)
-        draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=fill)
-    else:
-        draw.polygon(_polygon(shape, cx, cy, r), fill=fill)
-    noise = np.random.default_rng(rng.getrandbits(32)).integers(-5, 6, (SIZE, SIZE, 3))
-    pixels = np.clip(np.asarray(image, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
-    return Image.fromarray(pixels, "RGB")
-
-
-def training_stream(seed: int) -> Iterator[Sample]:
-    """Endless training samples for TinyVLM: every kind x family x paraphrase, plus anchors.
-
-    Only "train" renderings (cx + cy even), so no evaluation rendering is ever produced.
-    """
-    rng = random.Random(seed)
-    while True:
-        family = rng.choice(sorted(QUESTIONS))
-        question = rng.choice(QUESTIONS[family])
-        if rng.random() < 0.06:
-            anchor = rng.choice(sorted(ANCHOR_ANSWERS))
-            yield Sample(anchor_image(anchor, SIZE), question, ANCHOR_ANSWERS[anchor][family])
-        else:
-            kind = rng.choice(KINDS)
-            yield Sample(render(kind, rng, "train"), question, answer_of(kind, family))
-
-
-def _near_misses(kind: tuple[str, str]) -> list[tuple[str, str]]:
-    """Kinds that differ from `kind` in exactly one attribute (shape or colour)."""
-    return [k for k in KINDS if (k[0] == kind[0]) != (k[1] == kind[1])]
-
-
-def _edited_kinds(rng: random.Random, n_locality: int, limit: int) -> list[tuple[str, str]]:
-    """Up to `limit` kinds to edit, each keeping at least `n_locality` near misses unedited."""
-    chosen: list[tuple[str, str]] = []
-    for kind in rng.sample(KINDS, len(KINDS)):
-        trial = chosen + [kind]
-        if len(chosen) < limit and all(
-            len(set(_near_misses(k)) - set(trial)) >= n_locality for k in trial
-        ):
-            chosen = trial
-    return chosen
-
-
-def make_records(
-    seed: int,
-    n: int = 40,
-    n_rephrases: int = 5,
-    n_train_rephrases: int = 2,
-    n_images: int = 5,
-    n_locality: int = 3,
-    n_unrelated: int = 2,
-) -> list[EditRecord]:
-    """`n` edit records, alternately of scope "kind" (a kind's name) and "shape" (a shape's word).
-
-    Every rendering is from the "eval" split. The records are consistent with each other, so
-    that all of them can be applied at once (the sequential protocol): one kind or one shape
-    always gets the same target, shape-scope edits touch half of the shapes, and no record's
-    locality sample lies in any record's edit scope (edited kinds keep unedited near misses).
-    Unrelated samples ask the colour, which no edit changes. Beyond what the world can hold
-    (about 40 records) kinds repeat; targets stay consistent.
-    """
-    if n < 2 or n % 2:
-        raise ValueError(f"n must be an even number >= 2, got {n}")
-    if n_locality > len(SHAPES) // 2:
-        raise ValueError(f"n_locality must be at most {len(SHAPES) // 2}, got {n_locality}")
-    rng = random.Random(seed)
-    words = rng.sample(NEW_WORDS, len(NEW_WORDS))  # a seeded order of the new words
-    edited_shapes = rng.sample(SHAPES, len(SHAPES) // 2)  # shape scope: half of the shapes
-    kinds = _edited_kinds(rng, n_locality, n // 2)  # kind scope
-    target_of = dict(zip([*edited_shapes, *kinds], words))  # one target per shape / kind
-
-    def unedited(family: str, k: tuple[str, str]) -> bool:
-        """No edit changes the answer of this question family on kind k."""
-        if family == "name":
-            return k not in kinds
-        if family == "shape":
-            return k[0] not in edited_shapes
-        return True  # no edit changes a colour
-
-    records = []
-    for i in range(n):
-        if i % 2 == 0:  # scope "kind": the name of one kind
-            kind = kinds[(i // 2) % len(kinds)]
-            family = "name"
-            target = target_of[kind]
-            scope = [kind]
-            near = [k for k in _near_misses(kind) if k not in kinds]
-        else:  # scope "shape": the shape word of every colour of one shape
-            shape = rng.choice(edited_shapes)
-            kind = (shape, rng.choice(sorted(COLOURS)))
-            family = "shape"
-            target = target_of[shape]
-            scope = [k for k in KINDS if k[0] == shape]
-            near = [k for k in KINDS if k[1] == kind[1] and k[0] not in edited_shapes]
-        questions = rng.sample(QUESTIONS[family], 1 + n_rephrases + n_train_rephrases)
-        question = questions[0]
-        unrelated = [rng.choice(KINDS) for _ in range(n_unrelated)]
-        image = render(kind, rng, "eval")
-        shown = [(kind, image)]  # each image with its kind, in the order the stream draws them
-        for _ in range(n_images):
-            k = rng.choice(scope)
-            shown.append((k, render(k, rng, "eval")))
-        locality = []
-        for k in rng.sample(near, n_locality):
-            locality.append(Sample(render(k, rng, "eval"), question, answer_of(k, family)))
-        m_locality = []
-        for k in unrelated:
-            m_image = render(k, rng, "eval")  # drawn before its question, as always
-            m_question = rng.choice(QUESTIONS["colour"])
-            m_locality.append(Sample(m_image, m_question, answer_of(k, "colour")))
-        # q_locality: each of the edit's images asked another family, one that no edit changes
-        # on the image's kind (alternating among those), so that no edit, alone or with the
-        # others, should change the answer. It draws from a stream of its own, so that every
-        # rendering above stays what it was.
-        qrng = random.Random(f"q_locality {seed} {i}")
-        others = [f for f in QUESTIONS if f != family]
-        q_locality = []
-        for j, (k, im) in enumerate(shown):
-            safe = [f for f in others if unedited(f, k)]
-            f = safe[j % len(safe)]
-            q_locality.append(Sample(im, qrng.choice(QUESTIONS[f]), answer_of(k, f)))
-        records.append(
-            EditRecord(
-                id=str(i + 1),
-                image=image,
-                question=question,
-                answer=answer_of(kind, family),
-                target=target,
-                rephrases=questions[1 : 1 + n_rephrases],
-                train_rephrases=questions[1 + n_rephrases :],
-                rephrase_images=[im for _, im in shown[1:]],
-                q_locality=q_locality,
-                locality=locality,
-                m_locality=m_locality,
-                category="kind" if i % 2 == 0 else "shape",
-            )
-        )
-    return records
-
-
-# ---------------------------------------------------------------------------
-# The tiny OKEDIT sample (assets/okedit_tiny), written by `python data.py make-sample`
-# ---------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
+# The tiny OKEDIT sample (assets/okedit_tiny, written by `python world.py make-sample`)
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "assets" / "okedit_tiny"
-SAMPLE_SEED = 0  # the seed the committed sample was made with
 
 
 def load_sample(limit: Optional[int] = None) -> list[EditRecord]:
     """The shipped tiny OKEDIT sample, read through the OKEDIT loader."""
     return load_okedit(SAMPLE_DIR, limit=limit)
-
-
-def make_sample(seed: int, out_dir: Union[str, os.PathLike], n: int = 40) -> list[Path]:
-    """Write `make_records(seed, n)` in the OKEDIT layout (byte-identical for the same seed);
-    returns the paths written."""
-    return write_okedit(make_records(seed, n), out_dir)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Data for BalancEdit: make-sample writes the world's "
-        "edit records in the OKEDIT layout (the shipped sample is "
-        f"`make-sample --seed {SAMPLE_SEED} --out assets/okedit_tiny`)."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    m = sub.add_parser("make-sample", help="write a tiny OKEDIT-layout sample from the world")
-    m.add_argument(
-        "--seed", type=int, default=SAMPLE_SEED, help=f"world seed (default {SAMPLE_SEED})"
-    )
-    m.add_argument("--out", required=True, help="output directory")
-    m.add_argument("-n", type=int, default=40, help="number of edit records, even (default 40)")
-    return parser
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        cleanup = claim_output(args.out, folder=True)  # by trying, before any work
-    except OutputError as e:
-        parser.exit(2, f"data.py make-sample: error: {e}\n")
-    try:
-        written = make_sample(args.seed, args.out, args.n)
-    except (ValueError, OSError) as e:
-        cleanup()
-        parser.exit(2, f"data.py make-sample: error: {e}\n")
-    mine = set(written)
-    others = [p for p in Path(args.out).rglob("*") if p.is_file() and p not in mine]
-    size = sum(p.stat().st_size for p in written)
-    message = f"wrote {args.n} records, {len(written)} files, {size} bytes to {args.out}"
-    if others:
-        message += f" ({len(others)} other files already there were left as they were)"
-    print(message)
-    return 0
-
-
-# ---------------------------------------------------------------------------
-# Output paths, claimed by trying before any work (root passes os.access, then fails)
-# ---------------------------------------------------------------------------
-
-
-class OutputError(OSError):
-    """An output path that cannot be written, in one line that names the option and path."""
-
-
-def claim_output(path: Union[str, os.PathLike], flag: str = "--out", folder: bool = False):
-    """Try, before any work, that a command can write ``path``: a file, or with ``folder`` the
-    folder it fills. Makes the missing folders, creates and removes a file in the one that will
-    hold the output, and opens an existing output file for appending (which changes nothing).
-    Returns ``cleanup()``, which removes the folders made here if still empty: call it when the
-    run fails before writing. Raises OutputError, e.g. "--out /proc/x/r.json: cannot write
-    there (No such file or directory)"."""
-    path = Path(path)
-    where = path if folder else path.parent
-    made = [p for p in (where, *where.parents) if not p.exists()]  # deepest first
-
-    def cleanup():
-        for p in made:
-            try:
-                p.rmdir()
-            except OSError:  # not empty (or gone): keep it and what holds it
-                return
-
-    if path.is_dir() and not folder:
-        raise OutputError(f"{flag} {path}: is a folder; give a file's path")
-    try:
-        where.mkdir(parents=True, exist_ok=True)
-        trial = where / f".write-test-{os.getpid()}"
-        trial.open("xb").close()  # x: never an existing file
-        trial.unlink()
-        if path.is_file():
-            path.open("ab").close()
-    except OSError as e:
-        cleanup()
-        raise OutputError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
-    return cleanup
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -36,9 +36,12 @@ from typing import Iterator, NamedTuple, Optional, Sequence
 import torch
 from PIL import Image
 
+import cli
 import data
 import evaluate as ev
 import models
+import writers
+from train import train_tiny, warmup_cosine
 
 MODEL_DIR = models.ASSETS / "tinyvlm_easyvqa"
 SHAPES = ("circle", "rectangle", "triangle")
@@ -234,7 +237,7 @@ def pretrain_vision(
     heads = torch.nn.Linear(W, len(SHAPES) + len(COLOURS))
     params = [*model.vision.parameters(), *heads.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    sched = models.warmup_cosine(opt, steps)
+    sched = warmup_cosine(opt, steps)
     losses = []
     for _ in tqdm(range(steps), desc="pretrain ViT", disable=not progress):
         pick = torch.randint(0, len(ids), (batch_size,))
@@ -261,14 +264,14 @@ def train(
     vision_steps: int = 600,
 ) -> list[float]:
     """BLIP-2's recipe in small: the ViT pretrained on the train images (``vision_steps``) and
-    frozen, then models.train_tiny on easy-VQA's train questions over its vocabulary. Returns
+    frozen, then train.train_tiny on easy-VQA's train questions over its vocabulary. Returns
     the language model's loss per step."""
     torch.manual_seed(seed)
     model = models.TinyVLM(config, models.build_tokenizer(vocabulary()))
     pretrain_vision(model, vision_steps, 64, lr, seed, progress)
     model.vision.requires_grad_(False)  # the trainer's AdamW skips parameters without gradients
     stream = training_stream(seed)
-    return models.train_tiny(
+    return train_tiny(
         out_dir, steps, batch_size, lr, seed, config, progress, stream=stream, model=model
     )
 
@@ -294,6 +297,149 @@ def accuracy(
 
 
 # ---------------- Edit records
+class _Edits(NamedTuple):
+    """One seed's edits, consistent with each other: ``shape`` always becomes ``shape_target``,
+    and each kind of ``new_colour`` always its colour."""
+
+    shape: str
+    shape_target: str
+    new_colour: dict[tuple[str, str], str]  # colour scope: kind -> its target colour
+    colour_kinds: list[tuple[str, str]]  # new_colour's kinds, in a seeded order
+
+    def edited(self, kind: tuple[str, str]) -> tuple[str, str]:
+        """The kind as the edits make it."""
+        if kind[0] == self.shape:
+            return (self.shape_target, kind[1])
+        return (kind[0], self.new_colour.get(kind, kind[1]))
+
+
+def _plan_edits(rng: random.Random) -> _Edits:
+    """One shape to another shape; EDITED_COLOURS colours of each other shape to other colours."""
+    shape = rng.choice(SHAPES)  # shape scope: this shape -> shape_target
+    shape_target = rng.choice([s for s in SHAPES if s != shape])
+    new_colour = {}
+    for s in SHAPES:
+        if s != shape:
+            for c in rng.sample(COLOURS, EDITED_COLOURS):
+                new_colour[(s, c)] = rng.choice([x for x in COLOURS if x != c])
+    colour_kinds = rng.sample(sorted(new_colour), len(new_colour))
+    return _Edits(shape, shape_target, new_colour, colour_kinds)
+
+
+class _Edit(NamedTuple):
+    """One record's edit: its family, its image and that image's kind, the target, the question
+    and the family's other templates (T-Gen), the kinds in scope (I-Gen) and near it (Loc)."""
+
+    family: str
+    image_id: int
+    kind: tuple[str, str]
+    target: str
+    question: str
+    asks: list[str]
+    scope: list[tuple[str, str]]
+    near: list[tuple[str, str]]
+
+
+class _RecordDraws:
+    """The draws of one seed's records from the ``part`` half of the test images: one seeded
+    stream, drawn in a fixed order, so that a seed always gives the same records."""
+
+    def __init__(self, seed: int, part: str):
+        self.part = part
+        self.by_kind = pool(part)
+        self.image_of = images("test")
+        self.rng = random.Random(seed)
+        self.edits = _plan_edits(self.rng)
+        edited = self.edits.edited
+        self.untouched = [i for k in KINDS if edited(k) == k for i in self.by_kind[k]]
+        self.used = set()  # each record its own edit image
+
+    def pick(self, ids: list, k: int, why: str) -> list:
+        """k distinct ids, or one line saying what ran out."""
+        if len(ids) < k:
+            raise ValueError(f"easy-VQA {self.part} images: {why}: {len(ids)} left, {k} needed")
+        return self.rng.sample(ids, k)
+
+    def edit(self, r: int) -> _Edit:
+        """Record r's edit: of scope "shape" for even r, of scope "colour" for odd r."""
+        e = self.edits
+        if r % 2 == 0:
+            scope = [k for k in KINDS if k[0] == e.shape]
+            near = [k for k in KINDS if k[0] not in (e.shape, e.shape_target)]
+            ids = [i for k in scope for i in self.by_kind[k] if i not in self.used]
+            image_id = self.pick(ids, 1, f"edit images of {e.shape}s")[0]
+            kind = kinds("test")[image_id]
+            question = WHAT["shape"][0]
+            asks = [t.format(colour=kind[1]) for t in WHAT["shape"][1:]]
+            return _Edit("shape", image_id, kind, e.shape_target, question, asks, scope, near)
+        kind = e.colour_kinds[(r // 2) % len(e.colour_kinds)]
+        target = e.new_colour[kind]
+        near = [(kind[0], c) for c in COLOURS if e.edited((kind[0], c)) == (kind[0], c)]
+        near = [k for k in near if k[1] != target]
+        ids = [i for i in self.by_kind[kind] if i not in self.used]
+        image_id = self.pick(ids, 1, f"edit images of {kind[1]} {kind[0]}s")[0]
+        question = WHAT["colour"][0].format(shape=kind[0])
+        asks = [t.format(shape=kind[0]) for t in WHAT["colour"][1:]]
+        return _Edit("colour", image_id, kind, target, question, asks, [kind], near)
+
+    def locality(self, edit: _Edit, n: int) -> list[data.Sample]:
+        """Loc: the edit's question on an image of each of n kinds near the scope."""
+        samples = []
+        for k in self.pick([k for k in edit.near if self.by_kind[k]], n, "Loc kinds"):
+            i = self.rng.choice(self.by_kind[k])
+            samples.append(data.Sample(self.image_of[i], edit.question, answer(edit.question, k)))
+        return samples
+
+    def q_locality(self, edit: _Edit, shown: list[int]) -> list[data.Sample]:
+        """q_loc: each shown image asked the other open family (even places) or a yes/no
+        question (odd places) whose answer the edits leave as it is, yes and no alike."""
+        other = "colour" if edit.family == "shape" else "shape"
+        samples = []
+        for j, i in enumerate(shown):
+            k = kinds("test")[i]
+            ask = other if j % 2 == 0 else "yes/no"
+            safe = [q for q, p in QUESTIONS.items() if p.family == ask]
+            safe = [q for q in safe if answer(q, k) is not None]
+            safe = [q for q in safe if answer(q, k) == answer(q, self.edits.edited(k))]
+            reply = self.rng.choice(sorted({answer(q, k) for q in safe}))  # yes and no alike
+            q = self.rng.choice([q for q in safe if answer(q, k) == reply])
+            samples.append(data.Sample(self.image_of[i], q, reply))
+        return samples
+
+    def m_locality(self, target: str, n: int) -> list[data.Sample]:
+        """m_loc: n images of kinds no edit touches, each asked one of its own questions."""
+        samples = []
+        for i in self.pick(self.untouched, n, "m_loc images"):
+            q, a = self.rng.choice([(q, a) for q, a in asked("test")[i] if a != target])
+            samples.append(data.Sample(self.image_of[i], q, a))
+        return samples
+
+    def record(self, r: int, n_images: int, n_locality: int, n_unrelated: int) -> data.EditRecord:
+        """Record r (its id is r + 1)."""
+        edit = self.edit(r)
+        self.used.add(edit.image_id)
+        asks = self.rng.sample(edit.asks, len(edit.asks))  # the last one is the positive
+        others = [i for k in edit.scope for i in self.by_kind[k] if i != edit.image_id]
+        shown = [edit.image_id, *self.pick(others, n_images, "I-Gen images")]
+        locality = self.locality(edit, n_locality)
+        q_locality = self.q_locality(edit, shown)
+        m_locality = self.m_locality(edit.target, n_unrelated)
+        return data.EditRecord(
+            id=str(r + 1),
+            image=self.image_of[edit.image_id],
+            question=edit.question,
+            answer=answer(edit.question, edit.kind),
+            target=edit.target,
+            rephrases=asks[:-1],
+            train_rephrases=asks[-1:],
+            rephrase_images=[self.image_of[i] for i in shown[1:]],
+            locality=locality,
+            m_locality=m_locality,
+            category=edit.family,
+            q_locality=q_locality,
+        )
+
+
 def make_records(
     seed: int,
     n: int = 40,
@@ -322,110 +468,25 @@ def make_records(
         raise ValueError(f"n must be an even number >= 2, got {n}")
     if n_locality > len(COLOURS) - EDITED_COLOURS - 1:
         raise ValueError(f"n_locality must be at most {len(COLOURS) - EDITED_COLOURS - 1}")
-    by_kind = pool(part)
-    image_of = images("test")
-    rng = random.Random(seed)
-    shape = rng.choice(SHAPES)  # shape scope: this shape -> shape_target
-    shape_target = rng.choice([s for s in SHAPES if s != shape])
-    new_colour = {}  # colour scope: kind -> its target colour
-    for s in SHAPES:
-        if s != shape:
-            for c in rng.sample(COLOURS, EDITED_COLOURS):
-                new_colour[(s, c)] = rng.choice([x for x in COLOURS if x != c])
-    colour_kinds = rng.sample(sorted(new_colour), len(new_colour))
-
-    def edited(kind):  # the kind as the world's edits make it
-        if kind[0] == shape:
-            return (shape_target, kind[1])
-        return (kind[0], new_colour.get(kind, kind[1]))
-
-    def pick(ids, k, why):  # k distinct ids, or one line saying what ran out
-        if len(ids) < k:
-            raise ValueError(f"easy-VQA {part} images: {why}: {len(ids)} left, {k} needed")
-        return rng.sample(ids, k)
-
-    untouched = [i for k in KINDS if edited(k) == k for i in by_kind[k]]
-    used = set()  # each record its own edit image
-    records = []
-    for r in range(n):
-        if r % 2 == 0:
-            family = "shape"
-            scope = [k for k in KINDS if k[0] == shape]
-            near = [k for k in KINDS if k[0] not in (shape, shape_target)]
-            ids = [i for k in scope for i in by_kind[k] if i not in used]
-            image_id = pick(ids, 1, f"edit images of {shape}s")[0]
-            kind = kinds("test")[image_id]
-            target = shape_target
-            question = WHAT["shape"][0]
-            asks = [t.format(colour=kind[1]) for t in WHAT["shape"][1:]]
-        else:
-            family = "colour"
-            kind = colour_kinds[(r // 2) % len(colour_kinds)]
-            scope = [kind]
-            target = new_colour[kind]
-            near = [(kind[0], c) for c in COLOURS if edited((kind[0], c)) == (kind[0], c)]
-            near = [k for k in near if k[1] != target]
-            ids = [i for i in by_kind[kind] if i not in used]
-            image_id = pick(ids, 1, f"edit images of {kind[1]} {kind[0]}s")[0]
-            question = WHAT["colour"][0].format(shape=kind[0])
-            asks = [t.format(shape=kind[0]) for t in WHAT["colour"][1:]]
-        used.add(image_id)
-        asks = rng.sample(asks, len(asks))  # the last one is the positive
-        others = [i for k in scope for i in by_kind[k] if i != image_id]
-        shown = [image_id, *pick(others, n_images, "I-Gen images")]
-        locality = []
-        for k in pick([k for k in near if by_kind[k]], n_locality, "Loc kinds"):
-            i = rng.choice(by_kind[k])
-            locality.append(data.Sample(image_of[i], question, answer(question, k)))
-        q_locality = []
-        other = "colour" if family == "shape" else "shape"
-        for j, i in enumerate(shown):
-            k = kinds("test")[i]
-            ask = other if j % 2 == 0 else "yes/no"
-            safe = [q for q, p in QUESTIONS.items() if p.family == ask]
-            safe = [q for q in safe if answer(q, k) is not None]
-            safe = [q for q in safe if answer(q, k) == answer(q, edited(k))]
-            reply = rng.choice(sorted({answer(q, k) for q in safe}))  # yes and no alike
-            q = rng.choice([q for q in safe if answer(q, k) == reply])
-            q_locality.append(data.Sample(image_of[i], q, reply))
-        m_locality = []
-        for i in pick(untouched, n_unrelated, "m_loc images"):
-            q, a = rng.choice([(q, a) for q, a in asked("test")[i] if a != target])
-            m_locality.append(data.Sample(image_of[i], q, a))
-        records.append(
-            data.EditRecord(
-                id=str(r + 1),
-                image=image_of[image_id],
-                question=question,
-                answer=answer(question, kind),
-                target=target,
-                rephrases=asks[:-1],
-                train_rephrases=asks[-1:],
-                rephrase_images=[image_of[i] for i in shown[1:]],
-                locality=locality,
-                m_locality=m_locality,
-                category=family,
-                q_locality=q_locality,
-            )
-        )
-    return records
+    draws = _RecordDraws(seed, part)
+    return [draws.record(r, n_images, n_locality, n_unrelated) for r in range(n)]
 
 
 # ---------------- Command line
 def build_parser() -> argparse.ArgumentParser:
-    parser = ev.Parser(
+    parser = cli.Parser(
         prog="easyvqa.py",
         allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__.split("\n\n")[0],
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    positive = ev.POSITIVE_INT
+    positive = cli.POSITIVE_INT
     t = sub.add_parser("train", help="train TinyVLM on the train split (seeded)")
     t.add_argument("--out", default=str(MODEL_DIR), help=f"checkpoint dir (default {MODEL_DIR})")
     t.add_argument("--steps", type=positive, default=2000, help="language-model steps (2000)")
     t.add_argument("--batch-size", type=positive, default=32, help="per step (default 32)")
-    t.add_argument("--lr", type=ev.POSITIVE, default=5e-4, help="peak lr (default 5e-4)")
+    t.add_argument("--lr", type=cli.POSITIVE, default=5e-4, help="peak lr (default 5e-4)")
     t.add_argument("--seed", type=int, default=0, help="weights and data order (default 0)")
     c = sub.add_parser("check", help="exact match on the test questions, by family")
     c.add_argument("--model", default=str(MODEL_DIR), help=f"checkpoint dir (default {MODEL_DIR})")
@@ -434,12 +495,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True, help="a new or empty folder")
     m.add_argument("--seed", type=int, default=0, help="which records (default 0)")
     m.add_argument("--part", choices=tuple(PARTS), default="test", help="image half (test)")
-    even = ev.number(int, lambda n: n >= 2 and n % 2 == 0, "an even number >= 2")
+    even = cli.number(int, lambda n: n >= 2 and n % 2 == 0, "an even number >= 2")
     m.add_argument("-n", type=even, default=40, help="records, even (default 40)")
     for p in (t, c, m):
         p.add_argument("--no-progress", dest="progress", action="store_false", help="no bars")
     for p in (t, c):
-        ev.add_threads(p)
+        cli.add_threads(p)
     return parser
 
 
@@ -451,7 +512,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         package()
         if args.command == "check":
             if not (Path(args.model) / "model.safetensors").is_file():
-                raise ev.UsageError(
+                raise cli.UsageError(
                     f"--model {args.model}: no TinyVLM checkpoint there "
                     f"(python easyvqa.py train --out {args.model} makes one)"
                 )
@@ -459,9 +520,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             out = Path(args.out)
             if args.command == "make-records" and out.is_dir() and any(out.iterdir()):
-                raise ev.UsageError(f"--out {out}: not empty; give a new or empty folder")
-            data.claim_output(out, folder=True)
-    except (ev.UsageError, NotInstalled, OSError, ValueError) as e:
+                raise cli.UsageError(f"--out {out}: not empty; give a new or empty folder")
+            cli.claim_output(out, folder=True)
+    except (cli.UsageError, NotInstalled, OSError, ValueError) as e:
         parser.exit(2, f"easyvqa.py {args.command}: error: {e}\n")
     if args.command != "make-records":
         torch.set_num_threads(args.threads)
@@ -474,7 +535,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         result = accuracy(model, args.limit, progress=args.progress)
         print(json.dumps({k: round(v, 2) for k, v in result.items()}))
     else:
-        written = data.write_okedit(make_records(args.seed, args.n, args.part), out)
+        written = writers.write_okedit(make_records(args.seed, args.n, args.part), out)
         print(f"wrote {args.n} records, {len(written)} files to {out}")
     return 0
 

@@ -103,7 +103,7 @@ def edit_probes(editor: BalancEditor, record) -> tuple[dict, dict]:
         return [s.image for s in samples], [s.question for s in samples]
 
     groups = {  # group -> (images, questions); in scope: the answer should change
-        "positive (a training rephrasing)": ([record.image], [editor.positive(record)]),
+        "positive (a training rephrasing)": ([record.image], [editor.positive_question(record)]),
         "rephrasings (T-Gen)": ([record.image] * len(record.rephrases), record.rephrases),
         "other images (I-Gen)": (
             record.rephrase_images,

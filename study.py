@@ -2,7 +2,7 @@
 
 A table from one sample, with alpha tuned on that same sample, proves little. Here each
 method's one radius knob (BalancEdit's alpha, GRACE's eps0) is chosen by HM on dev worlds and
-then frozen, and every method runs on test worlds it never saw: ``data.make_records(seed)`` for
+then frozen, and every method runs on test worlds it never saw: ``world.make_records(seed)`` for
 seeds 1..N, disjoint from the shipped sample's seed 0 and from the dev seeds. Single edits, and
 sequential edits at 10, 20 and 40 (how generality and locality fall as the codebook fills);
 mean +- std over the test seeds.
@@ -22,13 +22,14 @@ from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 
+import cli
 import data
 import easyvqa
 import evaluate as ev
 import models
 import pictures
-from balancedit import BalancEditor, Probe, Router, distance, prompt_mean
-from baselines import FineTune, Grace
+import world
+from balancedit import BalancEditor, Probe, Router, distance, prompt_key
 
 DEV_SEEDS = (1001, 1002)  # tuning worlds; the test worlds are 1..N (N <= 1000)
 ALPHAS = (0.1, 0.3, 0.5, 0.7, 0.9)  # BalancEdit's grid for alpha (Eq. 3)
@@ -45,7 +46,7 @@ class World(NamedTuple):
 
 
 WORLDS = {
-    "tiny": World(lambda seed, dev: data.make_records(seed, N_RECORDS), models.TINY_DIR),
+    "tiny": World(lambda seed, dev: world.make_records(seed, N_RECORDS), models.TINY_DIR),
     "easyvqa": World(  # dev and test worlds draw from disjoint halves of the test images
         lambda seed, dev: easyvqa.make_records(seed, N_RECORDS, "dev" if dev else "test"),
         easyvqa.MODEL_DIR,
@@ -56,16 +57,26 @@ WORLDS = {
 # ---------------- The authors' key, for ablate-key only
 class EveryPositionRouter(Router):
     """The query over every attended position of a full forward, the teacher-forced answer
-    included; a KV-cache decoding step (prompt_mask of one False column) still holds its
-    prompt's route."""
+    included (the call's attention mask); a KV-cache decoding step still holds its prompt's
+    route."""
 
-    def read_mask(self, model, args, kwargs):
-        prompt = kwargs.get("prompt_mask")
-        every = kwargs.get("attention_mask")
-        if prompt is not None and every.shape == prompt.shape:
-            self.mask = every.bool()  # a full forward: every attended position
-        else:
-            self.mask = prompt  # a decoding step, or no mask at all
+    def __init__(self, model, layer_path, codebook):
+        super().__init__(model, layer_path, codebook)
+        self.attention_mask = None  # (B, T) of the model's call in progress
+        self.reader = model.register_forward_pre_hook(self.read_attention, with_kwargs=True)
+
+    def read_attention(self, model, args, kwargs):
+        self.attention_mask = kwargs.get("attention_mask")
+
+    def detach(self) -> None:
+        super().detach()
+        self.reader.remove()
+
+    def query(self, h, prompt):
+        every = self.attention_mask
+        if every is None or every.shape != prompt.shape:  # a decoding step, or no mask at all
+            return super().query(h, prompt)
+        return prompt_key(h, every.to(h.device, torch.bool))  # (B, D)
 
 
 class EveryPosition(BalancEditor):
@@ -76,20 +87,20 @@ class EveryPosition(BalancEditor):
         answers = [self.target] * len(questions)
         batch = self.backbone.to_device(self.backbone.encode(images, questions, answers))
         every = batch["attention_mask"].bool()  # (B, T): the prompt and the answer
-        return prompt_mean(self.backbone.layer_input(batch, self.layer_path), every)  # (B, D)
+        return prompt_key(self.backbone.layer_input(batch, self.layer_path), every)  # (B, D)
 
     def edit(self, record):
         self.target = record.target  # the answer that keys_of appends
         return super().edit(record)
 
-    def probe(self, record):
+    def probe(self, record, image):
         """k, d(Pos, k) and d(Neg, k) from the authors' keys (one more forward); the edit's row
         and its tail for Eq. 2 as BalancEdit's."""
-        ours = super().probe(record)
+        ours = super().probe(record, image)
         cfg = self.config
-        black = data.anchor_image(cfg.negative, record.image.size, seed=cfg.seed)
-        images = [record.image, record.image, black]
-        questions = [record.question, self.positive(record), record.question]
+        black = data.anchor_image(cfg.negative, image.size, seed=cfg.seed)
+        images = [image, image, black]
+        questions = [record.question, self.positive_question(record), record.question]
         keys = self.keys_of(images, questions)  # (3, D) over every attended position
         d = distance(keys[1:], keys[:1], cfg.distance)  # (2, 1): d(Pos, k), d(Neg, k)
         return Probe(keys[0], float(d[0, 0]), float(d[1, 0]), ours.batch, ours.tail)
@@ -109,8 +120,8 @@ class Row(NamedTuple):
 
 STUDY_ROWS = {
     "base": Row(None, (None,), None),
-    "ft": Row(None, (None,), lambda b, cfg, v: FineTune(b, cfg)),
-    "grace": Row("eps0", EPS0S, lambda b, cfg, v: Grace(b, cfg, eps0=v)),
+    "ft": Row(None, (None,), lambda b, cfg, v: ev.make_editor("ft", b, cfg)),
+    "grace": Row("eps0", EPS0S, lambda b, cfg, v: ev.make_editor("grace", b, cfg, v)),
     "balancedit": Row(
         "alpha", ALPHAS, lambda b, cfg, v: BalancEditor(b, replace(cfg, alpha=v, pool="mean"))
     ),
@@ -147,6 +158,23 @@ def stats(results: list[dict]) -> dict:
     return out
 
 
+def tune(rows: dict, run: Callable) -> dict:
+    """Each row's knob by mean HM over the dev worlds (single edits; ties: the first in the
+    grid): {name: {knob: value, "dev_hm": {value: HM}}} for the rows that have a knob.
+    ``run(name, seed, protocol, n, value)`` is one result."""
+    tuned = {}
+    for name, row in rows.items():
+        if row.knob:
+            hm = {}
+            for v in row.grid:
+                hm[v] = statistics.fmean(
+                    run(name, s, "single", N_RECORDS, v)["hm"] for s in DEV_SEEDS
+                )
+            best = max(row.grid, key=hm.get)  # ties: the first in the grid
+            tuned[name] = {row.knob: best, "dev_hm": {str(v): x for v, x in hm.items()}}
+    return tuned
+
+
 def compare(
     backbone,
     cfg,
@@ -156,12 +184,12 @@ def compare(
     progress: bool = True,
     world_name: str = "tiny",
 ) -> dict:
-    """Tune each row's knob by mean HM over the dev worlds (single edits; ties: the first in the
-    grid), freeze it, then run every row on the test worlds: single edits, and sequential at
-    each of ``sizes``. ``world_name``: a key of WORLDS, where the records come from."""
+    """Tune each row's knob on the dev worlds (``tune``) and freeze it, then run every row on the
+    test worlds: single edits, and sequential at each of ``sizes``. ``world_name``: a key of
+    WORLDS, where the records come from."""
     worlds = {}
 
-    def world(seed):  # the records of a world and their pre-edit references, made once
+    def records_of(seed):  # the records of a world and their pre-edit references, made once
         if seed not in worlds:
             records = WORLDS[world_name].records(seed, seed in DEV_SEEDS)
             worlds[seed] = (records, ev.references(backbone, records, progress=False))
@@ -176,7 +204,7 @@ def compare(
         setting = f" {row.knob}={value}" if value is not None else ""
         edits = "single edits" if protocol == "single" else f"{n} edits"
         bar.set_description(f"world {seed}: {name}{setting}, {edits}")
-        records, refs = world(seed)
+        records, refs = records_of(seed)
         if row.make is None:
             result = ev.run_base(backbone, records, False, refs)
         else:
@@ -185,19 +213,9 @@ def compare(
         bar.update()
         return result
 
-    tuned = {}
-    for name, row in rows.items():
-        if row.knob:
-            hm = {}
-            for v in row.grid:
-                hm[v] = statistics.fmean(
-                    run(name, s, "single", N_RECORDS, v)["hm"] for s in DEV_SEEDS
-                )
-            best = max(row.grid, key=hm.get)  # ties: the first in the grid
-            tuned[name] = {row.knob: best, "dev_hm": {str(v): x for v, x in hm.items()}}
-    frozen = {}  # the value of each row's knob from now on
-    for name, row in rows.items():
-        frozen[name] = tuned[name][row.knob] if name in tuned else None
+    tuned = tune(rows, run)
+    # the value of each row's knob from now on (None: nothing to tune)
+    frozen = {name: tuned[name][row.knob] if row.knob else None for name, row in rows.items()}
     single = {}
     for name in rows:
         single[name] = stats([run(name, s, "single", N_RECORDS, frozen[name]) for s in seeds])
@@ -254,7 +272,7 @@ HELP = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ev.Parser(
+    parser = cli.Parser(
         prog="study.py",
         allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -265,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(command, help=text, description=text + ".", allow_abbrev=False)
         p.add_argument(
             "--seeds",
-            type=ev.number(int, lambda n: 1 <= n <= 1000, "an integer in 1..1000"),
+            type=cli.number(int, lambda n: 1 <= n <= 1000, "an integer in 1..1000"),
             default=5,
             help=f"test worlds: seeds 1..N (default 5); the dev worlds are seeds {DEV_SEEDS}",
         )
@@ -288,12 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"JSON output; the .md (and .png) go beside it (default: {default}, "
             f"{default[:-5]}_easyvqa.json for --world easyvqa)",
         )
-        ev.add_threads(p)
+        cli.add_threads(p)
         p.add_argument(
             "--no-progress", dest="progress", action="store_false", help="no progress bar"
         )
         c = p.add_argument_group("BalancEditConfig (alpha is tuned; each row sets its key)")
-        for option, kwargs in ev.CONFIG_HELP.items():
+        for option, kwargs in cli.CONFIG_HELP.items():
             if option not in ("alpha", "pool"):
                 c.add_argument("--" + option.replace("_", "-"), **kwargs)  # dest: option
     return parser
@@ -302,13 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """``[study | ablate-key] [options]``; with no command, study. Bad options: one error line,
     exit 2."""
-    args = build_parser().parse_args(ev.default_command(argv, "study"))
-    args.backbone = "tiny"  # what evaluate's checks and loader read
+    args = build_parser().parse_args(cli.default_command(argv, "study"))
+    args.backbone = "tiny"  # what cli's checks and loader read
     if args.model is None:
         args.model = str(WORLDS[args.world].model)
     if args.out is None:
-        world = "" if args.world == "tiny" else f"_{args.world}"
-        args.out = f"results/{args.command.replace('-', '_')}{world}.json"
+        suffix = "" if args.world == "tiny" else f"_{args.world}"
+        args.out = f"results/{args.command.replace('-', '_')}{suffix}.json"
     return args
 
 
@@ -319,13 +337,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     try:
-        ev.check_environment(args)
+        cli.check_environment(args)
         if args.world == "easyvqa":
             easyvqa.package()  # one line if easy-vqa is not installed
-        cfg = ev.make_config(args)
-        backbone = ev.load_backbone(args)
-        cleanup = ev.check_writable(out)  # by trying: makes the folder, removed if we fail
-    except (ev.UsageError, OSError, ValueError, RuntimeError) as e:
+        cfg = cli.make_config(args)
+        backbone = cli.load_backbone(args)
+        cleanup = cli.check_writable(out)  # by trying: makes the folder, removed if we fail
+    except (cli.UsageError, OSError, ValueError, RuntimeError) as e:
         build_parser().exit(2, f"study.py {args.command}: error: {e}\n")
     try:
         comparison(args, backbone, cfg, out)

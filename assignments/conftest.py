@@ -135,10 +135,12 @@ def tiny():
     """A small random TinyVLM (2 decoder layers, fc2: 64 -> 32), seeded: fast enough for many
     edits."""
     import models
+    import world
 
     torch.manual_seed(0)
     return models.TinyVLM(
-        models.TinyConfig(vision_layers=1, layers=2, hidden=32, ffn=64, vision_width=32)
+        models.TinyConfig(vision_layers=1, layers=2, hidden=32, ffn=64, vision_width=32),
+        models.build_tokenizer(world.vocabulary()),
     ).eval()
 
 

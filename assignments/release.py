@@ -8,8 +8,9 @@ every permission check); if the run fails, what it made is removed again.
 
 The project's own tests/ are left out: they test the finished method and would fail on the stubs;
 the graders in assignments/ take their place (the starter's pytest.ini points at them).
-GraceRouter.route (the GRACE baseline's hook) is stubbed too, as part of Task 3: it shares its
-plumbing with Router.route, so leaving it would hand out half of that solution.
+The routing hook is Router.route and the parts it ties together (query, hold, rewrite), all
+stubbed; GraceRouter.rewrite (the GRACE baseline's hook) is stubbed too, as part of Task 3: GRACE's
+router is a Router with its own rewrite, so leaving it would hand out half of Router.rewrite.
 After writing, every non-trivial statement of a removed body is looked for among the statements
 of the starter's .py files; one found is an error (exit 1) and the starter is deleted. Statements
 are compared as ``ast.unparse`` writes them, so line breaks and comments do not matter.
@@ -41,37 +42,53 @@ TASKS = {
             2,
             "Eq. 1's decision: j = argmin_k d(q, k), dist = d(q, k_j), hit = dist <= eps_j",
         ),
-        "prompt_mean": (
+        "prompt_key": (
             3,
             "the key: the mean of h over each row's prompt positions (pool='last': h at its "
             "last prompt position), (B, T, D), (B, T) -> (B, D) float32",
         ),
+        "Router.query": (
+            3,
+            "q of Eq. 1 for each row, (B, D) float32: the key of h over the row's prompt "
+            "positions, pooled with self.pool",
+        ),
+        "Router.hold": (
+            3,
+            "the route of each row, (B,): a row without prompt positions (a decoding step) "
+            "keeps its prompt's route, held per row in self.held",
+        ),
+        "Router.rewrite": (
+            3,
+            "Eq. 1's output: a row routed to entry j gets v_j(h) (in float32, cast back) at "
+            "every position; every other row keeps out bit for bit",
+        ),
         "Router.route": (
             3,
-            "Eq. 1 per sample: a row whose query hits entry j gets v_j(h), every other row "
-            "layer l's output untouched; decoding steps keep their prompt's route",
+            "Eq. 1 per sample: the call's prompt (self.prompt), the query, the lookup, the held "
+            "route; None if no row hits, else the rewritten output",
         ),
         "train_value": (
             4,
             "Eq. 2: Adam on the value's parameters only, loss = LM cross-entropy on the target "
-            "tokens (cached activations when cache); return the loss of each step",
+            "tokens (on the tail's cached activations when one is given); return the loss of "
+            "each step",
         ),
         "BalancEditor.keys_of": (
             4,
             "the key of each (image, question), (B, D), exactly as the routing hook computes "
             "it (pooled with self.config.pool)",
         ),
-        "BalancEditor.positive": (
+        "BalancEditor.positive_question": (
             4,
             "Pos's question R(t): a training rephrasing, else the backbone's, never one T-Gen "
             "scores",
         ),
     },
     "baselines.py": {
-        "GraceRouter.route": (
+        "GraceRouter.rewrite": (
             3,
-            "GRACE's hook: the query is layer l's input at each row's last prompt position; "
-            "a hit writes the entry's vector v at that position only",
+            "GRACE's output: a row routed to entry j gets the entry's vector v at its last "
+            "prompt position only; a row with no prompt position, nothing",
         ),
     },
     "evaluate.py": {
@@ -82,27 +99,31 @@ TASKS = {
         "hm": (5, "HM = 3 / (1/T-Gen + 1/I-Gen + 1/Loc); 0 if any is 0, None if any is None"),
     },
 }
-# Docstrings for the stubs of hooks that have none in the project.
+# Docstrings for the stubs of functions that have none in the project.
 DOCS = {
     "Router.route": (
         "The forward hook of layer l (Eq. 1): returns None (keep ``out``) or the new output.\n"
         "\n"
-        "Sets ``self.last_index`` (B,) and ``self.last_query`` (B, D); ``self.mask`` is the\n"
-        "backbone's prompt mask (B, T) or None; ``self.pool`` the key's pooling (\"mean\" or\n"
-        '"last"); ``self.held`` is yours, to hold routes while decoding.'
+        "``self.prompt(h)`` is the call's prompt mask (B, T) or None; ties ``self.query``,\n"
+        "``self.codebook.lookup``, ``self.hold`` and ``self.rewrite``; sets\n"
+        "``self.last_index`` (B,) and ``self.last_query`` (B, D)."
     ),
-    "GraceRouter.route": (
-        "GRACE's forward hook: returns None (keep ``out``) or the new output; sets\n"
-        "``self.last_index``."
+    "GraceRouter.rewrite": (
+        "GRACE's output: the entry's vector ``self.codebook.values[j].v`` at the last prompt\n"
+        "position of each row routed to entry j (``index`` (B,)), layer l's ``out`` elsewhere."
     ),
 }
 # Statements that a removed body shares with code the students keep and that give nothing away.
 IDIOMS = {
-    # models.train_tiny's training loop
+    # train.train_tiny's training loop
     "losses.append(loss.item())",
     "return losses",
     # Router.__init__ starts with no held route
     "self.held = None",
+    # GraceRouter.hold (given) holds nothing
+    "return index",
+    # the batch's loss, as the handout's box gives it, in mend.py's edit gradient
+    "loss = backbone(**batch).loss",
     # Codebook.__init__ refuses an unknown metric as distance does
     "raise ValueError(f\"unknown distance {metric!r}; allowed: {CHOICES['distance']}\")",
 }

@@ -12,7 +12,8 @@ import torch.nn as nn
 from hypothesis import Phase, assume, given, settings
 from hypothesis import strategies as st
 
-from balancedit import Codebook, attach, new_value, prompt_mean
+import models
+from balancedit import Codebook, Router, new_value, prompt_key
 from baselines import GraceRouter, Vector
 
 pytestmark = pytest.mark.task3
@@ -28,7 +29,7 @@ FEW = settings(
 # ---------------------------------------------------------------- the key
 
 
-def test_prompt_mean_on_a_hand_worked_case():
+def test_prompt_key_on_a_hand_worked_case():
     h = torch.tensor(
         [
             [[1.0, 2.0], [3.0, 4.0], [1e6, 1e6]],  # row 0: the last position is padding
@@ -36,7 +37,7 @@ def test_prompt_mean_on_a_hand_worked_case():
         ]
     )
     mask = torch.tensor([[True, True, False], [False, True, True]])
-    q = prompt_mean(h, mask)
+    q = prompt_key(h, mask)
     assert isinstance(q, torch.Tensor) and q.shape == (2, 2), (
         f"one key per row: (B, D) = (2, 2); got {getattr(q, 'shape', q)}"
     )
@@ -46,10 +47,10 @@ def test_prompt_mean_on_a_hand_worked_case():
     )
 
 
-def test_prompt_mean_is_float32_for_half_precision_inputs():
+def test_prompt_key_is_float32_for_half_precision_inputs():
     h = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0)).half()
     mask = torch.ones(2, 5, dtype=torch.bool)
-    q = prompt_mean(h, mask)
+    q = prompt_key(h, mask)
     assert q.dtype == torch.float32, (
         f"keys are float32 whatever the model's dtype (fp16 sums lose digits); got {q.dtype}"
     )
@@ -61,14 +62,14 @@ def test_prompt_mean_is_float32_for_half_precision_inputs():
 def test_a_row_without_prompt_positions_has_a_nan_key():
     h = torch.randn(2, 3, 4)
     mask = torch.tensor([[True, False, False], [False, False, False]])
-    q = prompt_mean(h, mask)
+    q = prompt_key(h, mask)
     assert torch.equal(q[0], h[0, 0]) and torch.isnan(q[1]).all(), (
         "a row with no prompt position (a KV-cache decoding step) has no key: 0 / 0 = NaN, which "
         f"never hits (task 2) and must not raise; got {q.tolist()}"
     )
 
 
-def test_prompt_mean_last_is_h_at_each_rows_last_prompt_position():
+def test_prompt_key_last_is_h_at_each_rows_last_prompt_position():
     h = torch.arange(30.0).view(3, 5, 2).half()  # fp16 in, float32 out
     mask = torch.tensor(
         [
@@ -77,7 +78,7 @@ def test_prompt_mean_last_is_h_at_each_rows_last_prompt_position():
             [False, False, False, False, False],  # row 2: a decoding step, no prompt position
         ]
     )
-    q = prompt_mean(h, mask, pool="last")
+    q = prompt_key(h, mask, pool="last")
     assert isinstance(q, torch.Tensor) and q.shape == (3, 2) and q.dtype == torch.float32, (
         "pool='last' still gives one float32 key per row, (B, D) = (3, 2); "
         f"got {getattr(q, 'shape', q)}"
@@ -106,17 +107,18 @@ def test_prompt_mean_last_is_h_at_each_rows_last_prompt_position():
 # ---------------------------------------------------------------- toy models
 
 
-class FlatToy(nn.Module):
+class FlatToy(models.Backbone):
     """Like OPT's decoder layer: flattens (B, T, D) to (B*T, D) before ``fc2`` (the edited
-    layer)."""
+    layer). A models.Backbone, so that a call's ``prompt_mask`` reaches the router."""
 
     def __init__(self, D=4, F=6):
         super().__init__()
         self.fc1 = nn.Linear(D, F)
         self.fc2 = nn.Linear(F, D)
 
-    def forward(self, x, prompt_mask=None):
-        """x: (B, T, D); prompt_mask (B, T) is not used here: the router reads it."""
+    def forward(self, x):
+        """x: (B, T, D); a call's prompt_mask (B, T) never gets here: Backbone keeps it as
+        self.prompt_mask, where the router reads it."""
         h = torch.relu(self.fc1(x.reshape(-1, x.shape[-1])))  # (B*T, F)
         return self.fc2(h).view(x.shape) + x
 
@@ -136,7 +138,7 @@ def changed_copy(layer, seed):
 
 def query_of(model, x, mask):
     """The query the router computed for each row (read from an empty codebook's router)."""
-    with attach(model, "fc2", Codebook()) as router:
+    with Router(model, "fc2", Codebook()) as router:
         model(x, prompt_mask=mask)
     assert router.last_query is not None, (
         "route must set router.last_query after every call of the layer, even with an empty "
@@ -186,7 +188,7 @@ def route_message(want, got, queries, cb) -> str:
             whole = " Every row got row 0's route: is the whole batch routed by row 0's decision?"
         return (
             f"want last_index {want}, got {got}: {why}; it went to {g}. Route each row on its "
-            f"own query (prompt_mean of its own positions).{whole}"
+            f"own query (prompt_key of its own positions).{whole}"
         )
     return ""
 
@@ -220,7 +222,7 @@ def test_each_sample_is_routed_on_its_own_key(seed, B, T, metric):
     cb.add(torch.randn(6), changed_copy(model.fc2, seed + 1), 0.05, "b")
     assume(clear_cut(keys, cb))
     want = decide(keys, cb)[0].tolist()  # row 0: entry 0; the others as their keys fall
-    with attach(model, "fc2", cb) as router:
+    with Router(model, "fc2", cb) as router:
         try:
             out = model(x, prompt_mask=mask)
         except NotImplementedError:
@@ -234,7 +236,7 @@ def test_each_sample_is_routed_on_its_own_key(seed, B, T, metric):
         router.last_query,
         keys,
         msg=lambda m: (
-            "router.last_query must be prompt_mean of the layer's input over each row's prompt, "
+            "router.last_query must be prompt_key of the layer's input over each row's prompt, "
             f"per row (the layer sees (B*T, D)): {m}"
         ),
     )
@@ -274,7 +276,7 @@ def test_a_layer_that_sees_one_row_per_sample(seed, B):
     cb.add(torch.randn(8), changed_copy(model[2], seed + 1), float(torch.rand(())), "b")
     assume(clear_cut(h, cb))
     want = decide(h, cb)[0].tolist()  # row 0: entry 0; the others as their inputs fall
-    with attach(model, "2", cb) as router:
+    with Router(model, "2", cb) as router:
         out = model(x)
     got = None if router.last_index is None else router.last_index.tolist()
     assert got == want, route_message(want, got, h, cb) if got else "set router.last_index"
@@ -296,7 +298,7 @@ def test_a_layer_that_sees_one_row_per_sample(seed, B):
             assert torch.allclose(out[b], model[3](value(h[b])), atol=1e-6), (
                 f"row {b} hits entry {j}: layer l's output must be v_j(h) for that row{hint}"
             )
-    assert torch.equal(model(x), plain), "leaving the `with attach(...)` block must remove the hook"
+    assert torch.equal(model(x), plain), "leaving the `with Router(...)` block must remove the hook"
 
 
 def test_a_hit_replaces_the_layer_by_the_value_of_its_input():
@@ -307,7 +309,7 @@ def test_a_hit_replaces_the_layer_by_the_value_of_its_input():
     h = fc2_input(model, x)  # (B, T, F)
     cb = Codebook("euc")
     cb.add(h[0].mean(dim=0), changed_copy(model.fc2, 1), 1e-4, "row 0's edit")
-    with attach(model, "fc2", cb):
+    with Router(model, "fc2", cb):
         out = model(x, prompt_mask=mask)
     value = cb.values[0]
     with torch.no_grad():
@@ -334,7 +336,7 @@ def test_a_half_precision_model_routes_through_float32_values(half):
     cb = Codebook("cos")
     cb.add(query_of(model, x, mask)[0], changed_copy(model.fc2, 1), 1e-4, "row 0's edit")
     value = cb.values[0]  # float32, as new_value makes every value (Adam needs it)
-    with attach(model, "fc2", cb) as router:
+    with Router(model, "fc2", cb) as router:
         try:
             out = model(x, prompt_mask=mask)
         except NotImplementedError:
@@ -373,7 +375,7 @@ def test_with_no_hit_the_output_is_untouched():
     plain = model(x, prompt_mask=mask)
     cb = Codebook("euc")
     cb.add(torch.full((6,), 100.0), changed_copy(model.fc2, 0), 1.0, "far away")
-    with attach(model, "fc2", cb) as router:
+    with Router(model, "fc2", cb) as router:
         assert torch.equal(model(x, prompt_mask=mask), plain), (
             "no row hits: the model's output must not change at all"
         )
@@ -390,7 +392,7 @@ def test_an_empty_or_emptied_codebook_is_the_plain_model():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     plain = model(x, prompt_mask=mask)
     cb = Codebook()
-    with attach(model, "fc2", cb):
+    with Router(model, "fc2", cb):
         assert torch.equal(model(x, prompt_mask=mask), plain), (
             "an empty codebook must leave the model as it is"
         )
@@ -448,7 +450,7 @@ def test_the_route_is_held_during_kv_cache_decoding():
     queries = query_of(model, x, mask)
     want = decide(queries, cb)[0].tolist()
     assert want == [0, -1], "the test's own set-up: row 0 sits on entry 0, row 1 on no key"
-    with attach(model, "fc2", cb) as router:
+    with Router(model, "fc2", cb) as router:
         model(x, prompt_mask=mask)  # the prompt (prefill)
         got = router.last_index.tolist()
         assert got == want, f"prefill: {route_message(want, got, queries, cb)}"
@@ -488,7 +490,7 @@ def test_a_new_prompt_replaces_the_held_route_even_when_no_row_hits():
     no_prompt = torch.zeros(2, 1, dtype=torch.bool)
     plain_step = model(step)
     assert decide(query_of(model, other, mask), cb)[0].tolist() == [-1, -1], "the test's set-up"
-    with attach(model, "fc2", cb) as router:
+    with Router(model, "fc2", cb) as router:
         model(x, prompt_mask=mask)  # prompt 1: row 0 hits entry 0
         model(step, prompt_mask=no_prompt)  # its decoding step: row 0 held on entry 0
         model(other, prompt_mask=mask)  # prompt 2: no row hits
@@ -512,7 +514,7 @@ def test_the_route_is_held_while_a_vlm_generates(tiny, records):
     batch = tiny.encode(images, questions)
     batch.pop("labels")
     cb = Codebook("cos")
-    with attach(tiny, tiny.target_layer, cb) as router:
+    with Router(tiny, tiny.target_layer, cb) as router:
         tiny(**batch)
         assert router.last_query is not None, (
             "route must set router.last_query, even with an empty codebook"
@@ -523,7 +525,7 @@ def test_the_route_is_held_while_a_vlm_generates(tiny, records):
     counter = layer.register_forward_hook(lambda *_: calls.append(1))
     cb.add(keys[0], changed_copy(layer, 0), 1e-6, "row 0's edit")
     plain = tiny(**batch).logits
-    with attach(tiny, tiny.target_layer, cb) as router:
+    with Router(tiny, tiny.target_layer, cb) as router:
         edited = tiny(**batch).logits
         assert router.last_index.tolist() == [0, -1, -1], (
             f"only row 0 sits on entry 0's key; got last_index {router.last_index.tolist()}"
@@ -542,7 +544,7 @@ def test_the_route_is_held_while_a_vlm_generates(tiny, records):
     )
 
 
-def test_attach_with_pool_last_routes_on_the_last_prompt_position():
+def test_router_with_pool_last_routes_on_the_last_prompt_position():
     torch.manual_seed(0)
     model = FlatToy()
     x = torch.randn(3, 5, 4)
@@ -562,7 +564,7 @@ def test_attach_with_pool_last_routes_on_the_last_prompt_position():
     cb.add(h[1, -1], changed_copy(model.fc2, 2), 1e-4, "row 1's answer position: a wrong query")
     step_in = fc2_input(model, step)[2, 0]
     cb.add(step_in, changed_copy(model.fc2, 3), 1e-4, "row 2's step alone: no query")
-    with attach(model, "fc2", cb, pool="last") as router:
+    with Router(model, "fc2", cb, pool="last") as router:
         out = model(x, prompt_mask=mask)
         assert router.last_query is not None and router.last_query.shape == (3, 6), (
             "route must set router.last_query, the (B, D) query of each row"
@@ -571,9 +573,9 @@ def test_attach_with_pool_last_routes_on_the_last_prompt_position():
             router.last_query,
             keys,
             msg=lambda m: (
-                "with attach(..., pool='last') the query is the layer's input at each row's last "
+                "with Router(..., pool='last') the query is the layer's input at each row's last "
                 "prompt position (not position -1: rows 0 and 1 end with an answer); the mean "
-                f"instead? pass self.pool on to prompt_mean: {m}"
+                f"instead? pass self.pool on to prompt_key: {m}"
             ),
         )
         assert router.last_index.tolist() == [0, -1, -1], (
@@ -597,7 +599,7 @@ def test_a_mask_that_does_not_fit_the_layer_input_is_an_error():
     model = FlatToy()
     cb = Codebook()
     cb.add(torch.randn(6), new_value(model.fc2), 0.1, "a")
-    with attach(model, "fc2", cb):
+    with Router(model, "fc2", cb):
         try:
             model(torch.randn(2, 3, 4), prompt_mask=torch.ones(2, 4, dtype=torch.bool))
         except ValueError as e:

@@ -15,7 +15,7 @@ from balancedit import (
     BalancEditConfig,
     BalancEditor,
     Codebook,
-    attach,
+    Router,
     new_value,
     override,
     train_value,
@@ -34,6 +34,17 @@ def state(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def tail_of(model, batch, cache):
+    """train_value's ``tail``: the batch's cached activations (``cache``), else None (the plain
+    loop)."""
+    return model.tail(batch, model.target_layer) if cache else None
+
+
+def loop(cache) -> str:
+    """How train_value was called, for the messages."""
+    return "tail=backbone.tail(batch, layer_path)" if cache else "tail=None"
+
+
 # ---------------------------------------------------------------- train_value (Eq. 2)
 
 
@@ -42,7 +53,8 @@ def test_training_lowers_the_loss_on_the_target(tiny, records, cache):
     layer = tiny.get_submodule(tiny.target_layer)
     value = new_value(layer)
     batch = edit_batch(tiny, records[0])
-    losses = train_value(tiny, tiny.target_layer, value, batch, steps=20, lr=1e-2, cache=cache)
+    tail = tail_of(tiny, batch, cache)
+    losses = train_value(tiny, tiny.target_layer, value, batch, steps=20, lr=1e-2, tail=tail)
     floats = isinstance(losses, list) and all(isinstance(x, float) for x in losses)
     assert floats and len(losses) == 20, (
         "train_value returns the loss of every step as a list of 20 Python floats; "
@@ -51,7 +63,7 @@ def test_training_lowers_the_loss_on_the_target(tiny, records, cache):
     assert losses[-1] < 0.95 * losses[0], (
         "20 Adam steps at lr 1e-2 must lower the loss on the target by 5% at least (a random "
         f"model: a trained one falls much further); got {losses[0]:.3f} -> {losses[-1]:.3f} "
-        f"(cache={cache})"
+        f"({loop(cache)})"
     )
 
 
@@ -62,10 +74,11 @@ def test_the_first_loss_is_the_models_own_loss_on_the_target_tokens(tiny, record
         # The cross-entropy on the answer tokens only (labels -100 elsewhere).
         own = tiny(**batch).loss.item()
     value = new_value(tiny.get_submodule(tiny.target_layer))
-    losses = train_value(tiny, tiny.target_layer, value, batch, 1, 1e-2, cache)
+    tail = tail_of(tiny, batch, cache)
+    losses = train_value(tiny, tiny.target_layer, value, batch, 1, 1e-2, tail)
     assert losses[0] == pytest.approx(own, rel=1e-4), (
         "a new value starts as layer l, so the loss of step 1 (taken before the update) is the "
-        f"model's own loss on the target tokens, {own:.5f}; got {losses[0]:.5f} (cache={cache}). "
+        f"model's own loss on the target tokens, {own:.5f}; got {losses[0]:.5f} ({loop(cache)}). "
         "The loss is the LM cross-entropy on the target tokens only: batch['labels'] is -100 on "
         "the image, the prompt and the padding"
     )
@@ -76,17 +89,18 @@ def test_no_gradient_reaches_the_model(tiny, records):
     value = new_value(tiny.get_submodule(tiny.target_layer))
     batch = edit_batch(tiny, records[1])
     for cache in (True, False):
-        train_value(tiny, tiny.target_layer, value, batch, steps=3, lr=1e-2, cache=cache)
+        tail = tail_of(tiny, batch, cache)
+        train_value(tiny, tiny.target_layer, value, batch, steps=3, lr=1e-2, tail=tail)
         with_grad = [n for n, p in tiny.named_parameters() if p.grad is not None]
         assert not with_grad, (
             "Eq. 2 trains v only: no gradient may reach the model's weights, yet "
-            f"{with_grad[:3]} got a .grad (cache={cache}). loss.backward() fills every "
+            f"{with_grad[:3]} got a .grad ({loop(cache)}). loss.backward() fills every "
             "parameter's .grad; compute the value's gradients only, e.g. "
             "torch.autograd.grad(loss, value_parameters)"
         )
         same = all(torch.equal(v, before[k]) for k, v in tiny.state_dict().items())
         assert same, (
-            f"the model's weights and buffers must not change while a value trains (cache={cache})"
+            f"the model's weights and buffers must not change while a value trains ({loop(cache)})"
         )
     assert all(p.grad is None for p in value.parameters()), (
         "a trained value is stored in the codebook: leave it without gradients (.grad None)"
@@ -97,7 +111,9 @@ def test_adam_moves_each_weight_by_about_lr_at_the_first_step(tiny, records):
     value = new_value(tiny.get_submodule(tiny.target_layer))
     start = [p.detach().clone() for p in value.parameters()]
     lr = 3e-3  # not Adam's default (1e-3)
-    train_value(tiny, tiny.target_layer, value, edit_batch(tiny, records[0]), steps=1, lr=lr)
+    batch = edit_batch(tiny, records[0])
+    tail = tail_of(tiny, batch, True)
+    train_value(tiny, tiny.target_layer, value, batch, steps=1, lr=lr, tail=tail)
     changes = [(p.detach() - s).abs().flatten() for p, s in zip(value.parameters(), start)]
     change = torch.cat(changes)
     moved = change[change > 0]
@@ -148,7 +164,8 @@ def test_train_value_is_adam_at_the_given_lr_with_fresh_gradients(tiny, records,
     batch = edit_batch(tiny, records[0])
     lr = 5e-2  # not Adam's default (1e-3)
     value = new_value(layer)
-    train_value(tiny, tiny.target_layer, value, batch, steps=3, lr=lr, cache=cache)
+    tail = tail_of(tiny, batch, cache)
+    train_value(tiny, tiny.target_layer, value, batch, steps=3, lr=lr, tail=tail)
     got = [p.detach() for p in value.parameters()]
     wrong = {
         "Adam at its default lr, 1e-3: the optimizer was made without lr": dict(lr=1e-3),
@@ -160,14 +177,14 @@ def test_train_value_is_adam_at_the_given_lr_with_fresh_gradients(tiny, records,
         theirs = adam_by_hand(tiny, tiny.target_layer, new_value(layer), batch, 3, **how)
         same = all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(got, theirs))
         assert not same, (
-            f"train_value(steps=3, lr={lr}, cache={cache}) trained the value of this mistake: "
+            f"train_value(steps=3, lr={lr}, {loop(cache)}) trained the value of this mistake: "
             f"{mistake}. Eq. 2 is torch.optim.Adam(value_parameters, lr=lr), and each step "
             "uses that step's gradients only"
         )
     want = adam_by_hand(tiny, tiny.target_layer, new_value(layer), batch, 3, lr)
     gap = max((a - b).abs().max().item() for a, b in zip(got, want))
     assert gap <= 1e-5, (
-        f"train_value(steps=3, lr={lr}, cache={cache}) must train the value that 3 steps of "
+        f"train_value(steps=3, lr={lr}, {loop(cache)}) must train the value that 3 steps of "
         "torch.optim.Adam(value_parameters, lr=lr) give, each on that step's gradients of the LM "
         f"loss on the target tokens; the weights differ by up to {gap:.3g}"
     )
@@ -183,10 +200,11 @@ def test_train_value_leaves_no_hook_on_the_model(tiny, records, cache):
     hooks = forward_hooks(tiny)
     value = new_value(tiny.get_submodule(tiny.target_layer))
     batch = edit_batch(tiny, records[0])
-    train_value(tiny, tiny.target_layer, value, batch, steps=2, lr=1e-2, cache=cache)
+    tail = tail_of(tiny, batch, cache)
+    train_value(tiny, tiny.target_layer, value, batch, steps=2, lr=1e-2, tail=tail)
     left = forward_hooks(tiny) - hooks
     assert left == 0, (
-        f"train_value(cache={cache}) left {left} forward hook(s) on the model: every later call "
+        f"train_value({loop(cache)}) left {left} forward hook(s) on the model: every later call "
         "of the model would still go through the value. Remove each hook you add, also if a step "
         "fails: balancedit.override returns the hook's handle, and `with override(...):` removes "
         "it at the block's end (or call handle.remove() in a `finally:`)"
@@ -200,37 +218,40 @@ def test_cached_activations_train_the_same_value(tiny, records, form):
     for cache in (True, False):
         torch.manual_seed(0)
         value = new_value(tiny.get_submodule(tiny.target_layer), form, rank=4)
-        train_value(tiny, tiny.target_layer, value, batch, steps=5, lr=1e-2, cache=cache)
+        tail = tail_of(tiny, batch, cache)
+        train_value(tiny, tiny.target_layer, value, batch, steps=5, lr=1e-2, tail=tail)
         weights[cache] = [p.detach().clone() for p in value.parameters()]
     for a, b in zip(weights[True], weights[False]):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), (
-            "training on cached activations (cache=True: h^(l-1) recorded once by "
-            "backbone.tail, then only the network after l per step) must give the same "
-            f"{form} value as the plain loop (cache=False: the whole model per step, layer l "
+            "training on cached activations (tail=backbone.tail(batch, layer_path): h^(l-1) "
+            "recorded once, then only the network after l per step) must give the same "
+            f"{form} value as the plain loop (tail=None: the whole model per step, layer l "
             "replaced by the value with balancedit.override); they differ"
         )
 
 
-def test_cached_training_runs_the_whole_model_once(tiny, records):
+def test_training_on_a_tail_runs_the_whole_model_once(tiny, records):
     calls = []
     counter = tiny.register_forward_pre_hook(lambda *_: calls.append(1))
     try:
         value = new_value(tiny.get_submodule(tiny.target_layer))
         batch = edit_batch(tiny, records[0])
-        train_value(tiny, tiny.target_layer, value, batch, steps=10, lr=1e-2, cache=True)
+        tail = tiny.tail(batch, tiny.target_layer)  # the one forward that records the tail
+        train_value(tiny, tiny.target_layer, value, batch, steps=10, lr=1e-2, tail=tail)
         cached = len(calls)
         calls.clear()
-        train_value(tiny, tiny.target_layer, value, batch, steps=10, lr=1e-2, cache=False)
+        train_value(tiny, tiny.target_layer, value, batch, steps=10, lr=1e-2, tail=None)
         plain = len(calls)
     finally:
         counter.remove()
     assert cached <= 1, (
-        "with cache=True the layers below l never change, so call backbone.tail(batch, "
-        "layer_path) once and run only the network after l per step; the whole model ran "
-        f"{cached} times in 10 steps"
+        "given a tail (recorded once by backbone.tail(batch, layer_path)) the layers below l "
+        "never run again: each step runs only the network after l, "
+        "F.cross_entropy(tail.rest(value(tail.h)), tail.targets); with the tail's own recording "
+        f"the whole model ran {cached} times in 10 steps"
     )
     assert plain == 10, (
-        f"with cache=False each of the 10 steps runs the whole model once; it ran {plain} times"
+        f"with tail=None each of the 10 steps runs the whole model once; it ran {plain} times"
     )
 
 
@@ -241,7 +262,7 @@ def test_keys_are_the_queries_of_the_routing_hook(tiny, records):
     images = [records[0].image, records[1].image]
     questions = [records[0].question, "what colour is this?"]
     batch = tiny.encode(images, questions)
-    with attach(tiny, tiny.target_layer, Codebook()) as router:
+    with Router(tiny, tiny.target_layer, Codebook()) as router:
         with torch.no_grad():
             tiny(**batch)
     editor = BalancEditor(tiny, BalancEditConfig(steps=1))
@@ -306,7 +327,7 @@ def test_keys_with_pool_last_are_the_layer_input_at_the_last_prompt_position(tin
 def test_the_positive_is_a_training_rephrasing_never_a_scored_one(tiny, records, monkeypatch):
     editor = BalancEditor(tiny, BalancEditConfig(steps=1))
     record = records[0]
-    got = editor.positive(record)
+    got = editor.positive_question(record)
     assert got == record.train_rephrases[0], (
         "Pos's question R(t) is the record's first training rephrasing "
         f"{record.train_rephrases[0]!r}; got {got!r}"
@@ -316,7 +337,7 @@ def test_the_positive_is_a_training_rephrasing_never_a_scored_one(tiny, records,
     fresh = "what is the name of the thing here?"
     offered = [*record.rephrases[:2], fresh, record.rephrases[2]]
     monkeypatch.setattr(tiny, "rephrase", lambda question: offered)
-    got = editor.positive(bare)
+    got = editor.positive_question(bare)
     assert got == fresh, (
         "with no training rephrasing, take the first of backbone.rephrase(question) that T-Gen "
         "does not score (not in record.rephrases), or T-Gen would be measured on the edit's own "
@@ -324,7 +345,7 @@ def test_the_positive_is_a_training_rephrasing_never_a_scored_one(tiny, records,
     )
     monkeypatch.setattr(tiny, "rephrase", lambda question: list(record.rephrases))
     try:
-        got = editor.positive(bare)
+        got = editor.positive_question(bare)
     except ValueError:
         return
     pytest.fail(

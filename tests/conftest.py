@@ -13,6 +13,7 @@ import torch
 
 import data
 import models
+import world
 
 torch.set_num_threads(1)  # one per test process: more than the idle cores makes torch wait
 
@@ -29,7 +30,7 @@ _jobs = {}  # name -> (process, its --out); started once the tests that need the
 def tiny():
     """A random TinyVLM small enough for many edits per test (seeded; fresh per test module)."""
     torch.manual_seed(0)
-    return models.TinyVLM(TINY).eval()
+    return models.TinyVLM(TINY, models.build_tokenizer(world.vocabulary())).eval()
 
 
 @pytest.fixture(scope="module")

@@ -189,7 +189,7 @@ MUTANTS = [
     # Task 3: the key and the hooks
     Mutant(
         "mean-with-padding",
-        "prompt_mean",
+        "prompt_key",
         "the mean over every position, padding and answer included",
         [
             (
@@ -197,12 +197,12 @@ MUTANTS = [
                 "weight = torch.ones_like(prompt[..., None]).float()",
             )
         ],
-        "test_prompt_mean_on_a_hand_worked_case",
+        "test_prompt_key_on_a_hand_worked_case",
         "PROMPT positions only",
     ),
     Mutant(
         "last-is-position-minus-1",
-        "prompt_mean",
+        "prompt_key",
         "pool='last' takes position -1 (the answer, when one follows the prompt)",
         [
             (
@@ -210,25 +210,20 @@ MUTANTS = [
                 "prompt = torch.zeros_like(prompt)\n        prompt[:, -1] = True",
             )
         ],
-        "test_prompt_mean_last_is_h_at_each_rows_last_prompt_position",
+        "test_prompt_key_last_is_h_at_each_rows_last_prompt_position",
         "LAST PROMPT position",
     ),
     Mutant(
         "whole-batch-by-row-0",
         "Router.route",
         "the whole batch routed by row 0's decision",
-        [
-            (
-                "index = torch.where(hit, j, -1)",
-                "index = torch.where(hit[0], j[0], -1).expand(B).clone()",
-            )
-        ],
+        [("torch.where(hit, j, -1)", "torch.where(hit[0], j[0], -1).expand(B).clone()")],
         "test_each_sample_is_routed_on_its_own_key",
         "routed by row 0's decision",
     ),
     Mutant(
         "value-on-output",
-        "Router.route",
+        "Router.rewrite",
         "the value applied to the layer's output instead of its input",
         [("self.codebook.values[e](h[rows].float())", "self.codebook.values[e](y[rows].float())")],
         "test_a_hit_replaces_the_layer_by_the_value_of_its_input",
@@ -236,7 +231,7 @@ MUTANTS = [
     ),
     Mutant(
         "value-in-model-dtype",
-        "Router.route",
+        "Router.rewrite",
         "the value called on h in the model's dtype, no float32 cast (fp16/bf16 BLIP-2 crashes)",
         [("self.codebook.values[e](h[rows].float())", "self.codebook.values[e](h[rows])")],
         "test_a_half_precision_model_routes_through_float32_values",
@@ -244,13 +239,17 @@ MUTANTS = [
     ),
     Mutant(
         "hold-refreshed-only-on-a-hit",
-        "Router.route",
+        "Router.hold",
         "the held route stored only when some row hits: a later all-miss prompt decodes with "
         "a stale route",
         [
             (
-                "            self.held = index\n",
-                "            if (index >= 0).any():\n                self.held = index\n",
+                "        self.held = torch.where(prompt.any(dim=1), index, held)  # (B,)\n"
+                "        return self.held\n",
+                "        index = torch.where(prompt.any(dim=1), index, held)  # (B,)\n"
+                "        if (index >= 0).any():\n"
+                "            self.held = index\n"
+                "        return index\n",
             )
         ],
         "test_a_new_prompt_replaces_the_held_route_even_when_no_row_hits",
@@ -258,12 +257,12 @@ MUTANTS = [
     ),
     Mutant(
         "hold-per-batch",
-        "Router.route",
+        "Router.hold",
         "one held route for the batch (the largest entry) instead of one per row",
         [
             (
-                "index = torch.where(prompt.any(dim=1), index, held)",
-                "index = torch.where(prompt.any(dim=1), index, held.max().expand(B))",
+                "torch.where(prompt.any(dim=1), index, held)",
+                "torch.where(prompt.any(dim=1), index, held.max().expand(len(index)))",
             )
         ],
         "test_the_route_is_held_during_kv_cache_decoding",
@@ -271,18 +270,18 @@ MUTANTS = [
     ),
     Mutant(
         "no-hold",
-        "Router.route",
+        "Router.hold",
         "nothing held: each decoding step routes on its own (NaN) query",
-        [("index = torch.where(prompt.any(dim=1), index, held)", "index = index.clone()")],
+        [("self.held = torch.where(prompt.any(dim=1), index, held)", "self.held = index.clone()")],
         "test_the_route_is_held_during_kv_cache_decoding",
         "keeps the route its prompt chose",
     ),
     Mutant(
         "router-ignores-pool",
-        "Router.route",
+        "Router.query",
         "the router's query always the mean (self.pool not passed on)",
-        [("prompt_mean(h, prompt, self.pool)", "prompt_mean(h, prompt)")],
-        "test_attach_with_pool_last_routes_on_the_last_prompt_position",
+        [("prompt_key(h, prompt, self.pool)", "prompt_key(h, prompt)")],
+        "test_router_with_pool_last_routes_on_the_last_prompt_position",
         "pass self.pool on",
     ),
     Mutant(
@@ -291,8 +290,10 @@ MUTANTS = [
         "the prompt mask ignored: the query averages every position, padding included",
         [
             (
-                "prompt = self.mask.to(h.device, torch.bool)",
-                "prompt = torch.ones_like(self.mask, dtype=torch.bool, device=h.device)",
+                "prompt = self.prompt(h)\n",
+                "prompt = self.prompt(h)\n"
+                "        if prompt is not None:\n"
+                "            prompt = torch.ones_like(prompt)\n",
             )
         ],
         "test_the_key_ignores_padding_and_batch_mates",
@@ -300,20 +301,16 @@ MUTANTS = [
     ),
     Mutant(
         "grace-mean-key",
-        "GraceRouter.route",
-        "GRACE's query the mean over the prompt instead of the last prompt position",
-        [
-            (
-                "q = h[torch.arange(B), last.clamp(min=0)]",
-                "q = (h * prompt[..., None]).sum(1) / prompt.sum(1, keepdim=True)",
-            )
-        ],
+        "Router.route",
+        "GRACE's query the mean over the prompt instead of the last prompt position (route "
+        "pools the mean itself instead of asking self.query, which GraceRouter's pool sets)",
+        [("q = self.query(h, prompt)", "q = prompt_key(h, prompt)")],
         "test_grace_keys_on_the_last_prompt_position_and_writes_there_only",
         "LAST prompt position",
     ),
     Mutant(
         "grace-writes-every-position",
-        "GraceRouter.route",
+        "GraceRouter.rewrite",
         "GRACE's vector written at every position of a hit row",
         [("new[b, last[b]] = ", "new[b, :] = ")],
         "test_grace_keys_on_the_last_prompt_position_and_writes_there_only",
@@ -391,7 +388,7 @@ MUTANTS = [
     ),
     Mutant(
         "positive-among-the-scored",
-        "BalancEditor.positive",
+        "BalancEditor.positive_question",
         "the backbone's first rephrasing taken even if T-Gen scores it",
         [("if q not in record.rephrases", "if q != record.question")],
         "test_the_positive_is_a_training_rephrasing_never_a_scored_one",
@@ -399,7 +396,7 @@ MUTANTS = [
     ),
     Mutant(
         "positive-is-a-scored-rephrasing",
-        "BalancEditor.positive",
+        "BalancEditor.positive_question",
         "the positive taken from the rephrasings that score T-Gen",
         [("return record.train_rephrases[0]", "return record.rephrases[0]")],
         "test_the_positive_is_a_training_rephrasing_never_a_scored_one",

@@ -11,9 +11,12 @@ import pytest
 from PIL import Image
 
 import balancedit as be
+import blip2
+import cli
 import data
 import evaluate
-import models
+import world
+import writers
 
 CF_TYPES = ("image-text based", "text based")
 EMPTY = 2  # the annotation (and E-VQA record) whose counterfactual is ""
@@ -28,16 +31,16 @@ def _image(rng: np.random.Generator, path: Path, size: int = 16) -> None:
 def _text(i: int) -> dict:
     """Record i's words, all from the world's vocabulary so that the test backbones spell them."""
     r = random.Random(i)
-    kind = data.KINDS[i % len(data.KINDS)]
-    questions = r.sample(data.QUESTIONS["name"], 6)
-    near = r.choice([k for k in data.KINDS if k != kind])
+    kind = world.KINDS[i % len(world.KINDS)]
+    questions = r.sample(world.QUESTIONS["name"], 6)
+    near = r.choice([k for k in world.KINDS if k != kind])
     return {
         "question": questions[0],
         "rephrases": questions[1:3],
         "train": questions[3:6],
-        "answer": data.KIND_NAMES[kind],
-        "target": data.NEW_WORDS[i % len(data.NEW_WORDS)],
-        "loc_answer": data.KIND_NAMES[near],
+        "answer": world.KIND_NAMES[kind],
+        "target": world.NEW_WORDS[i % len(world.NEW_WORDS)],
+        "loc_answer": world.KIND_NAMES[near],
         "object": " ".join(kind[::-1]),
         "near": " ".join(near[::-1]),
     }
@@ -180,9 +183,9 @@ def test_okedit_fields_land_where_the_equations_use_them(tmp_path, tiny):
         assert r.answer == ann["answers"][0]["answer"]  # y^o
         if "rephrased_questions_train" in q:  # Eq. 3's positive: the authors' first
             assert r.train_rephrases == q["rephrased_questions_train"]
-            assert editor.positive(r) == q["rephrased_questions_train"][0]
+            assert editor.positive_question(r) == q["rephrased_questions_train"][0]
         else:  # the backbone's own, never a T-Gen rephrasing
-            assert r.train_rephrases == [] and editor.positive(r) not in r.rephrases
+            assert r.train_rephrases == [] and editor.positive_question(r) not in r.rephrases
 
 
 def test_okedit_keeps_given_counterfact_types(tmp_path):
@@ -220,7 +223,7 @@ def test_evqa_fields_land_where_the_equations_use_them(tmp_path, tiny):
             data.Sample(_decoded(coco / item["m_loc"]), item["m_loc_q"], item["m_loc_a"])
         ]
         assert r.answer == item["pred"] and r.negative_answer == item["locality_answer_train"]
-        assert editor.positive(r) == item["rephrased_questions_train"][0]  # Eq. 3
+        assert editor.positive_question(r) == item["rephrased_questions_train"][0]  # Eq. 3
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +231,7 @@ def blip2_dir(tmp_path_factory):
     """A tiny random BLIP-2 OPT of the real model's depth (32 layers, so that the authors' layer
     31 exists), saved to disk as a downloaded one would be."""
     folder = tmp_path_factory.mktemp("blip2")
-    model = models.random_blip2(layers=32)
+    model = blip2.random_blip2(layers=32)
     model.model.save_pretrained(folder)
     model.processor.save_pretrained(folder)
     return folder
@@ -238,7 +241,7 @@ def _run(options: dict, *more: str, out: Path) -> dict:
     argv = ["--backbone", "blip2", "--no-progress", "--out", str(out), *more]
     for flag, value in options.items():
         argv += [flag, str(value)]
-    assert evaluate.main(argv) == 0
+    assert cli.main(argv) == 0
     return json.loads(out.read_text())
 
 
@@ -253,7 +256,7 @@ def test_the_command_line_runs_the_authors_okedit(tmp_path, blip2_dir, capsys):
     )
     assert result["methods"]["balancedit"]["n_records"] == 2
     cfg = result["config"]
-    assert (cfg["layer"], cfg["distance"], cfg["alpha"]) == (evaluate.BLIP2_LAYER, "cos", 0.05)
+    assert (cfg["layer"], cfg["distance"], cfg["alpha"]) == (cli.BLIP2_LAYER, "cos", 0.05)
     assert (cfg["lr"], cfg["steps"]) == (1e-4, 2)  # the preset's lr; --steps overrides it
     kept = {**options, "--counterfact-types": "text based", "--methods": "ft"}
     result = _run(kept, "--protocol", "sequential", out=tmp_path / "s.json")
@@ -287,10 +290,10 @@ def test_the_command_line_refuses_bad_data_options_in_one_line(tmp_path, argv, s
         "OKEDIT": str(tmp_path / "o"),
         "NOWHERE": str(tmp_path / "nowhere"),
     }
-    data.write_okedit(data.make_records(0, n=2), tmp_path / "o")
+    writers.write_okedit(world.make_records(0, n=2), tmp_path / "o")
     argv = [names.get(a, a) for a in argv]
     with pytest.raises(SystemExit) as e:
-        evaluate.main([*argv, "--no-progress", "--out", str(tmp_path / "r.json")])
+        cli.main([*argv, "--no-progress", "--out", str(tmp_path / "r.json")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.splitlines()) == 1
     assert says.replace("NOWHERE", names["NOWHERE"]) in err

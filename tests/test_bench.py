@@ -16,7 +16,7 @@ import torch
 
 import balancedit as be
 import bench
-import models
+import blip2
 
 
 def test_bytes_per_entry_golden_for_opt_2_7b_fc2():
@@ -26,9 +26,8 @@ def test_bytes_per_entry_golden_for_opt_2_7b_fc2():
     assert sizes["full"]["value_bytes"] == full == 104_867_840
     assert sizes["full"]["entry_bytes"] == full + key_and_radius
     for r in (4, 8, 16):
-        assert (
-            sizes[f"lora{r}"]["value_bytes"] == (r * 10240 + 2560 * r) * 4
-        )  # A (r, in) + B (out, r)
+        # A (r, in) + B (out, r)
+        assert sizes[f"lora{r}"]["value_bytes"] == (r * 10240 + 2560 * r) * 4
         assert sizes[f"lora{r}"]["entry_bytes"] == (r * 10240 + 2560 * r) * 4 + key_and_radius
     assert sizes["lora8"]["entry_bytes"] == 450_564
     assert sizes["lora8"]["ratio_to_full"] == pytest.approx(450_564 / 104_908_804)
@@ -66,7 +65,7 @@ def test_many_far_entries_leave_out_of_scope_rows_bit_identical(tiny, records):
     for key in bench.far_keys(real, 2000, seed=1):
         cb.add(key, shared, 0.0, "far")
     assert float(be.distance(real, cb.keys, "cos").min()) >= 1.0  # far: ReLU inputs vs negated keys
-    with torch.no_grad(), be.attach(tiny, tiny.target_layer, cb) as handle:
+    with torch.no_grad(), be.Router(tiny, tiny.target_layer, cb) as handle:
         assert torch.equal(tiny(**batch).logits, plain)
         assert handle.last_index.tolist() == [-1] * len(records)
         # One entry on sample 0's own key: only row 0 changes, the others stay bit-identical.
@@ -99,13 +98,12 @@ def test_entry_bytes_count_left_over_gradients():
     clean = bench.entry_bytes(value, 8)
     assert clean == (8 * 4 + 4) * 4 + 8 * 4 + 4
     value(torch.randn(2, 8)).sum().backward()
-    assert (
-        bench.entry_bytes(value, 8) == clean + (8 * 4 + 4) * 4
-    )  # a gradient doubles the value's bytes
+    # a gradient doubles the value's bytes
+    assert bench.entry_bytes(value, 8) == clean + (8 * 4 + 4) * 4
 
 
 def test_edit_cost_bench_times_three_ways_that_train_the_same_value(records):
-    backbone = models.random_blip2(n_query=4)
+    backbone = blip2.random_blip2(n_query=4)
     cfg = be.BalancEditConfig(steps=3, lr=1e-2)
     r = bench.bench_edit_cost(backbone, records[0], cfg, repeats=1, forwards=1)
     batch = backbone.encode([records[0].image], [records[0].question], [records[0].target])

@@ -24,9 +24,8 @@ from data import (
     anchor_image,
     load_mmedit,
     load_okedit,
-    write_mmedit,
-    write_okedit,
 )
+from writers import write_mmedit, write_okedit
 
 ANN = ANNOTATION_FILES[0]
 QUE = QUESTION_FILES[0]
@@ -798,12 +797,3 @@ def test_q_locality_round_trips_and_asks_the_records_own_images(tmp_path):
     r.q_locality = [Sample(rand_image(), "what colour?", "red")]  # not one of the record's images
     assert_error(lambda: write_okedit([r], tmp_path / "bad"), "record 3", "q_locality")
     assert not (tmp_path / "bad" / ANN).exists()
-
-
-def test_make_sample_claims_its_folder_before_any_work(capsys):
-    from data import main as data_main
-
-    with pytest.raises(SystemExit) as e:
-        data_main(["make-sample", "--out", "/proc/x/sample"])
-    assert e.value.code == 2
-    assert "cannot write there" in capsys.readouterr().err

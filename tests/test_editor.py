@@ -12,6 +12,9 @@ import balancedit as be
 import baselines
 import data
 import models
+import world
+from blip2 import random_blip2
+from editor import Editor
 
 
 def _snapshot(model):
@@ -33,10 +36,19 @@ def _retarget(record, target):
     return r
 
 
-@pytest.mark.parametrize("method", [be.BalancEditor, baselines.FineTune, baselines.Grace])
+EDITORS = {  # each editor with its config
+    "balancedit": lambda backbone, steps: be.BalancEditor(
+        backbone, be.BalancEditConfig(steps=steps)
+    ),
+    "ft": lambda backbone, steps: baselines.FineTune(backbone, baselines.FTConfig(steps=steps)),
+    "grace": lambda backbone, steps: baselines.Grace(backbone, baselines.GraceConfig(steps=steps)),
+}
+
+
+@pytest.mark.parametrize("method", EDITORS.values(), ids=EDITORS)
 def test_editing_never_changes_the_model(tiny, records, method):
     snap = _snapshot(tiny)
-    m = method(tiny, be.BalancEditConfig(steps=3))
+    m = method(tiny, 3)
     report = m.edit(records[0])
     assert len(report.losses) == 3 and report.seconds > 0
     with m.attached():
@@ -91,13 +103,13 @@ def test_the_answer_positions_every_position_and_the_plain_loop_train_alike(tiny
     path = tiny.target_layer
     answers = tiny.tail(batch, path, per_position=True)
     assert answers.h.shape[0] == len(tiny.answer_ids(r.target))  # (P, F)
-    ways = {"plain": False, "every": True, "answers": answers}
+    ways = {"plain": None, "every": tiny.tail(batch, path), "answers": answers}
     losses = {}
     weights = {}
     for name, cache in ways.items():
         torch.manual_seed(0)
         v = be.new_value(tiny.get_submodule(path), value, rank=4)
-        losses[name] = be.train_value(tiny, path, v, batch, steps=6, lr=1e-2, cache=cache)
+        losses[name] = be.train_value(tiny, path, v, batch, steps=6, lr=1e-2, tail=cache)
         weights[name] = [p.detach().clone() for p in v.parameters()]
     assert losses["plain"][-1] < losses["plain"][0]
     for name in ("every", "answers"):
@@ -123,9 +135,9 @@ def test_the_keys_of_one_forward_are_those_of_separate_forwards(tiny, records, p
     pool the prompt, which (causal) does not see the answer: the same keys as alone."""
     r = records[1]
     editor = be.BalancEditor(tiny, be.BalancEditConfig(steps=1, pool=pool))
-    found = editor.probe(r)
+    found = editor.probe(r, r.image)
     black = data.anchor_image("black", r.image.size)
-    rows = [(r.image, r.question), (r.image, editor.positive(r)), (black, r.question)]
+    rows = [(r.image, r.question), (r.image, editor.positive_question(r)), (black, r.question)]
     alone = torch.cat([editor.keys_of([image], [q]) for image, q in rows])  # (3, D)
     torch.testing.assert_close(found.k, alone[0], rtol=1e-5, atol=1e-6)
     d = be.distance(alone[1:], alone[:1], "cos")[:, 0]  # d(Pos, k), d(Neg, k)
@@ -139,7 +151,8 @@ def test_cached_training_matches_the_naive_loop_at_a_middle_layer_on_a_padded_ba
     """The layers after l need the attention mask of a padded batch: rows of different lengths."""
     torch.manual_seed(0)
     model = models.TinyVLM(
-        models.TinyConfig(vision_layers=1, layers=3, hidden=32, ffn=64, vision_width=32)
+        models.TinyConfig(vision_layers=1, layers=3, hidden=32, ffn=64, vision_width=32),
+        models.build_tokenizer(world.vocabulary()),
     ).eval()
     path = "lm.model.decoder.layers.1.fc2"
     batch = model.encode(
@@ -151,7 +164,8 @@ def test_cached_training_matches_the_naive_loop_at_a_middle_layer_on_a_padded_ba
     weights = {}
     for cache in (True, False):
         value = be.new_value(model.get_submodule(path))
-        be.train_value(model, path, value, batch, steps=5, lr=1e-2, cache=cache)
+        tail = model.tail(batch, path) if cache else None
+        be.train_value(model, path, value, batch, steps=5, lr=1e-2, tail=tail)
         weights[cache] = value.weight.detach().clone()
     torch.testing.assert_close(weights[True], weights[False], rtol=1e-5, atol=1e-6)
     # The editor there: its tail keeps every position of the edit's row, and trains alike.
@@ -160,7 +174,9 @@ def test_cached_training_matches_the_naive_loop_at_a_middle_layer_on_a_padded_ba
         editor = be.BalancEditor(model, be.BalancEditConfig(layer=path, steps=5, cache=cache))
         report = editor.edit(records[1])
         edits[cache] = report.losses, editor.codebook.values[0].weight
-    found = be.BalancEditor(model, be.BalancEditConfig(layer=path)).probe(records[1])
+    found = be.BalancEditor(model, be.BalancEditConfig(layer=path)).probe(
+        records[1], records[1].image
+    )
     assert (
         found.tail.h.shape[:2] == found.batch["input_ids"].shape
     )  # (1, T, F): every position of the row
@@ -198,7 +214,7 @@ def test_a_conflicting_target_replaces_the_old_entry_and_the_report_names_it(tin
 def test_a_near_key_with_another_question_is_no_conflict(shipped):
     """Prompt-mean keys are dominated by the image: these two edits' keys are at cosine distance
     0.007, closer than a rephrasing. Neither may remove the other."""
-    shape_edit, name_edit = data.make_records(0, 320)[33], data.make_records(0, 320)[98]
+    shape_edit, name_edit = world.make_records(0, 320)[33], world.make_records(0, 320)[98]
     editor = be.BalancEditor(shipped, be.BalancEditConfig())
     editor.edit(shape_edit)
     report = editor.edit(name_edit)
@@ -248,7 +264,8 @@ def test_save_load_round_trip_and_mismatch(tiny, records, tmp_path):
             b = tiny(**batch).logits
         assert torch.equal(a, b) and loaded.codebook.targets == m.codebook.targets
     other = models.TinyVLM(
-        models.TinyConfig(vision_layers=1, layers=2, hidden=32, ffn=48, vision_width=32)
+        models.TinyConfig(vision_layers=1, layers=2, hidden=32, ffn=48, vision_width=32),
+        models.build_tokenizer(world.vocabulary()),
     )
     with pytest.raises(ValueError, match="this layer takes 48 inputs"):
         be.BalancEditor.load(tmp_path / "full", other)
@@ -339,7 +356,7 @@ def test_config_rejects_unknown_values():
 
 
 def test_grace_rules(tiny, records):
-    g = baselines.Grace(tiny, be.BalancEditConfig(steps=1), eps0=0.5)
+    g = baselines.Grace(tiny, baselines.GraceConfig(steps=1, eps0=0.5))
     assert g.edit(records[0]).action == "new"
     assert g.edit(records[0]).action == "expand" and len(g) == 1
     split = g.edit(_retarget(records[0], "zorbex"))
@@ -352,7 +369,7 @@ def test_grace_rules(tiny, records):
 @pytest.mark.parametrize("index", [0, 1])  # a kind-scope and a shape-scope record
 def test_end_to_end_on_the_shipped_tinyvlm(shipped, index):
     record = data.load_sample()[index]
-    black = data.anchor_image("black", data.SIZE)
+    black = data.anchor_image("black", world.SIZE)
     n_loc = len(record.locality)
     images = [record.image, record.image, record.rephrase_images[0], black] + [
         s.image for s in record.locality
@@ -379,10 +396,10 @@ def test_end_to_end_on_the_shipped_tinyvlm(shipped, index):
 
 
 def test_end_to_end_on_a_random_blip2():
-    blip2 = models.random_blip2()
+    blip2 = random_blip2()
     record = data.load_sample(limit=1)[0]
     black = data.anchor_image(
-        "black", data.SIZE
+        "black", world.SIZE
     )  # the negative itself: outside a ball of radius d_pos
     batch = blip2.encode([record.image, black], [record.question] * 2, [record.target] * 2)
     plain = blip2(**batch).logits
@@ -398,9 +415,7 @@ def test_end_to_end_on_a_random_blip2():
         assert len(blip2.generate([record.image], [record.question])) == 1
 
 
-@pytest.mark.parametrize(
-    "make", [lambda: models.random_blip2(), lambda: models.TinyVLM.from_pretrained()]
-)
+@pytest.mark.parametrize("make", [lambda: random_blip2(), lambda: models.TinyVLM.from_pretrained()])
 def test_records_without_training_rephrasings_ask_the_backbone(make):
     """MMEdit records bring no training rephrasings: the positive comes from backbone.rephrase,
     and never from the rephrasings that score T-Gen."""
@@ -408,17 +423,17 @@ def test_records_without_training_rephrasings_ask_the_backbone(make):
     record = copy.copy(data.load_sample(limit=1)[0])
     record.train_rephrases = []
     editor = be.BalancEditor(backbone, be.BalancEditConfig(steps=1))
-    positive = editor.positive(record)
+    positive = editor.positive_question(record)
     assert positive and positive != record.question and positive not in record.rephrases
     report = editor.edit(record)
     assert min(report.d_pos, report.d_neg) <= report.radius <= max(report.d_pos, report.d_neg)
 
 
-@pytest.mark.parametrize("method", [be.BalancEditor, baselines.FineTune, baselines.Grace])
+@pytest.mark.parametrize("method", EDITORS.values(), ids=EDITORS)
 def test_attached_with_no_edit_is_the_plain_model(tiny, records, method):
     batch = tiny.encode([r.image for r in records], [r.question for r in records])
     plain = tiny(**batch).logits
-    m = method(tiny, be.BalancEditConfig(steps=1))
+    m = method(tiny, 1)
     with m.attached():
         assert torch.equal(tiny(**batch).logits, plain)
     m.remove(m.edit(records[0]).index)
@@ -454,3 +469,11 @@ def test_the_last_token_key_tells_questions_about_the_edited_image_apart(shipped
             assert shipped.generate([record.image], [record.question]) == [record.target]
             changed[pool] = sum(a != b for a, b in zip(shipped.generate(images, questions), before))
     assert changed["mean"] >= 3 and changed["last"] == 0, changed
+
+
+@pytest.mark.parametrize("cls", [be.BalancEditor, baselines.FineTune, baselines.Grace])
+def test_every_editor_implements_the_editor_protocol(cls):
+    """An editor that forgot a method would inherit the protocol's empty one (returning None)."""
+    assert Editor in cls.__mro__
+    for name in ("edit", "attached", "remove", "__len__"):
+        assert getattr(cls, name) is not getattr(Editor, name), f"{cls.__name__}.{name}"

@@ -10,11 +10,13 @@ import pytest
 import torch
 from conftest import TINY
 
+import cli
 import data
 import evaluate
 import models
-from balancedit import BalancEditConfig
-from baselines import Grace
+import world
+import writers
+from baselines import Grace, GraceConfig
 from evaluate import Observation, exact_match, hm, score, token_accuracy
 
 
@@ -157,7 +159,7 @@ def test_grace_reads_the_layer_at_the_last_prompt_position_bit_for_bit(tiny, rec
     """Grace.at_key: layer l's input and output at the last prompt position, as a forward with a
     hook on the layer records them."""
     r = records[0]
-    grace = Grace(tiny, BalancEditConfig(steps=2))
+    grace = Grace(tiny, GraceConfig(steps=2))
     h, y, batch, write = grace.at_key([r.image], [r.question], [r.target])
     seen = []
     layer = tiny.get_submodule(tiny.target_layer)
@@ -228,7 +230,8 @@ def test_protocol_passes_when_the_edit_is_undone(tiny, records, run):
 @pytest.mark.parametrize("kind", ["forget_remove", "in_place"])
 def test_protocol_raises_when_the_model_is_left_changed(records, run, kind):
     torch.manual_seed(0)
-    backbone = models.TinyVLM(TINY).eval()  # its own copy: this test damages it
+    # Its own copy: this test damages it.
+    backbone = models.TinyVLM(TINY, models.build_tokenizer(world.vocabulary())).eval()
     with pytest.raises(evaluate.ModelChanged):
         run(HookEditor(backbone, **{kind: True}), backbone, records[:2], progress=False)
 
@@ -261,7 +264,7 @@ def checkpoint(tmp_path_factory, tiny):
 def test_cli_run_writes_the_json(checkpoint, tmp_path, capsys):
     out = tmp_path / "r.json"
     assert (
-        evaluate.main(
+        cli.main(
             [
                 "--model",
                 str(checkpoint),
@@ -329,7 +332,7 @@ def test_cli_run_writes_the_json(checkpoint, tmp_path, capsys):
 )
 def test_cli_bad_input_is_one_line_and_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
-        evaluate.main(argv + ["--no-progress"])
+        cli.main(argv + ["--no-progress"])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
@@ -342,10 +345,10 @@ def test_cli_refuses_a_bad_out_before_any_work(out, tmp_path, capsys, monkeypatc
     (tmp_path / "file").write_text("not a directory")
     before = sorted(p.name for p in tmp_path.rglob("*"))
     monkeypatch.setattr(
-        evaluate, "load_records", lambda args: pytest.fail("work started before --out was checked")
+        cli, "load_records", lambda args: pytest.fail("work started before --out was checked")
     )
     with pytest.raises(SystemExit) as e:
-        evaluate.main(["sweep-alpha", "--out", str(tmp_path / out), "--no-progress"])
+        cli.main(["sweep-alpha", "--out", str(tmp_path / out), "--no-progress"])
     assert e.value.code == 2 and "--out" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written
 
@@ -354,7 +357,7 @@ def test_each_variant_has_its_own_default_output():
     """Only the main job writes results/main.json; a run with other options is named after them."""
 
     def out(*argv):
-        return evaluate.default_out(evaluate.parse_args(argv))
+        return cli.default_out(cli.parse_args(argv))
 
     assert out() == out("--no-progress", "--device", "cpu") == "results/main.json"
     assert out("--methods", "base,ft,grace,balancedit") == "results/main.json"  # the default
@@ -384,9 +387,9 @@ def test_each_variant_has_its_own_default_output():
 def test_cli_refuses_a_record_the_backbone_cannot_encode(field, value, says, tmp_path, capsys):
     record = copy.copy(data.load_sample(limit=1)[0])
     setattr(record, field, value)
-    data.write_okedit([record], tmp_path / "d")
+    writers.write_okedit([record], tmp_path / "d")
     with pytest.raises(SystemExit) as e:
-        evaluate.main(
+        cli.main(
             ["--data", str(tmp_path / "d"), "--no-progress", "--out", str(tmp_path / "r.json")]
         )
     err = capsys.readouterr().err
@@ -402,8 +405,7 @@ def test_cli_refuses_a_record_the_backbone_cannot_encode(field, value, says, tmp
 def test_show_edit_and_show_codebook_draw_and_report(checkpoint, tmp_path, capsys):
     common = ["--model", str(checkpoint), "--limit", "3", "--steps", "2", "--no-progress"]
     assert (
-        evaluate.main(["show-edit", "--record", "1", "--out", str(tmp_path / "edit.png"), *common])
-        == 0
+        cli.main(["show-edit", "--record", "1", "--out", str(tmp_path / "edit.png"), *common]) == 0
     )
     edit = json.loads((tmp_path / "edit.json").read_text())
     assert (tmp_path / "edit.png").stat().st_size > 0 and edit["record"] == 1  # an index
@@ -417,14 +419,14 @@ def test_show_edit_and_show_codebook_draw_and_report(checkpoint, tmp_path, capsy
         for points in edit["probes"].values()
         for d, changed in points
     )
-    assert evaluate.main(["show-codebook", "--out", str(tmp_path / "cb.png"), *common]) == 0
+    assert cli.main(["show-codebook", "--out", str(tmp_path / "cb.png"), *common]) == 0
     codebook = json.loads((tmp_path / "cb.json").read_text())
     assert (tmp_path / "cb.png").stat().st_size > 0 and len(codebook["xy"]) == len(
         codebook["targets"]
     ) == 3
     for argv in (["show-edit", "--record", "3"], ["show-edit", "--out", str(tmp_path / "x.json")]):
         with pytest.raises(SystemExit) as e:
-            evaluate.main(argv + common)
+            cli.main(argv + common)
         assert e.value.code == 2
 
 
@@ -445,7 +447,7 @@ def test_grace_keeps_a_covered_key_inside_its_ball_and_splits_as_grace_does(tiny
     (here 1e-6 farther) still hits; at a split the old ball stops TIE short of half the
     distance, as in GRACE's code."""
     a, b = _same_target_pair(data.load_sample(limit=6))
-    g = Grace(tiny, BalancEditConfig(steps=1))
+    g = Grace(tiny, GraceConfig(steps=1))
     k_b = g.at_key([b.image], [b.question])[0]  # (D,)
     d = float(torch.linalg.vector_norm(k_b - g.at_key([a.image], [a.question])[0]))
     g.eps0 = 0.75 * d  # b's key is outside a's first ball, within reach of growing it
@@ -470,9 +472,9 @@ def test_grace_keeps_a_covered_key_inside_its_ball_and_splits_as_grace_does(tiny
 @pytest.mark.parametrize("out", ["/proc/x/r.json", "/sys/x.json"])
 def test_an_out_that_only_trying_refuses_fails_at_once(out, capsys, monkeypatch):
     """Root passes os.access on /proc and /sys; only creating the folder and a file tells."""
-    monkeypatch.setattr(evaluate, "load_records", lambda args: pytest.fail("work started"))
+    monkeypatch.setattr(cli, "load_records", lambda args: pytest.fail("work started"))
     with pytest.raises(SystemExit) as e:
-        evaluate.main(["--out", out, "--no-progress"])
+        cli.main(["--out", out, "--no-progress"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.splitlines()) == 1 and f"--out {out}: cannot" in err
 
@@ -480,7 +482,7 @@ def test_an_out_that_only_trying_refuses_fails_at_once(out, capsys, monkeypatch)
 def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path, capsys):
     out = tmp_path / "new" / "deeper" / "r.json"
     with pytest.raises(SystemExit):
-        evaluate.main(["--out", str(out), "--data", str(tmp_path / "none"), "--no-progress"])
+        cli.main(["--out", str(out), "--data", str(tmp_path / "none"), "--no-progress"])
     assert "--data" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # the folders made for --out are gone
 
@@ -488,19 +490,19 @@ def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path, capsys):
 def test_claim_output_makes_the_folders_keeps_a_file_and_cleans_up(tmp_path):
     kept = tmp_path / "old.json"
     kept.write_text("results")
-    data.claim_output(kept)()  # an existing file: opened for appending, left as it was
+    cli.claim_output(kept)()  # an existing file: opened for appending, left as it was
     assert kept.read_text() == "results"
-    cleanup = data.claim_output(tmp_path / "a" / "b" / "r.json")
+    cleanup = cli.claim_output(tmp_path / "a" / "b" / "r.json")
     assert (tmp_path / "a" / "b").is_dir() and list((tmp_path / "a" / "b").iterdir()) == []
     (tmp_path / "a" / "note").write_text("someone else's")
     cleanup()  # b was empty: removed; a holds a file now: kept
     assert not (tmp_path / "a" / "b").exists() and (tmp_path / "a" / "note").exists()
-    folder = data.claim_output(tmp_path / "sample", flag="--out", folder=True)
+    folder = cli.claim_output(tmp_path / "sample", flag="--out", folder=True)
     assert (tmp_path / "sample").is_dir()
     folder()
     assert not (tmp_path / "sample").exists()
-    with pytest.raises(data.OutputError, match="--json .*: is a folder"):
-        data.claim_output(tmp_path, flag="--json")
+    with pytest.raises(cli.OutputError, match="--json .*: is a folder"):
+        cli.claim_output(tmp_path, flag="--json")
 
 
 # ---------------------------------------------------------------- small things users notice
@@ -509,7 +511,7 @@ def test_claim_output_makes_the_folders_keeps_a_file_and_cleans_up(tmp_path):
 @pytest.mark.parametrize("device", ["meta", "foo", "cuda:7"])
 def test_a_device_to_refuse_says_which_ones_there_are(device, capsys):
     with pytest.raises(SystemExit):
-        evaluate.main(["--device", device, "--no-progress"])
+        cli.main(["--device", device, "--no-progress"])
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and f"--device {device}: not a device to run on" in err
     assert "cpu" in err and "CUDA GPUs" not in err and "xla" not in err  # not torch's list
@@ -518,21 +520,21 @@ def test_a_device_to_refuse_says_which_ones_there_are(device, capsys):
 def test_a_tiny_edit_image_is_refused_naming_its_record(monkeypatch, capsys, tmp_path):
     records = data.load_sample(limit=2)
     records[1].image = records[1].image.resize((1, 1))
-    monkeypatch.setattr(evaluate, "load_records", lambda args: (records, "two records"))
-    monkeypatch.setattr(evaluate, "load_backbone", lambda args: pytest.fail("work started"))
+    monkeypatch.setattr(cli, "load_records", lambda args: (records, "two records"))
+    monkeypatch.setattr(cli, "load_backbone", lambda args: pytest.fail("work started"))
     with pytest.raises(SystemExit) as e:
-        evaluate.main(["--out", str(tmp_path / "never.json"), "--no-progress"])
+        cli.main(["--out", str(tmp_path / "never.json"), "--no-progress"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"record {records[1].id}: its edit image is 1x1 pixels" in err
 
 
 def test_threads_is_an_option_that_sets_torch_and_names_no_output(monkeypatch):
-    args = evaluate.parse_args(["--threads", "3"])
-    assert args.threads == 3 and evaluate.parse_args([]).threads == 1
-    assert evaluate.default_out(args) == "results/main.json"
+    args = cli.parse_args(["--threads", "3"])
+    assert args.threads == 3 and cli.parse_args([]).threads == 1
+    assert cli.default_out(args) == "results/main.json"
     calls = []
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
-    monkeypatch.setattr(evaluate, "setup", lambda args: pytest.fail("stop here"))
+    monkeypatch.setattr(cli, "setup", lambda args: pytest.fail("stop here"))
     with pytest.raises(pytest.fail.Exception):
-        evaluate.main(["--threads", "3"])
+        cli.main(["--threads", "3"])
     assert calls == [3]

@@ -13,17 +13,18 @@ import torch.nn as nn
 
 import balancedit as be
 import data
-import models
+import minigpt4
+import world
 
-POOL = list(itertools.islice(data.training_stream(0), 6))
+POOL = list(itertools.islice(world.training_stream(0), 6))
 N_QUERY = (
     8  # images weigh in the keys as with the real 32 (4 are too few against the long template)
 )
 
 
 @functools.cache
-def model() -> models.MiniGPT4:
-    return models.random_minigpt4(n_query=N_QUERY)  # 2 LLaMA layers, hidden 32, MLP 64
+def model() -> minigpt4.MiniGPT4:
+    return minigpt4.random_minigpt4(n_query=N_QUERY)  # 2 LLaMA layers, hidden 32, MLP 64
 
 
 @functools.cache
@@ -142,7 +143,7 @@ def test_end_to_end_edit_changes_the_row_and_keeps_the_black_image_bit_for_bit()
     m = model()
     editor, record, report = edited()
     # the negative itself: outside a ball of radius d_pos
-    black = data.anchor_image("black", data.SIZE)
+    black = data.anchor_image("black", world.SIZE)
     batch = m.encode([record.image, black], [record.question] * 2, [record.target] * 2)
     with torch.no_grad():
         plain = m(**batch).logits
@@ -159,9 +160,9 @@ def test_out_of_scope_rows_are_bit_identical_in_a_mixed_batch():
     editor, record, report = edited()
     # A random model tells images apart far better than questions: black-image rows are the ones
     # out of scope (the white and the noise image may fall in the ball of radius d_pos).
-    black = data.anchor_image("black", data.SIZE)
-    white = data.anchor_image("white", data.SIZE)
-    noise = data.anchor_image("noise", data.SIZE)
+    black = data.anchor_image("black", world.SIZE)
+    white = data.anchor_image("white", world.SIZE)
+    noise = data.anchor_image("noise", world.SIZE)
     images = [black, record.image, black, white, black, noise]
     questions = [
         "what shape do you see?",
@@ -202,7 +203,7 @@ def test_removal_restores_the_model_bit_for_bit():
 def test_the_route_is_held_during_kv_cache_decoding():
     m = model()
     editor, record, report = edited()
-    black = data.anchor_image("black", data.SIZE)
+    black = data.anchor_image("black", world.SIZE)
     seen = []
     with editor.attached() as router:
         handle = m.register_forward_hook(
@@ -221,7 +222,7 @@ def test_the_route_is_held_during_kv_cache_decoding():
 def test_cached_training_matches_the_naive_loop_on_a_padded_batch(layers):
     """Eq. 2 three ways: the plain loop, the tail over every position and the tail asked for the
     answer positions only; the last layer's up_proj keeps those, a middle one every position."""
-    m = model() if layers == 2 else models.random_minigpt4(layers=3, n_query=N_QUERY, seed=1)
+    m = model() if layers == 2 else minigpt4.random_minigpt4(layers=3, n_query=N_QUERY, seed=1)
     path = "llama_model.model.layers.1.mlp.up_proj"
     records = data.load_sample(limit=2)
     batch = m.encode(
@@ -238,7 +239,8 @@ def test_cached_training_matches_the_naive_loop_on_a_padded_batch(layers):
     weights = {}
     for name, cache in (("plain", False), ("every", True), ("answers", answer_only)):
         value = be.new_value(m.get_submodule(path))
-        losses[name] = be.train_value(m, path, value, batch, steps=5, lr=1e-2, cache=cache)
+        tail = m.tail(batch, path) if cache is True else cache or None
+        losses[name] = be.train_value(m, path, value, batch, steps=5, lr=1e-2, tail=tail)
         weights[name] = value.weight.detach().clone()
     for name in ("every", "answers"):
         assert losses[name] == pytest.approx(losses["plain"], rel=1e-5)
@@ -278,7 +280,7 @@ def test_from_pretrained_reads_local_files_only(tmp_path):
     torch.save(
         {"model": {f"llama_proj.{k}": v for k, v in m.llama_proj.state_dict().items()}}, ckpt
     )
-    loaded = models.MiniGPT4.from_pretrained(blip2, vicuna, ckpt, device="cpu")
+    loaded = minigpt4.MiniGPT4.from_pretrained(blip2, vicuna, ckpt, device="cpu")
     assert not loaded.training and next(loaded.parameters()).dtype == torch.float32
     batch = encode(m, [2, 3])
     assert torch.equal(
@@ -288,13 +290,13 @@ def test_from_pretrained_reads_local_files_only(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(**batch).logits, m(**batch).logits)
     with pytest.raises(FileNotFoundError, match="nothing: no such Vicuna directory"):
-        models.MiniGPT4.from_pretrained(blip2, tmp_path / "nothing", ckpt)
-    import evaluate  # the command line runs every protocol from the same local files
+        minigpt4.MiniGPT4.from_pretrained(blip2, tmp_path / "nothing", ckpt)
+    import cli  # the command line runs every protocol from the same local files
 
     for protocol in ("single", "sequential"):
         out = tmp_path / f"{protocol}.json"
         assert (
-            evaluate.main(
+            cli.main(
                 [
                     "--backbone",
                     "minigpt4",
@@ -322,11 +324,12 @@ def test_from_pretrained_reads_local_files_only(tmp_path):
         assert set(json.loads(out.read_text())["methods"]) == {"base", "ft", "grace", "balancedit"}
     torch.save({"model": {"llama_proj.weight": torch.zeros(32, 32)}}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match=r"no model\['llama_proj.bias'\]"):
-        models.MiniGPT4.from_pretrained(blip2, vicuna, tmp_path / "bad.pth")
+        minigpt4.MiniGPT4.from_pretrained(blip2, vicuna, tmp_path / "bad.pth")
 
 
-def test_the_real_size_on_the_meta_device():
-    """MiniGPT-4 7B: EVA ViT-g/14 (BLIP-2's 39 layers), the Q-Former, llama_proj and Vicuna-7B."""
+def meta_minigpt4_7b() -> minigpt4.MiniGPT4:
+    """MiniGPT-4 7B on the meta device: EVA ViT-g/14 (BLIP-2's 39 layers), the Q-Former,
+    llama_proj and Vicuna-7B."""
     from transformers import (
         Blip2QFormerConfig,
         Blip2QFormerModel,
@@ -368,14 +371,20 @@ def test_the_real_size_on_the_meta_device():
                 max_position_embeddings=2048,
             )
         )
-        m = models.MiniGPT4(
+        m = minigpt4.MiniGPT4(
             vision,
             qformer,
             nn.Parameter(torch.zeros(1, 32, 768)),
             nn.Linear(768, 4096),
             llama,
-            models.offline_minigpt4_tokenizer(),
+            minigpt4.offline_minigpt4_tokenizer(),
         )
+    return m
+
+
+def test_the_real_size_on_the_meta_device():
+    m = meta_minigpt4_7b()
+    llama = m.llama_model
     # 985,952,256 ViT + 105,137,664 Q-Former (query path only) + 24,576 query tokens (32 x 768)
     # + 3,149,824 llama_proj (768 x 4096 + 4096)
     # + 6,738,415,616 LLaMA-7B (embeddings and LM head untied)

@@ -1,6 +1,6 @@
-"""Tests for models.py: the encode layout of both backbones, the key's padding invariance
-(hypothesis), BLIP-2 OPT on a tiny random config built in memory (nothing downloads), and a
-short TinyVLM training run."""
+"""Tests for models.py, blip2.py and train.py: the encode layout of both backbones, the key's
+padding invariance (hypothesis), BLIP-2 OPT on a tiny random config built in memory (nothing
+downloads), and a short TinyVLM training run."""
 
 import dataclasses
 import functools
@@ -15,12 +15,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+import blip2
 import data
 import models
+import train
+import world
 
 FAST = settings(max_examples=8, deadline=None)
 
-POOL = list(itertools.islice(data.training_stream(0), 6))  # questions of 4 to 9 words
+POOL = list(itertools.islice(world.training_stream(0), 6))  # questions of 4 to 9 words
 N_QUERY = 4
 
 # -----------------------------------------------------------------------------
@@ -30,9 +33,9 @@ N_QUERY = 4
 @functools.cache
 def backbone(name: str) -> models.Backbone:
     if name == "blip2":
-        return models.random_blip2(n_query=N_QUERY)  # 2-layer OPT, hidden 32, ffn 64
+        return blip2.random_blip2(n_query=N_QUERY)  # 2-layer OPT, hidden 32, ffn 64
     torch.manual_seed(0)
-    return models.TinyVLM(TINY).eval()
+    return models.TinyVLM(TINY, models.build_tokenizer(world.vocabulary())).eval()
 
 
 def encode(model, idx, with_answers=True, images=True):
@@ -92,7 +95,7 @@ def test_target_layer_is_the_last_decoder_fc2(name):
 
 
 def test_train_tiny_lowers_the_loss():
-    losses = models.train_tiny(None, steps=30, batch_size=8, config=TINY, progress=False)
+    losses = train.train_tiny(None, steps=30, batch_size=8, config=TINY, progress=False)
     assert len(losses) == 30
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
 
@@ -228,7 +231,7 @@ def test_blip2_from_pretrained_reads_a_local_directory(tmp_path):
     model = backbone("blip2")
     model.model.save_pretrained(tmp_path)
     model.processor.save_pretrained(tmp_path)
-    loaded = models.Blip2OPT.from_pretrained(tmp_path, device="cpu")
+    loaded = blip2.Blip2OPT.from_pretrained(tmp_path, device="cpu")
     assert loaded.device.type == "cpu" and next(loaded.parameters()).dtype == torch.float32
     assert not loaded.training
     batch = encode(model, [2, 3])
@@ -296,7 +299,7 @@ def test_shipped_tinyvlm_knows_its_world_offline(monkeypatch):
     of generated answers; the whole sample measures 100 / 100 / 99.5 / 100 / 100 / 100)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = models.TinyVLM.from_pretrained()
-    scores = models.knowledge(model, data.load_sample(limit=6))
+    scores = train.knowledge(model, data.load_sample(limit=6))
     assert set(scores) == {
         "edit",
         "rephrases",
@@ -315,20 +318,20 @@ def test_a_missing_checkpoint_names_the_file(tmp_path):
 
 def test_blip2_from_a_missing_directory_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such model directory"):
-        models.Blip2OPT.from_pretrained(tmp_path / "nothing")
+        blip2.Blip2OPT.from_pretrained(tmp_path / "nothing")
 
 
 def test_train_tiny_needs_an_out_directory(capsys):
-    """No default --out, so a bare `train-tiny` cannot overwrite the shipped checkpoint
+    """No default --out, so a bare `python train.py` cannot overwrite the shipped checkpoint
     (parser only)."""
     shipped = {p: p.read_bytes() for p in models.TINY_DIR.rglob("*") if p.is_file()}
     with pytest.raises(SystemExit) as e:
-        models.build_parser().parse_args(["train-tiny"])
+        train.build_parser().parse_args([])
     assert e.value.code == 2 and "--out" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        models.build_parser().parse_args(["train-tiny", "--help"])
+        train.build_parser().parse_args(["--help"])
     assert "assets/tinyvlm is the shipped one" in " ".join(capsys.readouterr().out.split())
-    assert models.build_parser().parse_args(["train-tiny", "--out", "elsewhere"]).out == "elsewhere"
+    assert train.build_parser().parse_args(["--out", "elsewhere"]).out == "elsewhere"
     assert {p: p.read_bytes() for p in models.TINY_DIR.rglob("*") if p.is_file()} == shipped
 
 
@@ -336,20 +339,20 @@ def test_train_tiny_claims_its_out_folder_before_training(tmp_path, monkeypatch,
     """An --out that cannot be written is refused at once; a folder made for a run that then
     fails is removed again."""
     trained = []
-    monkeypatch.setattr(models, "train_tiny", lambda *a, **k: trained.append(a) or [1.0])
+    monkeypatch.setattr(train, "train_tiny", lambda *a, **k: trained.append(a) or [1.0])
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit) as e:
-        models.main(["train-tiny", "--out", str(tmp_path / "file" / "ckpt")])
+        train.main(["--out", str(tmp_path / "file" / "ckpt")])
     assert e.value.code == 2 and "cannot write there" in capsys.readouterr().err and not trained
-    assert models.main(["train-tiny", "--out", str(tmp_path / "new" / "ckpt")]) == 0
+    assert train.main(["--out", str(tmp_path / "new" / "ckpt")]) == 0
     assert (tmp_path / "new" / "ckpt").is_dir() and len(trained) == 1
 
     def fails(*args, **kwargs):
         raise RuntimeError("training fails")
 
-    monkeypatch.setattr(models, "train_tiny", fails)
+    monkeypatch.setattr(train, "train_tiny", fails)
     with pytest.raises(RuntimeError):
-        models.main(["train-tiny", "--out", str(tmp_path / "made" / "ckpt")])
+        train.main(["--out", str(tmp_path / "made" / "ckpt")])
     assert not (tmp_path / "made").exists()
 
 

@@ -1,6 +1,7 @@
-"""The README is the front door: its Python example must run, its commands must parse, its
-set-up/test commands must be what CI runs, its file map must say what each module says of itself,
-and its results table must be what `python evaluate.py` measures (and tell the paper's story)."""
+"""The README is the front door and docs/ the rest: the README's Python example must run, every
+command of the README and of docs/*.md must parse, the set-up/test commands must be what CI runs,
+the file map must say what each module says of itself, the results table must be what `python
+evaluate.py` measures (and tell the paper's story), and every link must lead somewhere."""
 
 import ast
 import re
@@ -10,18 +11,21 @@ from pathlib import Path
 import pytest
 
 import bench
-import data
+import cli
 import easyvqa
 import evaluate
-import models
 import study
+import train
+import world
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
+DOCS = {"README.md": README}  # the README and every docs/*.md, by path: where commands are read
+DOCS.update({f"docs/{p.name}": p.read_text() for p in sorted((ROOT / "docs").glob("*.md"))})
 PARSERS = {
-    "evaluate.py": evaluate.parse_args,
-    "data.py": lambda argv: data.build_parser().parse_args(argv),
-    "models.py": lambda argv: models.build_parser().parse_args(argv),
+    "evaluate.py": cli.parse_args,
+    "world.py": lambda argv: world.build_parser().parse_args(argv),
+    "train.py": lambda argv: train.build_parser().parse_args(argv),
     "bench.py": lambda argv: bench.build_parser().parse_args(argv),
     "study.py": study.parse_args,
     "easyvqa.py": lambda argv: easyvqa.build_parser().parse_args(argv),
@@ -29,8 +33,10 @@ PARSERS = {
 
 
 def _commands():
-    """Every `python X.py ...` line of the README's bash blocks (continuations joined)."""
-    for block in re.findall(r"```bash\n(.*?)```", README, flags=re.S):
+    """Every `python X.py ...` line of the bash blocks of the README and docs/ (continuations
+    joined)."""
+    blocks = [b for text in DOCS.values() for b in re.findall(r"```bash\n(.*?)```", text, re.S)]
+    for block in blocks:
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split("#")[0].strip()
             if line.startswith("python ") and line.split()[1] in PARSERS:
@@ -46,7 +52,7 @@ def test_readme_opens_with_a_python_example_that_runs():
     assert namespace["before"] == [namespace["record"].answer] != [namespace["record"].target]
     assert namespace["report"].d_pos < namespace["report"].radius < namespace["report"].d_neg
     shape, colour = re.search(r"on an? (\w+) (\w+)\n", example).group(2, 1)  # "a green diamond"
-    assert data.KIND_NAMES[(shape, colour)] == namespace["record"].answer  # what record 0 shows
+    assert world.KIND_NAMES[(shape, colour)] == namespace["record"].answer  # what record 0 shows
 
 
 def test_readme_commands_parse():
@@ -76,9 +82,10 @@ def test_readme_setup_and_test_commands_are_what_ci_runs():
 
 
 def _table_after(command):
-    """The first markdown table after ``command`` (the start of a bash block) in the README:
-    its header cells and {first cell: the numbers}."""
-    lines = README[README.index(command) :].splitlines()
+    """The first markdown table after ``command`` (the start of a bash block) in the README or
+    docs/: its header cells and {first cell: the numbers}."""
+    text = next(text for text in DOCS.values() if command in text)
+    lines = text[text.index(command) :].splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("|"))
     table = []
     for line in lines[start:]:
@@ -131,17 +138,17 @@ def test_readme_sequential_table_is_what_the_sequential_protocol_measures(readme
 
 
 OUTPUTS = {  # what each program's command line writes: (args -> a path or None, a folder?)
-    "evaluate.py": (evaluate.output_path, False),
+    "evaluate.py": (cli.output_path, False),
     "study.py": (lambda args: Path(args.out), False),
     "bench.py": (lambda args: Path(args.json), False),
-    "data.py": (lambda args: Path(args.out), True),  # make-sample fills a folder
-    "models.py": (lambda args: Path(args.out) if args.command == "train-tiny" else None, True),
+    "world.py": (lambda args: Path(args.out), True),  # make-sample fills a folder
+    "train.py": (lambda args: Path(args.out) if args.command != "check" else None, True),
     "easyvqa.py": (lambda args: Path(args.out) if args.command != "check" else None, True),
 }
 
 
 def test_readme_commands_can_write_their_outputs_in_a_fresh_clone(tmp_path, monkeypatch):
-    """Run where a fresh clone has no results/ folder: every README command's output path can
+    """Run where a fresh clone has no results/ folder: every command's output path can
     be claimed by trying (its folders made, a file created in it), and the claim leaves
     nothing behind."""
     monkeypatch.chdir(tmp_path)
@@ -151,9 +158,9 @@ def test_readme_commands_can_write_their_outputs_in_a_fresh_clone(tmp_path, monk
         args = PARSERS[argv[1]](argv[2:])
         where, folder = OUTPUTS[argv[1]]
         path = where(args)
-        if path is None:  # a command that writes nothing (check-tiny)
+        if path is None:  # a command that writes nothing (train.py check)
             continue
-        cleanup = data.claim_output(path, folder=folder)
+        cleanup = cli.claim_output(path, folder=folder)
         assert (path if folder else path.parent).is_dir(), line
         cleanup()
         assert list(tmp_path.iterdir()) == [], line
@@ -162,9 +169,31 @@ def test_readme_commands_can_write_their_outputs_in_a_fresh_clone(tmp_path, monk
 
 
 def test_readme_picture_command_runs_in_a_fresh_clone(tmp_path, monkeypatch):
-    """The README's quick picture command, run whole where results/ does not exist yet."""
+    """The quick picture command (docs/results.md), run whole where results/ does not exist
+    yet."""
     monkeypatch.chdir(tmp_path)
     line = next(c for c in _commands() if " show-edit " in c)
-    assert evaluate.main([*shlex.split(line)[2:], "--no-progress"]) == 0
-    out = evaluate.output_path(evaluate.parse_args(shlex.split(line)[2:]))
+    assert cli.main([*shlex.split(line)[2:], "--no-progress"]) == 0
+    out = cli.output_path(cli.parse_args(shlex.split(line)[2:]))
     assert out.stat().st_size > 0 and out.with_suffix(".json").stat().st_size > 0
+
+
+def test_readme_is_short_and_its_links_lead_somewhere():
+    """The README is the front door (at most 300 lines); every relative link of the README and
+    docs/ names a file that exists, and a #section of a markdown file one of its headings."""
+    assert len(README.splitlines()) <= 300
+    for where, text in DOCS.items():
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if "://" in target:
+                continue
+            name, _, section = target.partition("#")
+            path = (ROOT / where).parent / name if name else ROOT / where
+            assert path.exists(), (where, target)
+            if section:
+                headings = re.findall(r"^#+ (.+)$", path.read_text(), flags=re.M)
+                assert section in [_anchor(h) for h in headings], (where, target)
+
+
+def _anchor(heading):
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")

@@ -9,14 +9,15 @@ import torch.nn as nn
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
+import models
 from balancedit import (
     Codebook,
     LoRAValue,
-    attach,
+    Router,
     distance,
     new_value,
     override,
-    prompt_mean,
+    prompt_key,
     radius,
 )
 from baselines import GraceRouter, Vector
@@ -227,14 +228,15 @@ def test_half_precision_layers_get_float32_values_that_train():
 # ---------------------------------------------------------------- the hook (Eq. 1)
 
 
-class FlatToy(nn.Module):
-    """Like OPT's decoder layer: flattens (B, T, D) to (B*T, D) before ``fc2``."""
+class FlatToy(models.Backbone):
+    """Like OPT's decoder layer: flattens (B, T, D) to (B*T, D) before ``fc2``; a Backbone, so
+    that a call's ``prompt_mask`` reaches the router."""
 
     def __init__(self, D=4, F=6):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(D, F), nn.Linear(F, D)
 
-    def forward(self, x, prompt_mask=None):  # x: (B, T, D)
+    def forward(self, x):  # x: (B, T, D)
         shape = x.shape
         h = torch.relu(self.fc1(x.reshape(-1, shape[-1])))  # (B*T, F)
         return self.fc2(h).view(shape) + x  # (B, T, D)
@@ -269,7 +271,7 @@ def test_sequential_miss_rows_bit_identical_hit_rows_use_value(seed, B):
     # Entry 0 sits exactly on sample 0 (always a hit); entry 1 is random.
     cb.add(h[0], _perturbed_value(model[2], seed), 0.0, "a")
     cb.add(torch.randn(8), _perturbed_value(model[2], seed + 1), float(torch.rand(())), "b")
-    with attach(model, "2", cb) as handle:
+    with Router(model, "2", cb) as handle:
         out = model(x)
     index = handle.last_index
     assert index[0].item() == 0
@@ -299,7 +301,7 @@ def test_flattened_layer_mixed_batch(seed, B, T, kind):
     cb = Codebook(kind)
     cb.add(keys[0], _perturbed_value(model.fc2, seed), 1e-4, "a")  # sample 0 hits
     cb.add(torch.randn(6), _perturbed_value(model.fc2, seed + 1), 0.05, "b")
-    with attach(model, "fc2", cb) as handle:
+    with Router(model, "fc2", cb) as handle:
         out = model(x, prompt_mask=mask)
     index = handle.last_index
     assert index[0].item() == 0
@@ -321,7 +323,7 @@ def test_no_hit_returns_the_output_untouched_and_miss_rows_bit_identical():
     plain = model(x, prompt_mask=mask)
     cb = Codebook("euc")
     cb.add(torch.full((6,), 100.0), _perturbed_value(model.fc2, 0), 1.0, "far")
-    with attach(model, "fc2", cb) as handle:
+    with Router(model, "fc2", cb) as handle:
         assert torch.equal(model(x, prompt_mask=mask), plain)
         assert handle.last_index.tolist() == [-1, -1, -1]
 
@@ -332,7 +334,7 @@ def test_empty_and_emptied_codebook_equal_the_plain_model():
     x, mask = torch.randn(2, 3, 4), torch.tensor([[1, 1, 0], [1, 0, 0]])
     plain = model(x, prompt_mask=mask)
     cb = Codebook()
-    with attach(model, "fc2", cb):
+    with Router(model, "fc2", cb):
         assert torch.equal(model(x, prompt_mask=mask), plain)
         keys = _mean_key(model, x, mask.float())
         cb.add(keys[0], _perturbed_value(model.fc2, 1), 0.5, "a")
@@ -349,7 +351,7 @@ def test_key_independent_of_batch_and_padding():
     cb = Codebook("cos")
     cb.add(torch.randn(6), new_value(model.fc2), 0.0, "a")
     x_alone = torch.randn(1, 3, 4)
-    with attach(model, "fc2", cb) as handle:
+    with Router(model, "fc2", cb) as handle:
         model(x_alone, prompt_mask=torch.ones(1, 3, dtype=torch.bool))
         q_alone = handle.last_query[0]
         # The same sample, right-padded with garbage to T=6 inside a batch of 3.
@@ -375,13 +377,13 @@ def test_last_pool_is_h_at_the_last_prompt_position_whatever_the_rest(seed, B, T
     t = torch.arange(T)
     prompt = (t >= start[:, None]) & (t < stop.clamp(max=T)[:, None])  # (B, T)
     h = torch.randn(B, T, 3, generator=g)
-    key = prompt_mean(h, prompt, "last")
+    key = prompt_key(h, prompt, "last")
     last = prompt & (t[None] == stop.clamp(max=T)[:, None] - 1)  # (B, T): the last prompt position
     h[~last] = (
         torch.randn(int((~last).sum()), 3, generator=g) * 1e3
     )  # padding, answer, the rest of the prompt
     torch.testing.assert_close(
-        prompt_mean(h, prompt, "last"), key, equal_nan=True
+        prompt_key(h, prompt, "last"), key, equal_nan=True
     )  # ... do not count
     for b in range(B):
         if prompt[b].any():
@@ -389,7 +391,7 @@ def test_last_pool_is_h_at_the_last_prompt_position_whatever_the_rest(seed, B, T
         else:
             assert key[b].isnan().all()
     torch.testing.assert_close(
-        prompt_mean(h, prompt, "mean")[prompt.sum(1) == 1], key[prompt.sum(1) == 1]
+        prompt_key(h, prompt, "mean")[prompt.sum(1) == 1], key[prompt.sum(1) == 1]
     )
 
 
@@ -408,7 +410,7 @@ def test_held_route_during_kv_cache_decoding():
     zeros = torch.zeros(2, 1, dtype=torch.bool)
     plain_step = model(step)
     want0 = cb.values[0](fc2_in[:1]) + step[0]
-    with attach(model, "fc2", cb) as handle:
+    with Router(model, "fc2", cb) as handle:
         model(x, prompt_mask=mask)  # prefill
         assert handle.last_index.tolist() == [0, -1]
         out = model(step, prompt_mask=zeros)  # decode: the prefill's route is held
@@ -430,7 +432,7 @@ def test_layout_mismatch_raises():
     model = FlatToy()
     cb = Codebook()
     cb.add(torch.randn(6), new_value(model.fc2), 0.1, "a")
-    with attach(model, "fc2", cb):
+    with Router(model, "fc2", cb):
         with pytest.raises(ValueError, match="layout"):
             model(torch.randn(2, 3, 4), prompt_mask=torch.ones(2, 4, dtype=torch.bool))
 

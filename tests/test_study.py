@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-import data
 import evaluate
 import study
-from balancedit import BalancEditConfig, prompt_mean
+import world
+from balancedit import BalancEditConfig, prompt_key
 
 
 def test_stats_golden_mean_sample_std_and_per_seed():
@@ -35,9 +35,9 @@ def small(monkeypatch):
     monkeypatch.setattr(study, "DEV_SEEDS", (1001,))
     monkeypatch.setattr(study, "N_RECORDS", 4)
     made = []
-    make_records = data.make_records
+    make_records = world.make_records
     monkeypatch.setattr(
-        data, "make_records", lambda seed, n: made.append(seed) or make_records(seed, n)
+        world, "make_records", lambda seed, n: made.append(seed) or make_records(seed, n)
     )
     return made
 
@@ -177,10 +177,10 @@ def test_every_position_key_holds_the_answer_and_its_queries_find_it(tiny, recor
     ):
         tiny(**batch)
     every = batch["attention_mask"].bool()
-    want = prompt_mean(seen[0].reshape(*every.shape, -1), every)
+    want = prompt_key(seen[0].reshape(*every.shape, -1), every)
     torch.testing.assert_close(editor.keys_of([record.image], [record.question]), want)
     assert not torch.allclose(
-        want, prompt_mean(seen[0].reshape(*every.shape, -1), batch["prompt_mask"])
+        want, prompt_key(seen[0].reshape(*every.shape, -1), batch["prompt_mask"])
     )
     report = editor.edit(record)
     torch.testing.assert_close(editor.codebook.keys[report.index], want[0])  # the entry's key
@@ -191,7 +191,6 @@ def test_every_position_key_holds_the_answer_and_its_queries_find_it(tiny, recor
             "prompt_mask": torch.zeros(1, 1, dtype=torch.bool),
             "attention_mask": torch.ones(1, 9),
         }
-        router.read_mask(
-            tiny, (), step
-        )  # a KV-cache decoding step: no prompt position, so the route is held
-        assert router.mask.shape == (1, 1) and not router.mask.any()
+        router.read_attention(tiny, (), step)  # a KV-cache decoding step's masks
+        q = router.query(seen[0][:1].reshape(1, 1, -1), step["prompt_mask"])
+        assert torch.isnan(q).all()  # it pools no position (no prompt one), so the route is held

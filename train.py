@@ -1,0 +1,197 @@
+"""TinyVLM's training on the generated world, and the check of a trained checkpoint.
+
+``python train.py --out DIR`` trains a TinyVLM (seeded: the shipped ``assets/tinyvlm`` is
+``--out assets/tinyvlm`` with the defaults) and ``python train.py check`` measures what a
+checkpoint knows: exact match of its answers on the shipped sample. ``train_tiny`` and
+``warmup_cosine`` are also easy-VQA's trainer (easyvqa.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+import cli
+import data
+import world
+from models import TINY_DIR, Backbone, TinyConfig, TinyVLM, build_tokenizer
+
+
+def warmup_cosine(opt: torch.optim.Optimizer, steps: int):
+    """The lr schedule of a training run: linear warm-up over 5% of ``steps``, cosine decay."""
+    warmup = max(1, steps // 20)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))),
+    )
+
+
+def train_tiny(
+    out_dir: str | os.PathLike,
+    steps: int = 3000,
+    batch_size: int = 64,
+    lr: float = 5e-4,
+    seed: int = 0,
+    config: TinyConfig = TinyConfig(),
+    progress: bool = True,
+    device: str = "cpu",
+    stream: Optional[Iterator[data.Sample]] = None,
+    words: Optional[Sequence[str]] = None,
+    model: Optional[TinyVLM] = None,
+) -> list[float]:
+    """Train TinyVLM on ``stream`` (default: the world's endless training stream, seeded) with a
+    tokenizer over ``words`` (default: the world's vocabulary); returns the loss per step.
+    ``model``: go on from this one instead of a fresh one (``config`` and ``words`` unused)."""
+    from tqdm import tqdm
+
+    torch.manual_seed(seed)
+    if model is None:
+        model = TinyVLM(config, build_tokenizer(words or world.vocabulary()))
+    model = model.to(device)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = warmup_cosine(opt, steps)
+    if stream is None:
+        stream = world.training_stream(seed)
+    losses = []
+    bar = tqdm(range(steps), desc="train", disable=not progress)
+    for _ in bar:
+        samples = [next(stream) for _ in range(batch_size)]
+        batch = model.to_device(
+            model.encode(
+                [s.image for s in samples],
+                [s.question for s in samples],
+                [s.answer for s in samples],
+            )
+        )
+        loss = model(**batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    model.eval().cpu()
+    if out_dir is not None:
+        model.save_pretrained(out_dir)
+    return losses
+
+
+def knowledge(
+    backbone: Backbone, records: Sequence[data.EditRecord], batch_size: int = 64
+) -> dict[str, float]:
+    """What the unedited model knows: exact match (%) of generated answers against the true
+    (old) answers, on every part of the records, and on the black / white anchor questions."""
+    parts = {
+        "edit": [(r.image, r.question, r.answer) for r in records],
+        "rephrases": [(r.image, q, r.answer) for r in records for q in r.rephrases],
+        "rephrase_images": [
+            (im, r.question, r.answer) for r in records for im in r.rephrase_images
+        ],
+        "locality": [(s.image, s.question, s.answer) for r in records for s in r.locality],
+        "unrelated": [(s.image, s.question, s.answer) for r in records for s in r.m_locality],
+        "black_white": [
+            (data.anchor_image(a, world.SIZE), q, answers[world.FAMILY_OF[q]])
+            for a, answers in world.ANCHOR_ANSWERS.items()
+            for q in world.FAMILY_OF
+        ],
+    }
+    result = {}
+    for name, triples in parts.items():
+        right = 0
+        for i in range(0, len(triples), batch_size):
+            chunk = triples[i : i + batch_size]
+            answers = backbone.generate([t[0] for t in chunk], [t[1] for t in chunk])
+            right += sum(a == t[2] for a, t in zip(answers, chunk))
+        result[name] = 100.0 * right / len(triples)
+    return result
+
+
+class Parser(argparse.ArgumentParser):
+    """Training needs ``--out`` (a bare run must not overwrite the shipped checkpoint);
+    ``check`` does not."""
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        if parsed.command is None and parsed.out is None:
+            self.error("the following arguments are required: --out")
+        return parsed
+
+
+def build_parser() -> Parser:
+    parser = Parser(
+        prog="train.py",
+        description="Train TinyVLM on the generated world and save a checkpoint (seeded; "
+        "minutes on a 2-core CPU), or `check` one.",
+    )
+    parser.add_argument(
+        "--out", help="checkpoint directory, required to train (assets/tinyvlm is the shipped one)"
+    )
+    parser.add_argument("--steps", type=int, default=3000, help="optimizer steps (default 3000)")
+    parser.add_argument("--batch-size", type=int, default=64, help="samples per step (default 64)")
+    parser.add_argument(
+        "--lr", type=float, default=5e-4, help="peak AdamW learning rate (default 5e-4)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed for weights and the training stream"
+    )
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (default 1: idle cores)"
+    )
+    sub = parser.add_subparsers(dest="command")
+    k = sub.add_parser("check", help="exact match of a TinyVLM checkpoint on the shipped sample")
+    k.add_argument(
+        "--model", default=str(TINY_DIR), help="checkpoint directory (default: assets/tinyvlm)"
+    )
+    return parser
+
+
+def check(parser: Parser, model_dir: str) -> int:
+    """Print what the checkpoint in ``model_dir`` knows of the shipped sample (``knowledge``)."""
+    try:
+        model = TinyVLM.from_pretrained(model_dir)
+    except (FileNotFoundError, ValueError) as e:
+        parser.exit(2, f"train.py check: error: {e}\n")
+    print(json.dumps({k: round(v, 2) for k, v in knowledge(model, data.load_sample()).items()}))
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "check":
+        return check(parser, args.model)
+    if min(args.steps, args.batch_size, args.threads) < 1 or not args.lr > 0:
+        parser.error("--steps, --batch-size and --threads must be >= 1 and --lr > 0")
+    torch.set_num_threads(args.threads)
+    try:  # by trying, before any work: the folder is made (and removed if training fails)
+        cleanup = cli.claim_output(args.out, "--out", folder=True)
+    except cli.OutputError as e:
+        parser.exit(2, f"train.py: error: {e}\n")
+    start = time.time()
+    try:
+        losses = train_tiny(
+            args.out, args.steps, args.batch_size, args.lr, args.seed, device=args.device
+        )
+    except BaseException:
+        cleanup()
+        raise
+    print(
+        f"trained {args.steps} steps in {time.time() - start:.0f} s; final loss "
+        f"{np.mean(losses[-50:]):.4f}; saved to {args.out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
