@@ -101,6 +101,8 @@ def prompt_key(h: torch.Tensor, prompt: torch.Tensor, pool: str = "mean") -> tor
     prompt (B, T), its "mean" or its "last" position, never padding or the answer, so that
     generation and a padded batch see the same key. NaN for a row with no prompt position (a
     KV-cache decoding step)."""
+    if pool not in CHOICES["pool"]:
+        raise ValueError(f"unknown pool {pool!r}; allowed: {CHOICES['pool']}")
     if pool == "last":
         # The running count of prompt positions reaches the row's total at its last one.
         count = prompt.cumsum(dim=1)  # (B, T)
@@ -138,6 +140,7 @@ class Codebook(nn.Module):
         self.values = nn.ModuleList()  # v_j
         self.targets = []  # y^n_j
         self.asked = []  # Asked of edit j, or None
+        self.removals = 0  # entries removed so far: a router's held indices are stale after one
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -171,6 +174,7 @@ class Codebook(nn.Module):
         del self.values[j]
         del self.targets[j]
         del self.asked[j]
+        self.removals += 1
 
     @torch.no_grad()
     def lookup(self, queries: torch.Tensor):
@@ -229,6 +233,7 @@ class Router(contextlib.AbstractContextManager):
         self.codebook = codebook
         self.pool = pool  # how a query pools h^{l-1}: "mean" or "last"
         self.held = None  # (B,) the route chosen on the prompt, held while decoding
+        self.held_removals = 0  # codebook.removals when self.held was set
         self.last_index = None  # (B,) the entry each sample used in the last call; -1: l
         self.last_query = None  # (B, D) the last call's queries
         self.handle = model.get_submodule(layer_path).register_forward_hook(self.route)
@@ -256,17 +261,18 @@ class Router(contextlib.AbstractContextManager):
         return prompt_key(h, prompt, self.pool)
 
     def hold(self, index: torch.Tensor, prompt: torch.Tensor, masked: bool) -> torch.Tensor:
-        """KV-cache decoding: a row with no prompt position keeps its prompt's route. A call
-        without a mask holds nothing; a new batch size holds nothing, nor does an entry removed
-        since (it may have shifted)."""
+        """KV-cache decoding: a row with no prompt position keeps its prompt's route, row by row.
+        A call without a mask holds nothing; a new batch size, or an entry removed since (the
+        later ones shift down: a held index may name another entry), starts a new hold."""
         if not masked:
             self.held = None
             return index
         held = self.held
-        if held is None or len(held) != len(index):
+        removed = self.held_removals != self.codebook.removals
+        if held is None or len(held) != len(index) or removed:
             held = torch.full_like(index, -1)
-        held = held.masked_fill(held >= len(self.codebook), -1)  # (B,)
         self.held = torch.where(prompt.any(dim=1), index, held)  # (B,)
+        self.held_removals = self.codebook.removals
         return self.held
 
     def rewrite(self, out, h, index, prompt) -> torch.Tensor:
@@ -363,12 +369,14 @@ class BalancEditor(Editor):
         return prompt_key(h, batch["prompt_mask"], self.config.pool)  # (B, D)
 
     def positive_question(self, record) -> str:
-        """R(t): a training rephrasing (never one that scores T-Gen), else the backbone's own."""
-        if record.train_rephrases:
-            return record.train_rephrases[0]
-        unseen = [q for q in self.backbone.rephrase(record.question) if q not in record.rephrases]
+        """R(t): the first training rephrasing, else of the backbone's own, that T-Gen does not
+        score (not in ``record.rephrases``: an edit is never scored on its own positive)."""
+        unseen = [q for q in record.train_rephrases if q not in record.rephrases]
         if not unseen:
-            raise ValueError(f"record {record.id}: no training rephrasing, none from the backbone")
+            asked = self.backbone.rephrase(record.question)
+            unseen = [q for q in asked if q not in record.rephrases]
+        if not unseen:
+            raise ValueError(f"record {record.id}: no rephrasing that T-Gen does not score")
         return unseen[0]
 
     def edit(self, record) -> EditReport:

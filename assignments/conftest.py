@@ -21,15 +21,16 @@ import torch  # noqa: E402
 # The graders' models are tiny: one thread is the fastest, and never waits on another.
 torch.set_num_threads(1)
 
-# task -> (title, points). Task 6 (the experiments) is answered in writing and graded by hand.
+# task -> (title, points). Task 7 (the experiments) is answered in writing and graded by hand.
 TASKS = {
-    "task1": ("distances and the Eq. 3 radius", 10),
-    "task2": ("codebook lookup (Eq. 1)", 15),
+    "task1": ("Eq. 3, the radius (Appendix D's direction)", 10),
+    "task2": ("the distance and the lookup (Eq. 1)", 10),
     "task3": ("the key and the routing hooks (Eq. 1)", 25),
-    "task4": ("the edit (Eq. 2), its key and its positive", 25),
-    "task5": ("the metrics (Appendix C)", 10),
+    "task4": ("Eq. 2, training the value", 15),
+    "task5": ("Eq. 3's probes: the key, Pos and Neg", 15),
+    "task6": ("the metrics (Appendix C)", 10),
 }
-WRITTEN = ("task6", "experiments, answered in writing (graded by hand)", 15)
+WRITTEN = ("task7", "experiments, answered in writing (graded by hand)", 15)
 
 _task_of: dict[str, str] = {}  # test id -> task
 _outcome: dict[str, str] = {}  # test id -> "passed" / "failed" / "skipped"

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TASKS = {
     "balancedit.py": {
         "distance": (
-            1,
+            2,
             "d(q, k) for every pair, (B, D), (N, D) -> (B, N) float32: 1 - cos(q, k), "
             "clamped at 0, or ||q - k||_2 (exact: d(k, k) == 0)",
         ),
@@ -55,7 +55,7 @@ TASKS = {
         "Router.hold": (
             3,
             "the route of each row, (B,): a row without prompt positions (a decoding step) "
-            "keeps its prompt's route, held per row in self.held",
+            "keeps its prompt's route, held per row in self.held by the handout's four rules",
         ),
         "Router.rewrite": (
             3,
@@ -74,14 +74,19 @@ TASKS = {
             "each step",
         ),
         "BalancEditor.keys_of": (
-            4,
+            5,
             "the key of each (image, question), (B, D), exactly as the routing hook computes "
             "it (pooled with self.config.pool)",
         ),
         "BalancEditor.positive_question": (
-            4,
-            "Pos's question R(t): a training rephrasing, else the backbone's, never one T-Gen "
-            "scores",
+            5,
+            "Pos's question R(t): the first training rephrasing, else the first of "
+            "backbone.rephrase(question), that T-Gen does not score (not in record.rephrases)",
+        ),
+        "BalancEditor.probe": (
+            5,
+            "Eq. 3's probes in one batched forward of (i, t), (i, R(t)) and (the config's "
+            "anchor image, t): Probe(k, d(Pos, k), d(Neg, k), the edit's row, its tail)",
         ),
     },
     "baselines.py": {
@@ -93,10 +98,10 @@ TASKS = {
     },
     "evaluate.py": {
         "token_accuracy": (
-            5,
+            6,
             "the mean over samples of the % of a sample's tokens where predicted == reference",
         ),
-        "hm": (5, "HM = 3 / (1/T-Gen + 1/I-Gen + 1/Loc); 0 if any is 0, None if any is None"),
+        "hm": (6, "HM = 3 / (1/T-Gen + 1/I-Gen + 1/Loc); 0 if any is 0, None if any is None"),
     },
 }
 # Docstrings for the stubs of functions that have none in the project.
@@ -126,8 +131,15 @@ IDIOMS = {
     "loss = backbone(**batch).loss",
     # Codebook.__init__ refuses an unknown metric as distance does
     "raise ValueError(f\"unknown distance {metric!r}; allowed: {CHOICES['distance']}\")",
+    # BalancEditor.train reads the config so too
+    "cfg = self.config",
+    # the batch on the model's device, as GRACE's edit (baselines.py) makes it
+    "batch = self.backbone.to_device(self.backbone.encode(images, questions, answers))",
 }
 COPY = ["README.md", "requirements.txt", ".gitignore", "assets", "assignments"]
+# Not in the starter: study.py (its editor with the authors' key restates the probe of Task 5 for
+# an ablation), and the teachers' own files in assignments/.
+LEFT_OUT = ["study.py", "release.py", "TEACHERS.md"]
 
 
 def functions(tree: ast.Module):
@@ -252,8 +264,8 @@ def undo(out: Path, made: Path | None) -> None:
 def write_starter(out: Path) -> set[str]:
     """Copy the project into ``out`` and stub the task functions; returns the removed
     statements."""
-    skip = shutil.ignore_patterns("__pycache__", "*.pyc", ".hypothesis")
-    for name in [p.name for p in ROOT.glob("*.py")] + COPY:
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc", ".hypothesis", *LEFT_OUT)
+    for name in [p.name for p in ROOT.glob("*.py") if p.name not in LEFT_OUT] + COPY:
         src = ROOT / name
         if src.is_dir():
             shutil.copytree(src, out / name, ignore=skip)

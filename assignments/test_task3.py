@@ -1,18 +1,21 @@
 """Task 3 (25 points): the key (the mean over the prompt, or its last position) and the routing
-hooks of Eq. 1.
+hooks of Eq. 1. The rules for holding a route while a model decodes are graded in
+test_task3_hold.py.
 
 f^l(h) = v_j(h)  if d(q, k_j) <= eps_j, j = argmin_k d(q, k);   else l(h), bit for bit
 
 python -m pytest assignments -m task3
 """
 
+import re
+
 import pytest
 import torch
 import torch.nn as nn
 from hypothesis import Phase, assume, given, settings
 from hypothesis import strategies as st
+from toys import FlatToy, changed_copy, clear_cut, decide, fc2_input, query_of, route_message
 
-import models
 from balancedit import Codebook, Router, new_value, prompt_key
 from baselines import GraceRouter, Vector
 
@@ -104,93 +107,24 @@ def test_prompt_key_last_is_h_at_each_rows_last_prompt_position():
     )
 
 
-# ---------------------------------------------------------------- toy models
-
-
-class FlatToy(models.Backbone):
-    """Like OPT's decoder layer: flattens (B, T, D) to (B*T, D) before ``fc2`` (the edited
-    layer). A models.Backbone, so that a call's ``prompt_mask`` reaches the router."""
-
-    def __init__(self, D=4, F=6):
-        super().__init__()
-        self.fc1 = nn.Linear(D, F)
-        self.fc2 = nn.Linear(F, D)
-
-    def forward(self, x):
-        """x: (B, T, D); a call's prompt_mask (B, T) never gets here: Backbone keeps it as
-        self.prompt_mask, where the router reads it."""
-        h = torch.relu(self.fc1(x.reshape(-1, x.shape[-1])))  # (B*T, F)
-        return self.fc2(h).view(x.shape) + x
-
-
-def fc2_input(model, x):
-    return torch.relu(model.fc1(x))  # (B, T, F), what fc2 sees, per sample
-
-
-def changed_copy(layer, seed):
-    """A value: a copy of ``layer`` with random changes (its output differs from the layer's)."""
-    v = new_value(layer)
-    with torch.no_grad():
-        for p in v.parameters():
-            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
-    return v
-
-
-def query_of(model, x, mask):
-    """The query the router computed for each row (read from an empty codebook's router)."""
-    with Router(model, "fc2", Codebook()) as router:
-        model(x, prompt_mask=mask)
-    assert router.last_query is not None, (
-        "route must set router.last_query after every call of the layer, even with an empty "
-        "codebook (see Router)"
+def test_an_unknown_pool_is_an_error():
+    h = torch.randn(1, 3, 2)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    try:
+        got = prompt_key(h, mask, pool="max")
+    except ValueError as e:
+        assert re.search("mean.*last", str(e)), (
+            "the ValueError for an unknown pool names the allowed ones, 'mean' then 'last'; "
+            f"got {e}"
+        )
+        return
+    pytest.fail(
+        "prompt_key(h, prompt, pool='max'): an unknown pool is a ValueError naming 'mean' and "
+        f"'last' (a silent mean would hide a typo such as 'Last'); got {got}"
     )
-    return router.last_query
 
 
-def decide(queries, cb):
-    """Eq. 1's decision for each row, computed here in float64 from the codebook's keys and
-    radii (never read from the router): (entry or -1, nearest entry, its distance, its radius),
-    each (B,)."""
-    q = queries.detach().double()
-    k = cb.keys.double()
-    if cb.metric == "cos":
-        cos = (q @ k.T) / (q.norm(dim=1)[:, None] * k.norm(dim=1)[None])
-        d = (1 - cos).clamp(min=0)  # (B, N)
-    else:
-        d = (q[:, None] - k[None]).norm(dim=-1)  # (B, N)
-    dist, j = d.min(dim=1)
-    radius = cb.radii.double()[j]
-    return torch.where(dist <= radius, j, -1), j, dist, radius
-
-
-def clear_cut(queries, cb) -> bool:
-    """No row sits within round-off of its nearest ball's edge (a row exactly on a key is
-    clear)."""
-    _, _, dist, radius = decide(queries, cb)
-    return bool(((dist == 0) | ((dist - radius).abs() > 1e-5 * (1 + radius))).all())
-
-
-def route_message(want, got, queries, cb) -> str:
-    """Says which row was routed wrongly and why it should not have been."""
-    _, j, dist, radius = decide(queries, cb)
-    for b, (w, g) in enumerate(zip(want, got)):
-        if w == g:
-            continue
-        where = (
-            f"d = {dist[b]:.4g} from its nearest key, entry {int(j[b])} (radius {radius[b]:.4g})"
-        )
-        if w < 0:
-            why = f"row {b} should miss: its query is at {where}, outside that ball"
-        else:
-            why = f"row {b} should hit entry {w}: its query is at {where}, inside that ball"
-        whole = ""
-        if len(got) > 1 and len(set(got)) == 1:
-            whole = " Every row got row 0's route: is the whole batch routed by row 0's decision?"
-        return (
-            f"want last_index {want}, got {got}: {why}; it went to {g}. Route each row on its "
-            f"own query (prompt_key of its own positions).{whole}"
-        )
-    return ""
+# ---------------------------------------------------------------- the routing hook
 
 
 def layer_error(e: RuntimeError, D_in: int, D_out: int) -> str:
@@ -430,117 +364,6 @@ def test_the_key_ignores_padding_and_batch_mates():
             "a sample's key must be the same alone and padded inside a batch: average over its "
             f"prompt positions only (the prompt mask), row by row: {m}"
         ),
-    )
-
-
-def test_the_route_is_held_during_kv_cache_decoding():
-    torch.manual_seed(0)
-    model = FlatToy()
-    x = torch.randn(2, 3, 4)
-    mask = torch.ones(2, 3, dtype=torch.bool)
-    cb = Codebook("euc")
-    row0 = query_of(model, x, mask)[0]
-    cb.add(row0, changed_copy(model.fc2, 1), 1e-4, "a")  # row 0's prompt hits entry 0
-    # One new token per row, as in greedy decoding with a KV cache.
-    step = torch.randn(2, 1, 4) * 10
-    step_in = fc2_input(model, step).reshape(2, 6)
-    cb.add(step_in[1], changed_copy(model.fc2, 2), 1e-4, "b")  # row 1's step alone would hit
-    plain_step = model(step)
-    no_prompt = torch.zeros(2, 1, dtype=torch.bool)
-    queries = query_of(model, x, mask)
-    want = decide(queries, cb)[0].tolist()
-    assert want == [0, -1], "the test's own set-up: row 0 sits on entry 0, row 1 on no key"
-    with Router(model, "fc2", cb) as router:
-        model(x, prompt_mask=mask)  # the prompt (prefill)
-        got = router.last_index.tolist()
-        assert got == want, f"prefill: {route_message(want, got, queries, cb)}"
-        out = model(step, prompt_mask=no_prompt)  # a decoding step: prompt_mask all False
-        got = router.last_index.tolist()
-        per_batch = ""
-        if got == [0, 0]:
-            per_batch = (
-                " Row 1 took row 0's route: the hold is per row (each row keeps its own prompt's "
-                "route), not one route for the batch"
-            )
-        assert got == [0, -1], (
-            "during KV-cache decoding (prompt_mask all False) each row keeps the route its "
-            "prompt chose: the new token alone is no key (its query is NaN); want [0, -1], "
-            f"got {got}.{per_batch}"
-        )
-        torch.testing.assert_close(out[0], cb.values[0](step_in[:1]) + step[0])
-        assert torch.equal(out[1], plain_step[1]), (
-            "row 1's prompt missed: its decoding steps use layer l itself"
-        )
-        model(step[:1], prompt_mask=no_prompt[:1])  # another batch size: nothing to hold
-        assert router.last_index.tolist() == [-1], (
-            "a decoding step of another batch size has no held route: a miss; "
-            f"got {router.last_index.tolist()}"
-        )
-
-
-def test_a_new_prompt_replaces_the_held_route_even_when_no_row_hits():
-    torch.manual_seed(0)
-    model = FlatToy()
-    x = torch.randn(2, 3, 4)
-    mask = torch.ones(2, 3, dtype=torch.bool)
-    cb = Codebook("euc")
-    cb.add(query_of(model, x, mask)[0], changed_copy(model.fc2, 1), 1e-4, "a")  # row 0 hits
-    other = torch.randn(2, 3, 4) * 3  # a second prompt, of the same batch size, far from entry 0
-    step = torch.randn(2, 1, 4)
-    no_prompt = torch.zeros(2, 1, dtype=torch.bool)
-    plain_step = model(step)
-    assert decide(query_of(model, other, mask), cb)[0].tolist() == [-1, -1], "the test's set-up"
-    with Router(model, "fc2", cb) as router:
-        model(x, prompt_mask=mask)  # prompt 1: row 0 hits entry 0
-        model(step, prompt_mask=no_prompt)  # its decoding step: row 0 held on entry 0
-        model(other, prompt_mask=mask)  # prompt 2: no row hits
-        assert router.last_index.tolist() == [-1, -1], (
-            f"prompt 2 is far from every key: want last_index [-1, -1], got "
-            f"{router.last_index.tolist()}"
-        )
-        out = model(step, prompt_mask=no_prompt)  # prompt 2's decoding step
-        got = router.last_index.tolist()
-    assert got == [-1, -1] and torch.equal(out, plain_step), (
-        "a decoding step holds the route of ITS prompt: prompt 2 missed everywhere, so its steps "
-        f"use layer l itself; got last_index {got}, the route of the earlier prompt. Store the "
-        "routes on every call that has prompt positions, also when no row hits (before "
-        "returning None)"
-    )
-
-
-def test_the_route_is_held_while_a_vlm_generates(tiny, records):
-    images = [r.image for r in records[:3]]
-    questions = [r.question for r in records[:3]]
-    batch = tiny.encode(images, questions)
-    batch.pop("labels")
-    cb = Codebook("cos")
-    with Router(tiny, tiny.target_layer, cb) as router:
-        tiny(**batch)
-        assert router.last_query is not None, (
-            "route must set router.last_query, even with an empty codebook"
-        )
-        keys = router.last_query.clone()
-    layer = tiny.get_submodule(tiny.target_layer)
-    calls = []  # one per call of the layer: the prefill, then each step
-    counter = layer.register_forward_hook(lambda *_: calls.append(1))
-    cb.add(keys[0], changed_copy(layer, 0), 1e-6, "row 0's edit")
-    plain = tiny(**batch).logits
-    with Router(tiny, tiny.target_layer, cb) as router:
-        edited = tiny(**batch).logits
-        assert router.last_index.tolist() == [0, -1, -1], (
-            f"only row 0 sits on entry 0's key; got last_index {router.last_index.tolist()}"
-        )
-        calls.clear()
-        tiny.generate(images, questions)  # prefill, then decoding steps with prompt_mask all False
-        counter.remove()
-        assert len(calls) > 1, "generate made no decoding step"
-        assert router.last_index.tolist() == [0, -1, -1], (
-            "after generate, the last decoding step must still route row 0 to entry 0 (the route "
-            f"its prompt chose, held through the KV-cache steps); got {router.last_index.tolist()}"
-        )
-    assert not torch.equal(edited[0], plain[0]), "row 0 hits: its logits must change"
-    assert torch.equal(edited[1:], plain[1:]), (
-        "rows 1 and 2 miss: their logits must be bit-identical to the plain model's"
     )
 
 

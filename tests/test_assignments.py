@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-TASKS = [f"task{n}" for n in range(1, 6)]
+TASKS = [f"task{n}" for n in range(1, 7)]
 GRADE = re.compile(r"^\s*(task\d)\s+\d+ pts\s+(\d+)/(\d+)\s+passed", re.M)
 
 
@@ -120,6 +120,18 @@ def test_the_starter_keeps_signatures_and_docstrings_and_stubs_the_bodies(runs):
             assert message.startswith(f"Task {task}: "), message
     assert not (starter / "tests").exists()
     assert "testpaths = assignments" in (starter / "pytest.ini").read_text()
+
+
+def test_the_starter_and_the_handout_carry_no_teacher_material(runs):
+    """The teachers' notes and release.py stay with the project; study.py, whose editor restates
+    the probe of Task 5, too. The handout speaks to students only."""
+    starter = runs[0]
+    for gone in ["assignments/TEACHERS.md", "assignments/release.py", "study.py"]:
+        assert (ROOT / gone).exists() and not (starter / gone).exists(), gone
+    handout = (starter / "assignments" / "README.md").read_text()
+    for word in ["For teachers", "release.py", "mutants", "tests/", "TEACHERS"]:
+        assert word not in handout, word
+    assert "python assignments/release.py --out" in (ROOT / "assignments/TEACHERS.md").read_text()
 
 
 def _simple_statements(tree: ast.AST) -> list[ast.stmt]:
