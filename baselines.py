@@ -1,21 +1,25 @@
 """The baselines BalancEdit is compared with: FT (fine-tuning layer l) and GRACE (a fixed radius).
 
 Each is an ``editor.Editor``, so that the protocols of evaluate.py run them alike, and each has
-its own config; both train with Eq. 2's loss (balancedit.train_value).
+its own config; both train with Eq. 2's loss (balancedit.train_value). Both save and load what
+their edits made, as BalancEdit does (the sequential protocol's checkpoints).
 """
 
 import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 
+import checkpoint
 from balancedit import Codebook, Router, distance, new_value, override, train_value
 from editor import Editor, EditReport
 
 TIE = 1e-5  # GRACE's margin at a split, also kept beyond a key that a ball grows to cover
+FT_HEADER = {"format": "ft-layer", "version": 1}  # a saved FT's first fields
+GRACE_HEADER = {"format": "grace-codebook", "version": 1}  # a saved GRACE's first fields
 
 
 @dataclass
@@ -74,6 +78,25 @@ class FineTune(Editor):
             raise IndexError(f"edit {j} out of range for {self.n_edits} edits")
         self.tuned = None
         self.n_edits = 0
+
+    def save(self, path) -> None:
+        """Write ``path/tuned.safetensors`` (the tuned layer) and ``path/tuned.json``."""
+        meta = {**FT_HEADER, "config": asdict(self.config), "edits": self.n_edits}
+        checkpoint.save(path, "tuned", {} if self.tuned is None else self.tuned.state_dict(), meta)
+
+    @classmethod
+    def load(cls, path, backbone) -> "FineTune":
+        """Read what ``save`` wrote; a bad file is one ValueError naming the file and the fault."""
+        meta, state = checkpoint.load(path, "tuned", FT_HEADER, {"config", "edits"})
+        try:
+            editor = cls(backbone, FTConfig(**meta["config"]))
+            editor.n_edits = int(meta["edits"])
+            if state:
+                editor.tuned = new_value(backbone.get_submodule(editor.layer_path))
+                editor.tuned.load_state_dict(state)
+        except (TypeError, KeyError, ValueError, RuntimeError) as e:
+            raise ValueError(f"{path}: cannot load a tuned layer: {e}") from e
+        return editor
 
 
 class GraceRouter(Router):
@@ -210,3 +233,22 @@ class Grace(Editor):
         """Remove entry j: the edit that made it, and any later edit of the same target that
         grew its ball instead of adding an entry."""
         self.codebook.remove(j)
+
+    def save(self, path) -> None:
+        """Write ``path/codebook.safetensors`` (keys, radii, vectors) and ``path/codebook.json``."""
+        meta = {**GRACE_HEADER, "config": asdict(self.config), "targets": self.codebook.targets}
+        checkpoint.save(path, "codebook", self.codebook.state_dict(), meta)
+
+    @classmethod
+    def load(cls, path, backbone) -> "Grace":
+        """Read what ``save`` wrote; a bad file is one ValueError naming the file and the fault."""
+        meta, state = checkpoint.load(path, "codebook", GRACE_HEADER, {"config", "targets"})
+        try:
+            editor = cls(backbone, GraceConfig(**meta["config"]))
+            device = editor.layer.weight.device
+            for j, target in enumerate(meta["targets"]):
+                vector = Vector(editor.layer, state[f"values.{j}.v"].to(device))
+                editor.codebook.add(state["keys"][j], vector, float(state["radii"][j]), target)
+        except (TypeError, KeyError, IndexError, ValueError, RuntimeError) as e:
+            raise ValueError(f"{path}: cannot load a GRACE codebook: {e}") from e
+        return editor

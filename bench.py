@@ -10,11 +10,12 @@
    at OPT-125m's text shape with the authors' 50 steps: a random BLIP-2 (fc2) and a random
    MiniGPT-4 (up_proj, LLaMA-7B's vocabulary), by the plain loop, by the previous cached path
    (``previous_edit``) and by the editor.
-3. The routing hook's overhead: a forward with and without the hook, every sample out of scope,
+3. Seconds per edit of each editor (FT, GRACE, BalancEdit, MEND) on TinyVLM, and MEND's training.
+4. The routing hook's overhead: a forward with and without the hook, every sample out of scope,
    for 1 to 10,000 codebook entries.
-4. Bytes per entry on OPT-2.7B's fc2, a full value vs low-rank ones, and HM of full vs rank-8
+5. Bytes per entry on OPT-2.7B's fc2, a full value vs low-rank ones, and HM of full vs rank-8
    values.
-5. Seconds per edit over 1,000 sequential edits, the last 100 against the first 100.
+6. Seconds per edit over 1,000 sequential edits, the last 100 against the first 100.
 
 ``--real-size`` measures only one edit of a random BLIP-2 OPT-2.7B at its true size (realsize.py).
 
@@ -38,6 +39,7 @@ import balancedit
 import cli
 import data
 import evaluate
+import mend
 import models
 import realsize
 import world
@@ -367,6 +369,30 @@ def section_edit_speed(tiny, record, cfg, repeats: int) -> tuple[dict, dict]:
     return figures, {"edit_speed": rows}
 
 
+def section_editors(tiny, record, cfg, repeats: int) -> tuple[dict, dict]:
+    """Seconds per edit of every editor of the comparison on TinyVLM, taking turns, and MEND's
+    pre-training time (the paper's Table 5: an edit's cost, and what it needs first)."""
+    names = [m for m in evaluate.METHODS if m != "base"]
+    editors = {name: evaluate.make_editor(name, tiny, cfg) for name in names}  # made once
+
+    def one_edit(name: str) -> float:
+        seconds, report = realsize.timed(lambda: editors[name].edit(record))
+        editors[name].remove(report.index)  # the next turn edits the plain model again
+        return seconds
+
+    s = alternate({name: functools.partial(one_edit, name) for name in names}, repeats)
+    trained = json.loads((mend.WORLDS["tiny"][1] / "mend.json").read_text())["training"]
+    cells = [(name, f"{s[name]:.3f}", f"{s[name] / s['balancedit']:.2f}x") for name in names]
+    print_table(
+        f"One edit by each editor on TinyVLM (median of {repeats}); MEND first trained "
+        f"{trained['seconds']} s on {trained['examples']} edits",
+        ("editor", "s/edit", "vs BalancEdit"),
+        cells,
+    )
+    figures = {"mend_edit_vs_balancedit": s["mend"] / s["balancedit"]}
+    return figures, {"editors_s_per_edit": s, "mend_training": trained}
+
+
 def section_edit_cost(cfg, repeats: int) -> tuple[dict, dict]:
     """Figure 2: one edit in forward passes at OPT-125m's shape, 50 steps, three ways."""
     cfg = dataclasses.replace(cfg, **cli.AUTHORS_TRAINING)
@@ -499,6 +525,7 @@ def run(quick: bool = False, progress: bool = True) -> dict:
     # the sections run in this order, each printing its table, before the loop merges them
     for section_figures, section_details in (
         section_edit_speed(tiny, records[0], cfg, n["edit"]),
+        section_editors(tiny, records[0], cfg, n["edit"]),
         section_edit_cost(cfg, n["cost"]),
         section_hook(tiny, records, cfg, n["hook"], progress),
         section_bytes(tiny, records[: n["hm_records"]], cfg, progress),

@@ -25,6 +25,8 @@ import torch
 import blip2
 import data
 import evaluate
+import journal
+import mend
 import minigpt4
 import models
 from balancedit import BalancEditConfig, BalancEditor
@@ -313,17 +315,18 @@ class Setup:
     cfg: BalancEditConfig
     out: Path  # the JSON output
     cleanup: Callable  # removes the folders made for ``out``, if the run fails before writing
+    journal: journal.Journal  # where each scored record goes (a picture's: in memory)
 
 
 def setup(args) -> Setup:
     """Everything that can fail on bad input, cheapest first (options, device, output, data, the
-    model). The output is claimed by trying (``claim_output``), and released if a later
-    check fails."""
+    journal, the model). The output is claimed by trying (``claim_output``), and released if a
+    later check fails."""
     cfg = make_config(args)
     check_environment(args)
     out = output_path(args)
-    picture = args.command.startswith("show") and args.out  # --out names the .png
-    cleanup = check_writable(out, suffix=".png" if picture else ".json")
+    scores = not args.command.startswith("show")  # a picture scores nothing: no journal
+    cleanup = check_writable(out, suffix=".png" if args.out and not scores else ".json")
     out = out.with_suffix(".json")  # a picture's numbers go beside it
     try:
         records, data_name = load_records(args)
@@ -333,13 +336,45 @@ def setup(args) -> Setup:
         if not 0 <= getattr(args, "record", 0) < n:
             raise UsageError(f"{n} records in {data_name}: --record is an index, 0..{n - 1}")
         check_images(records)
+        log = journal.Journal()
+        if scores:
+            head = journal_header("evaluate.py", args, journal.fingerprint(records))
+            log = journal.Journal(out.with_suffix(".journal"), head, args.checkpoint_every)
+            if not args.fresh:
+                log.check()  # before the model's minutes
         backbone = load_backbone(args)
         backbone.check(records)  # targets it cannot spell, questions too long for it
+        if "mend" in getattr(args, "methods", ()):
+            mend.shipped(backbone)  # a trained editor for this model, or one line saying none
+        log.open(getattr(args, "fresh", False))  # resumed, or with --fresh begun again
     except BaseException:
         cleanup()
         raise
     torch.manual_seed(cfg.seed)
-    return Setup(backbone, records, data_name, cfg, out, cleanup)
+    return Setup(backbone, records, data_name, cfg, out, cleanup, log)
+
+
+# ---------------- Long runs: the journal, several processes, a stop in one line
+NOT_IN_HEADER = ("command", "out", "progress", "threads", "fresh", "checkpoint_every")  # no score
+UNNAMED = (*NOT_IN_HEADER, "device", "protocol")  # not in an output name
+
+
+def journal_header(prog: str, args, data_hash: str) -> dict:
+    """The header of a run's journal: the command, the options that change what it scores (the
+    paths apart), the data's hash, a hash of the files the model is loaded from, the code's."""
+    options = {k: v for k, v in vars(args).items() if k not in (*NOT_IN_HEADER, *PATHS)}
+    paths = {k: str(v) for k, v in vars(args).items() if k in PATHS and v is not None}
+    files = [paths[o] for o in ("model", "blip2", "projection") if o in paths] or [models.TINY_DIR]
+    checkpoint = journal.files_hash(*files)
+    return journal.header(f"{prog} {args.command}", options, paths, data_hash, checkpoint)
+
+
+def check_spread(args) -> None:
+    """Refuse, under torchrun, a command that cannot spread its records over processes."""
+    if args.protocol == "sequential" or args.command.startswith("show"):
+        what = args.command if args.command.startswith("show") else "--protocol sequential"
+        why = "it draws one picture" if "show" in what else "each edit builds on the ones before"
+        raise UsageError(f"{what} runs in one process ({why}): run it without torchrun")
 
 
 # ---------------- The commands of evaluate.py
@@ -358,13 +393,22 @@ def header(args, s: Setup) -> dict:
 
 def cmd_run(args, s: Setup) -> dict:
     """Each method of --methods under --protocol."""
-    refs = evaluate.references(s.backbone, s.records, args.progress)
+    refs = {}  # the pre-edit observations, made once for every method
     results = {}
     for name in args.methods:
         results[name] = evaluate.run_method(
-            name, s.backbone, s.records, s.cfg, args.protocol, refs, args.progress, args.grace_eps0
+            name,
+            s.backbone,
+            s.records,
+            s.cfg,
+            args.protocol,
+            refs,
+            args.progress,
+            s.journal.part(name),
+            args.grace_eps0,
         )
-    print(evaluate.table(results))
+    if s.journal.rank == 0:
+        print(evaluate.table(results))
     return {**header(args, s), "grace_eps0": args.grace_eps0, "methods": results}
 
 
@@ -373,13 +417,16 @@ def ablate(parameter: str, values: Sequence = ()) -> Callable:
     field (``values``, else --alphas); sweep-alpha also draws paper Fig. 5."""
 
     def command(args, s: Setup) -> dict:
-        refs = evaluate.references(s.backbone, s.records, args.progress)
+        refs = {}  # the pre-edit observations, made once for every value
         results = {}
         for v in values or args.alphas:
             cfg = make_config(args, **{parameter: v})
+            log = s.journal.part(f"{parameter}={v}")
             results[str(v)] = evaluate.run_method(
-                "balancedit", s.backbone, s.records, cfg, args.protocol, refs, args.progress
+                "balancedit", s.backbone, s.records, cfg, args.protocol, refs, args.progress, log
             )
+        if s.journal.rank > 0:  # the first process reports
+            return {}
         print(evaluate.table(results, first=parameter))
         if parameter == "alpha":
             import pictures  # only a picture needs it
@@ -443,7 +490,6 @@ COMMANDS = {
         cmd_show_codebook, "a picture of the codebook after sequential edits (--out FILE.png)"
     ),
 }
-UNNAMED = ("command", "out", "progress", "device", "protocol", "threads")  # not in an output name
 PATHS = (  # named by their last part
     "model",
     "blip2",
@@ -542,6 +588,8 @@ def add_common(p: argparse.ArgumentParser, name: str) -> None:
     g.add_argument("--out", help=OUT_HELP)
     add_threads(g)
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    if not name.startswith("show"):  # the commands that score records
+        add_journal(p)
     c = p.add_argument_group("BalancEditConfig (default: the config's own defaults)")
     c.add_argument(
         "--preset",
@@ -554,12 +602,31 @@ def add_common(p: argparse.ArgumentParser, name: str) -> None:
             c.add_argument("--" + option.replace("_", "-"), **kwargs)  # dest: option
 
 
+JOURNAL_HELP = (
+    "Each record is journaled as it is scored, beside the output (NAME.journal for NAME.json). "
+    "To resume a stopped run (a kill, Ctrl-C, a full disk), run the same command again: no "
+    "flag, so that a retry resumes. A journal of another run is refused. It is removed once "
+    "the output is written."
+)
+
+
+def add_journal(p, checkpoints: bool = True) -> None:
+    """--fresh, and with ``checkpoints`` --checkpoint-every: the journal's options."""
+    g = p.add_argument_group("long runs", JOURNAL_HELP)
+    fresh = "start again, keeping the journal there as NAME.journal.old-N"
+    g.add_argument("--fresh", action="store_true", help=fresh)
+    if checkpoints:
+        every = "sequential protocol: save the editor every N edits and after the last (default 20)"
+        g.add_argument("--checkpoint-every", type=POSITIVE_INT, default=20, metavar="N", help=every)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="evaluate.py",
         allow_abbrev=False,
         description="Score model editors (paper Appendix C). With no command: run (TinyVLM, "
-        "the shipped sample, every method, single edits). Across many worlds: python study.py.",
+        "the shipped sample, every method, single edits). Across many worlds: python study.py. "
+        "Single edits over N processes (GPUs): torchrun --nproc-per-node N evaluate.py ...",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, command in COMMANDS.items():
@@ -599,17 +666,27 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    """Check everything, run the command (under torchrun, each process its share of the
+    records), then the first process writes the output, through a temporary file."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    rank, world = journal.processes()
     try:
+        if world > 1:
+            check_spread(args)
+            journal.join(world)
         s = setup(args)
-    except (UsageError, data.DataError, OSError, ValueError, RuntimeError) as e:
-        build_parser().exit(2, f"evaluate.py {args.command}: error: {e}\n")
-    try:
+    except (UsageError, journal.JournalError, OSError, ValueError, RuntimeError) as e:
+        build_parser().exit(2, f"evaluate.py {args.command}: error: {e}\n" if rank == 0 else None)
+    if world > 1 and rank == 0:
+        print(f"{len(s.records)} records spread over {world} processes")
+
+    def work():
         result = COMMANDS[args.command].run(args, s)
-    except BaseException:  # an error or Ctrl-C: no empty results/ folder left behind
-        s.cleanup()
-        raise
-    s.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {s.out}")
-    return 0
+        if rank == 0:
+            journal.write_atomic(s.out, json.dumps(result, indent=1) + "\n")
+            print(f"wrote {s.out}")
+        s.journal.finish()
+
+    return journal.guarded(f"evaluate.py {args.command}", argv, s.journal, work, s.cleanup)

@@ -25,6 +25,8 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import torch
 
 import data
+import journal
+import mend
 from balancedit import BalancEditConfig, BalancEditor
 from baselines import FineTune, FTConfig, Grace, GraceConfig
 from editor import Editor
@@ -205,18 +207,28 @@ def observe(backbone, record: data.EditRecord, batch_size: int = 32) -> Observat
     return Observation(tokens, texts)
 
 
-def references(
-    backbone, records: Sequence[data.EditRecord], progress: bool = True
-) -> list[Observation]:
-    """Pre-edit observations, on the unedited model (call before any edit)."""
-    return [observe(backbone, r) for r in progress_bar(records, progress, "pre-edit")]
+def references(backbone, records: Sequence[data.EditRecord], progress: bool = True) -> dict:
+    """Pre-edit observations by record id, on the unedited model (call before any edit)."""
+    return {r.id: observe(backbone, r) for r in progress_bar(records, progress, "pre-edit")}
 
 
-def progress_bar(items, enabled: bool, desc: str):
-    """``items`` with a tqdm bar on stderr (or none)."""
+def reference(backbone, record: data.EditRecord, refs: dict) -> Observation:
+    """The record's pre-edit observation from ``refs`` (by record id), made there on first use:
+    call it on the unedited model (not attached)."""
+    if record.id not in refs:
+        refs[record.id] = observe(backbone, record)
+    return refs[record.id]
+
+
+def progress_bar(items, enabled: bool, desc: str, resumed: int = 0):
+    """``items`` with a tqdm bar on stderr (or none): done, out of all, and an ETA; ``resumed``
+    items read back from a journal count as done from the start, not in the ETA."""
     from tqdm import tqdm
 
-    return tqdm(items, desc=desc, leave=False, file=sys.stderr, disable=not enabled)
+    more = {}
+    if resumed:
+        more = dict(total=len(items) + resumed, initial=resumed, postfix=f"{resumed} resumed")
+    return tqdm(items, desc=desc, leave=False, file=sys.stderr, disable=not enabled, **more)
 
 
 # ---------------- The model-unchanged check and the protocols
@@ -274,12 +286,18 @@ def run_base(
     backbone,
     records: Sequence[data.EditRecord],
     progress: bool = True,
-    refs: Optional[list[Observation]] = None,
+    refs: Optional[dict] = None,
+    log: Optional[journal.Part] = None,
 ) -> dict:
-    """The unedited model scored against the targets (no edit; Loc is 100 by definition)."""
-    if refs is None:
-        refs = references(backbone, records, progress)
-    return summarize([score(ref, ref, r.target) for r, ref in zip(records, refs)], None)
+    """The unedited model scored against the targets (no edit; Loc is 100 by definition).
+    ``refs``: pre-edit observations by record id (``reference``); ``log``: the journal's part
+    that holds each scored record, and knows those scored already (default: one in memory)."""
+    log = journal.Journal().part("base") if log is None else log
+    refs = {} if refs is None else refs
+    for record in progress_bar(log.todo(records), progress, "base", log.resumed(records)):
+        ref = reference(backbone, record, refs)
+        log.add(record.id, score(ref, ref, record.target), None)
+    return summarize(*log.collect(records))
 
 
 def run_single(
@@ -287,23 +305,26 @@ def run_single(
     backbone,
     records: Sequence[data.EditRecord],
     progress: bool = True,
-    refs: Optional[list[Observation]] = None,
+    refs: Optional[dict] = None,
+    log: Optional[journal.Part] = None,
 ) -> dict:
     """Single-edit protocol (paper Table 3): for each record, edit, score the edited model,
-    remove the edit. Raises ModelChanged if the backbone is not as before at the end."""
+    remove the edit. Raises ModelChanged if the backbone is not as before at the end. The
+    records are independent: those the journal holds are not scored again, and each process of
+    several scores its share."""
+    log = journal.Journal().part("") if log is None else log
+    refs = {} if refs is None else refs
+    name = type(method).__name__
     before = snapshot(backbone, records[0])
-    if refs is None:
-        refs = references(backbone, records, progress)
-    rows = []
-    seconds = []
-    for record, ref in progress_bar(list(zip(records, refs)), progress, type(method).__name__):
+    for record in progress_bar(log.todo(records), progress, name, log.resumed(records)):
+        ref = reference(backbone, record, refs)
         report = method.edit(record)
         with method.attached():
-            rows.append(score(observe(backbone, record), ref, record.target))
+            row = score(observe(backbone, record), ref, record.target)
         method.remove(report.index)
-        seconds.append(report.seconds)
-    check_unchanged(backbone, before, type(method).__name__)
-    return summarize(rows, seconds)
+        log.add(record.id, row, report.seconds)
+    check_unchanged(backbone, before, name)
+    return summarize(*log.collect(records))
 
 
 def run_sequential(
@@ -311,38 +332,70 @@ def run_sequential(
     backbone,
     records: Sequence[data.EditRecord],
     progress: bool = True,
-    refs: Optional[list[Observation]] = None,
+    refs: Optional[dict] = None,
+    log: Optional[journal.Part] = None,
 ) -> dict:
     """Sequential protocol (paper Table 4): all edits in order, then every record scored on the
-    model holding all of them; then every edit is removed and the unchanged check runs."""
-    before = snapshot(backbone, records[0])
-    if refs is None:
-        refs = references(backbone, records, progress)
+    model holding all of them; then every edit is removed and the unchanged check runs. A
+    resumed run edits from the journal's last checkpoint on (``edit_all``) and scores the
+    records the journal does not hold."""
+    log = journal.Journal().part("") if log is None else log
+    refs = {} if refs is None else refs
     name = type(method).__name__
-    seconds = [method.edit(r).seconds for r in progress_bar(records, progress, f"{name} edits")]
-    with method.attached():
-        rows = [
-            score(observe(backbone, r), ref, r.target)
-            for r, ref in zip(progress_bar(records, progress, f"{name} scoring"), refs)
-        ]
-    while len(method):
-        method.remove(len(method) - 1)
+    before = snapshot(backbone, records[0])
+    todo = log.todo(records)
+    if todo:
+        for record in todo:
+            reference(backbone, record, refs)  # before any edit
+        method, seconds = edit_all(method, backbone, records, log, progress)
+        edit_seconds = dict(zip([r.id for r in records], seconds))  # by record id
+        with method.attached():
+            for r in progress_bar(todo, progress, f"{name} scoring", log.resumed(records)):
+                row = score(observe(backbone, r), refs[r.id], r.target)
+                log.add(r.id, row, edit_seconds[r.id])
+        while len(method):
+            method.remove(len(method) - 1)
     check_unchanged(backbone, before, name)
-    return summarize(rows, seconds)
+    return summarize(*log.collect(records))
+
+
+SAVED = (BalancEditor, FineTune, Grace)  # editors whose save(folder) and load hold their edits
+
+
+def edit_all(method, backbone, records, log: journal.Part, progress: bool):
+    """Every record's edit, in order, from the log's last checkpoint on. An editor of SAVED is
+    saved every ``log.every`` edits and after the last; another (MEND's edits are one gradient
+    each) redoes its edits when its run resumes. Returns the editor holding every edit, and each
+    edit's seconds."""
+    saves = log.every > 0 and isinstance(method, SAVED)
+    latest = log.latest() if saves else None
+    seconds = []
+    if latest is not None:
+        folder, seconds = latest
+        method = type(method).load(folder, backbone)
+    name = type(method).__name__
+    for record in progress_bar(records[len(seconds) :], progress, f"{name} edits", len(seconds)):
+        seconds.append(method.edit(record).seconds)
+        if saves and (len(seconds) % log.every == 0 or len(seconds) == len(records)):
+            log.save(method.save, seconds)
+    return method, seconds
 
 
 PROTOCOLS = {"single": run_single, "sequential": run_sequential}
-METHODS = ("base", "ft", "grace", "balancedit")
+METHODS = ("base", "ft", "grace", "balancedit", "mend")
 
 
 def make_editor(name: str, backbone, cfg: BalancEditConfig, grace_eps0: float = 1.0) -> Editor:
     """The editor ``name`` of METHODS (not "base"). They share ``cfg``'s layer, steps and
-    cache; FT also its lr, while GRACE keeps its own lr and takes ``grace_eps0``."""
+    cache; FT also its lr, while GRACE keeps its own lr and takes ``grace_eps0``; MEND brings
+    its own layers and trained network."""
     shared = dict(layer=cfg.layer, steps=cfg.steps, cache=cfg.cache)
     if name == "ft":
         return FineTune(backbone, FTConfig(lr=cfg.lr, **shared))
     if name == "grace":
         return Grace(backbone, GraceConfig(eps0=grace_eps0, **shared))
+    if name == "mend":
+        return mend.shipped(backbone)  # its trained editor network, for this model
     return BalancEditor(backbone, cfg)
 
 
@@ -352,16 +405,17 @@ def run_method(
     records,
     cfg,
     protocol: str,
-    refs: list[Observation],
+    refs: Optional[dict] = None,
     progress: bool = True,
+    log: Optional[journal.Part] = None,
     grace_eps0: float = 1.0,
 ) -> dict:
-    """One method of METHODS, its averaged result under a protocol, against precomputed
-    pre-edit references."""
+    """One method of METHODS, its averaged result under a protocol; ``refs`` (pre-edit
+    observations by record id) and ``log`` (a journal's part) as the protocols take them."""
     if name == "base":
-        return run_base(backbone, records, progress, refs)
+        return run_base(backbone, records, progress, refs, log)
     method = make_editor(name, backbone, cfg, grace_eps0)
-    return PROTOCOLS[protocol](method, backbone, records, progress, refs)
+    return PROTOCOLS[protocol](method, backbone, records, progress, refs, log)
 
 
 # ---------------- Reporting

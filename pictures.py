@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 import data
+import journal
 from balancedit import BalancEditor, distance
 
 PLOTTED = {  # the scores the curves plot, and their labels
@@ -35,7 +36,8 @@ def _pyplot():
 def _save(fig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")  # tight: a legend outside the axes too
+    with journal.replacing(path) as temporary:  # a kill leaves the old picture or the new one
+        fig.savefig(temporary, dpi=120, bbox_inches="tight")  # tight: a legend outside the axes
     _pyplot().close(fig)
     print(f"wrote {path}")
 

@@ -26,6 +26,8 @@ import cli
 import data
 import easyvqa
 import evaluate as ev
+import journal
+import mend
 import models
 import pictures
 import world
@@ -128,6 +130,7 @@ STUDY_ROWS = {
     "balancedit_last": Row(
         "alpha", ALPHAS, lambda b, cfg, v: BalancEditor(b, replace(cfg, alpha=v, pool="last"))
     ),
+    "mend": Row(None, (None,), lambda b, cfg, v: ev.make_editor("mend", b, cfg)),
 }
 KEY_ROWS = {  # ablate-key: BalancEdit with each key
     "prompt mean (ours)": STUDY_ROWS["balancedit"],
@@ -175,6 +178,34 @@ def tune(rows: dict, run: Callable) -> dict:
     return tuned
 
 
+def runner(backbone, cfg, rows: dict, world_name: str, log: journal.Journal, bar) -> Callable:
+    """``run(name, seed, protocol, n, value)``: one result of a row on a world, each record
+    journaled in ``log`` under the run's label, which ``bar`` shows. A world's records, and
+    their pre-edit observations, are made once, when first needed."""
+    worlds = {}
+
+    def run(name, seed, protocol, n, value):
+        row = rows[name]
+        setting = f" {row.knob}={value}" if value is not None else ""
+        edits = "single edits" if protocol == "single" else f"{n} edits"
+        label = f"world {seed}: {name}{setting}, {edits}"
+        bar.set_description(label)
+        if seed not in worlds:  # records, and their pre-edit observations by id
+            worlds[seed] = (WORLDS[world_name].records(seed, seed in DEV_SEEDS), {})
+        records, refs = worlds[seed]
+        part = log.part(label)
+        resumed = part.resumed(records[:n])
+        if row.make is None:
+            result = ev.run_base(backbone, records, False, refs, part)
+        else:
+            method = row.make(backbone, cfg, value)
+            result = ev.PROTOCOLS[protocol](method, backbone, records[:n], False, refs, part)
+        bar.update(n - resumed)
+        return result
+
+    return run
+
+
 def compare(
     backbone,
     cfg,
@@ -183,36 +214,18 @@ def compare(
     sizes,
     progress: bool = True,
     world_name: str = "tiny",
+    log: Optional[journal.Journal] = None,
 ) -> dict:
     """Tune each row's knob on the dev worlds (``tune``) and freeze it, then run every row on the
     test worlds: single edits, and sequential at each of ``sizes``. ``world_name``: a key of
-    WORLDS, where the records come from."""
-    worlds = {}
-
-    def records_of(seed):  # the records of a world and their pre-edit references, made once
-        if seed not in worlds:
-            records = WORLDS[world_name].records(seed, seed in DEV_SEEDS)
-            worlds[seed] = (records, ev.references(backbone, records, progress=False))
-        return worlds[seed]
-
-    n_tune = sum(len(DEV_SEEDS) * len(row.grid) for row in rows.values() if row.knob)
-    n_test = len(seeds) * sum(1 + len(sizes) * (row.make is not None) for row in rows.values())
-    bar = ev.progress_bar(range(n_tune + n_test), progress, "study")
-
-    def run(name, seed, protocol, n, value):
-        row = rows[name]
-        setting = f" {row.knob}={value}" if value is not None else ""
-        edits = "single edits" if protocol == "single" else f"{n} edits"
-        bar.set_description(f"world {seed}: {name}{setting}, {edits}")
-        records, refs = records_of(seed)
-        if row.make is None:
-            result = ev.run_base(backbone, records, False, refs)
-        else:
-            method = row.make(backbone, cfg, value)
-            result = ev.PROTOCOLS[protocol](method, backbone, records[:n], False, refs[:n])
-        bar.update()
-        return result
-
+    WORLDS, where the records come from; ``log``: the journal that holds each scored record
+    (default: one in memory), so that a stopped study resumes by world and method."""
+    log = journal.Journal() if log is None else log
+    knobs = sum(len(DEV_SEEDS) * len(row.grid) * N_RECORDS for row in rows.values() if row.knob)
+    edits = sum(N_RECORDS + sum(sizes) * (row.make is not None) for row in rows.values())
+    resumed = len(log.lines)  # records read back from the journal
+    bar = ev.progress_bar(range(knobs + len(seeds) * edits - resumed), progress, "study", resumed)
+    run = runner(backbone, cfg, rows, world_name, log, bar)
     tuned = tune(rows, run)
     # the value of each row's knob from now on (None: nothing to tune)
     frozen = {name: tuned[name][row.knob] if row.knob else None for name, row in rows.items()}
@@ -264,8 +277,8 @@ def report(result: dict, title: str) -> str:
 
 # ---------------- Command line
 HELP = {
-    "study": "FT, GRACE and BalancEdit (both keys) on fresh TinyVLM worlds, knobs tuned on dev "
-    "worlds: mean +- std over test worlds, single and 10/20/40 sequential edits",
+    "study": "FT, GRACE, BalancEdit (both keys) and MEND on fresh TinyVLM worlds, knobs tuned on "
+    "dev worlds: mean +- std over test worlds, single and 10/20/40 sequential edits",
     "ablate-key": "BalancEdit's key three ways (prompt mean, every position as the authors' "
     "code, last prompt token), alpha tuned as in study: single and 40 sequential edits",
 }
@@ -310,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--no-progress", dest="progress", action="store_false", help="no progress bar"
         )
+        cli.add_journal(p, checkpoints=False)
         c = p.add_argument_group("BalancEditConfig (alpha is tuned; each row sets its key)")
         for option, kwargs in cli.CONFIG_HELP.items():
             if option not in ("alpha", "pool"):
@@ -331,30 +345,59 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """Check the options, run the comparison, write the JSON, the .md (and, for study, the
-    .png)."""
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    """Check the options, run the comparison (resumed from its journal), write the JSON, the .md
+    (and, for study, the .png)."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     try:
+        if journal.processes()[1] > 1:
+            raise cli.UsageError("study.py runs in one process: run it without torchrun")
         cli.check_environment(args)
         if args.world == "easyvqa":
             easyvqa.package()  # one line if easy-vqa is not installed
         cfg = cli.make_config(args)
-        backbone = cli.load_backbone(args)
         cleanup = cli.check_writable(out)  # by trying: makes the folder, removed if we fail
-    except (cli.UsageError, OSError, ValueError, RuntimeError) as e:
+        backbone, log = prepare(args, out, cleanup)
+    except (cli.UsageError, journal.JournalError, OSError, ValueError, RuntimeError) as e:
         build_parser().exit(2, f"study.py {args.command}: error: {e}\n")
+
+    def work():
+        comparison(args, backbone, cfg, out, log)
+        log.finish()
+
+    return journal.guarded(f"study.py {args.command}", argv, log, work, cleanup)
+
+
+def prepare(args, out: Path, cleanup) -> tuple:
+    """The backbone and the journal (resumed, or with --fresh begun again), another run's
+    journal refused before the model is loaded; ``cleanup()`` if either fails."""
     try:
-        comparison(args, backbone, cfg, out)
-    except BaseException:  # an error or Ctrl-C: no empty results/ folder left behind
+        log = journal.Journal(out.with_suffix(".journal"), header(args))
+        if not args.fresh:
+            log.check()
+        backbone = cli.load_backbone(args)
+        if args.command == "study" and "mend" in STUDY_ROWS:
+            mend.shipped(backbone)  # MEND's trained editor for this model, or one line: none
+        return backbone, log.open(args.fresh)
+    except BaseException:
         cleanup()
         raise
-    return 0
 
 
-def comparison(args, backbone, cfg, out: Path) -> None:
-    """The comparison of ``args.command``; writes its JSON, .md (and .png)."""
+def header(args) -> dict:
+    """The header of the study's journal: its options, and a hash of every world's records (as
+    generated here and now: a change of world.py, of easy-VQA's files or of PIL's drawing would
+    change them)."""
+    seeds = [*DEV_SEEDS, *range(1, args.seeds + 1)]
+    records = [r for s in seeds for r in WORLDS[args.world].records(s, s in DEV_SEEDS)]
+    return cli.journal_header("study.py", args, journal.fingerprint(records))
+
+
+def comparison(args, backbone, cfg, out: Path, log: journal.Journal) -> None:
+    """The comparison of ``args.command``; writes its JSON, .md (and .png), each through a
+    temporary file."""
     torch.manual_seed(cfg.seed)
     if args.command == "study":
         rows = STUDY_ROWS
@@ -366,13 +409,13 @@ def comparison(args, backbone, cfg, out: Path) -> None:
     result = {
         "model": args.model,
         "config": asdict(cfg),
-        **compare(backbone, cfg, rows, seeds, sizes, args.progress, args.world),
+        **compare(backbone, cfg, rows, seeds, sizes, args.progress, args.world, log),
     }
     text = HELP[args.command]
     text = report(result, text[0].upper() + text[1:])  # the help line, capitalised, as title
     print(text)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    out.with_suffix(".md").write_text(text)
+    journal.write_atomic(out, json.dumps(result, indent=1) + "\n")
+    journal.write_atomic(out.with_suffix(".md"), text)
     if args.command == "study":
         pictures.plot_study(result, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.md')}")

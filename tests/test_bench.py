@@ -17,6 +17,8 @@ import torch
 import balancedit as be
 import bench
 import blip2
+import evaluate
+import models
 
 
 def test_bytes_per_entry_golden_for_opt_2_7b_fc2():
@@ -178,3 +180,16 @@ def test_alternate_says_when_the_repeats_spread_like_a_busy_machine(capsys):
     err = capsys.readouterr().err
     assert "jumpy's repeats spread 200%" in err and "steady" not in err
     assert bench.SPREADS["steady"] == 0.0
+
+
+def test_the_editors_section_times_every_editor_and_leaves_the_model_plain(records):
+    """Each editor of the comparison edits the shipped TinyVLM in turns, and MEND's training
+    time comes from its shipped editor; no editor writes the model."""
+    shipped = models.TinyVLM.from_pretrained()
+    plain = shipped(**shipped.encode([records[0].image], [records[0].question])).logits
+    figures, details = bench.section_editors(shipped, records[0], be.BalancEditConfig(steps=2), 1)
+    assert set(details["editors_s_per_edit"]) == set(evaluate.METHODS) - {"base"}
+    assert all(s > 0 for s in details["editors_s_per_edit"].values())
+    assert figures["mend_edit_vs_balancedit"] > 0 and details["mend_training"]["seconds"] > 0
+    after = shipped(**shipped.encode([records[0].image], [records[0].question])).logits
+    assert torch.equal(after, plain)

@@ -360,7 +360,7 @@ def test_each_variant_has_its_own_default_output():
         return cli.default_out(cli.parse_args(argv))
 
     assert out() == out("--no-progress", "--device", "cpu") == "results/main.json"
-    assert out("--methods", "base,ft,grace,balancedit") == "results/main.json"  # the default
+    assert out("--methods", ",".join(evaluate.METHODS)) == "results/main.json"  # the default
     assert out("--protocol", "sequential") == "results/main_sequential.json"
     grace = "results/main_methods-grace_grace-eps0-4.0.json"
     assert out("--methods", "grace", "--grace-eps0", "4") == grace

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import evaluate
+import journal
 import study
 import world
 from balancedit import BalancEditConfig, prompt_key
@@ -75,6 +76,7 @@ def test_compare_tunes_on_dev_worlds_then_reports_every_test_world(tiny, small):
 
 def test_the_study_command_writes_json_markdown_and_png(tiny, small, tmp_path, monkeypatch, capsys):
     tiny.save_pretrained(tmp_path / "tiny")
+    monkeypatch.delitem(study.STUDY_ROWS, "mend")  # no MEND editor is trained for this model
     for name, row in list(study.STUDY_ROWS.items()):
         monkeypatch.setitem(study.STUDY_ROWS, name, row._replace(grid=row.grid[:1]))
     monkeypatch.setattr(study, "SIZES", (2,))
@@ -105,6 +107,48 @@ def test_the_study_command_writes_json_markdown_and_png(tiny, small, tmp_path, m
     assert set(result["single"]) == {"base", "ft", "grace", "balancedit", "balancedit_last"}
     assert out.with_suffix(".md").read_text() in capsys.readouterr().out
     assert out.with_suffix(".png").stat().st_size > 0
+    assert not out.with_suffix(".journal").exists()  # removed once the outputs are written
+
+
+def test_a_stopped_study_resumes_by_world_and_method(tiny, small, tmp_path, monkeypatch):
+    """Stopped (Ctrl-C) at a record of the first test world, the study resumes: only the records
+    its journal does not hold are scored, and the result is the uninterrupted one's."""
+    rows = {
+        "base": study.STUDY_ROWS["base"],
+        "balancedit": study.STUDY_ROWS["balancedit"]._replace(grid=(0.0, 1.0)),
+    }
+
+    def run(log=None):
+        result = study.compare(tiny, BalancEditConfig(steps=2), rows, [1], (2,), False, log=log)
+        for part in ("single", *(f"sequential {n}" for n in result["sequential"])):
+            table = result[part] if part == "single" else result["sequential"][part.split()[1]]
+            for columns in table.values():
+                del columns["seconds_per_edit"]  # a run's own
+        return result
+
+    want = run()
+    folder = tmp_path / "s.journal"
+    calls = []
+    append = journal.append
+
+    def stop(fd, line):  # Ctrl-C at the 12th line: the header, 8 tuning records, 2 of world 1
+        calls.append(1)
+        if len(calls) == 12:
+            raise KeyboardInterrupt
+        append(fd, line)
+
+    monkeypatch.setattr(journal, "append", stop)
+    with pytest.raises(KeyboardInterrupt):
+        run(journal.Journal(folder, {"run": "toy"}).open(fresh=False))
+    monkeypatch.setattr(journal, "append", append)
+    added = []
+    add = journal.Part.add
+    monkeypatch.setattr(
+        journal.Part, "add", lambda p, *a: added.append((p.method, a[0])) or add(p, *a)
+    )
+    assert run(journal.Journal(folder, {"run": "toy"}).open(fresh=False)) == want
+    assert len(added) == 2 * 4 + 4 + 4 + 2 - 10  # tuning, base, balancedit, 2 sequential edits
+    assert added[0] == ("world 1: base, single edits", "3")  # the first one not journaled
 
 
 @pytest.mark.parametrize(
