@@ -258,11 +258,12 @@ def test_cached_training_matches_the_naive_loop_on_a_padded_batch(layers):
 # loading and the real size
 
 
-def test_from_pretrained_reads_local_files_only(tmp_path):
+def save_local_files(m, tmp_path):
+    """MiniGPT-4's three local sources, as a user makes them: BLIP-2's folder, Vicuna's folder
+    and MiniGPT-4's checkpoint."""
     from safetensors.torch import save_file
     from transformers import Blip2Config
 
-    m = model()
     blip2 = tmp_path / "blip2"
     vicuna = tmp_path / "vicuna"
     ckpt = tmp_path / "minigpt4.pth"
@@ -280,6 +281,12 @@ def test_from_pretrained_reads_local_files_only(tmp_path):
     torch.save(
         {"model": {f"llama_proj.{k}": v for k, v in m.llama_proj.state_dict().items()}}, ckpt
     )
+    return blip2, vicuna, ckpt
+
+
+def test_from_pretrained_reads_local_files_only(tmp_path):
+    m = model()
+    blip2, vicuna, ckpt = save_local_files(m, tmp_path)
     loaded = minigpt4.MiniGPT4.from_pretrained(blip2, vicuna, ckpt, device="cpu")
     assert not loaded.training and next(loaded.parameters()).dtype == torch.float32
     batch = encode(m, [2, 3])
