@@ -381,7 +381,7 @@ def section_editors(tiny, record, cfg, repeats: int) -> tuple[dict, dict]:
         return seconds
 
     s = alternate({name: functools.partial(one_edit, name) for name in names}, repeats)
-    trained = json.loads((mend.WORLDS["tiny"][1] / "mend.json").read_text())["training"]
+    trained = json.loads((mend.WORLDS["tiny"].editor / "mend.json").read_text())["training"]
     cells = [(name, f"{s[name]:.3f}", f"{s[name] / s['balancedit']:.2f}x") for name in names]
     print_table(
         f"One edit by each editor on TinyVLM (median of {repeats}); MEND first trained "

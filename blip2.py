@@ -20,6 +20,23 @@ from models import Backbone, LMOutput, Tail, build_tokenizer, lm_loss, opt_tail
 
 # The authors' backbone: loaded only when a user asks for it.
 BLIP2_OPT = "Salesforce/blip2-opt-2.7b"
+# The image side of the random models (random_blip2, minigpt4.random_minigpt4): a 1-layer ViT on
+# 32x32 images in 8x8 patches, and a 1-layer Q-Former, both of width 32.
+TINY_VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    image_size=32,
+    patch_size=8,
+)
+TINY_QFORMER = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    encoder_hidden_size=32,
+)
 
 
 class Blip2OPT(Backbone):
@@ -173,22 +190,8 @@ def random_blip2(
     processor = offline_blip2_processor(n_query)
     tok = processor.tokenizer
     config = Blip2Config(
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-        ),
-        qformer_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            encoder_hidden_size=32,
-            vocab_size=64,
-        ),
+        vision_config=TINY_VISION,
+        qformer_config=dict(**TINY_QFORMER, vocab_size=64),
         text_config=dict(
             model_type="opt",
             vocab_size=len(tok),

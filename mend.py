@@ -26,6 +26,8 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -39,12 +41,22 @@ from models import ASSETS, TinyVLM, lm_loss, loss_positions
 
 HEADER = {"format": "mend-editor", "version": 1}  # a saved editor's first fields
 RESERVED_SEEDS = range(0, 1003)  # the shipped sample (0), test worlds (1..1000), dev (1001, 1002)
-LAYERS = {  # backbone class -> (its decoder layers, the Linears edited in each, how many last)
+
+
+class Layers(NamedTuple):
+    """Where MEND edits a backbone: the Linears of its last decoder layers."""
+
+    path: str  # the ModuleList of its decoder layers
+    linears: tuple[str, ...]  # the Linears edited in each layer
+    last: int  # how many of the last layers
+
+
+LAYERS = {  # backbone class -> its Layers
     # TinyVLM (4 layers): its top half, as 29-31 are the top of BLIP-2's 32. Measured on a
     # held-out training world after 1000 steps: HM 97 with the last 2 layers, 80 with 3
-    "TinyVLM": ("lm.model.decoder.layers", ("fc1", "fc2"), 2),
-    "Blip2OPT": ("model.language_model.model.decoder.layers", ("fc1", "fc2"), 3),  # 29-31
-    "MiniGPT4": ("llama_model.model.layers", ("mlp.up_proj", "mlp.down_proj"), 3),  # 29-31
+    "TinyVLM": Layers("lm.model.decoder.layers", ("fc1", "fc2"), 2),
+    "Blip2OPT": Layers("model.language_model.model.decoder.layers", ("fc1", "fc2"), 3),  # 29-31
+    "MiniGPT4": Layers("llama_model.model.layers", ("mlp.up_proj", "mlp.down_proj"), 3),  # 29-31
 }
 
 
@@ -78,9 +90,10 @@ def layer_shapes(backbone: nn.Module) -> dict[str, tuple[int, int]]:
     kind = type(backbone).__name__
     if kind not in LAYERS:
         raise ValueError(f"MEND has no layer preset for a {kind}; known: {sorted(LAYERS)}")
-    path, linears, last = LAYERS[kind]
-    n = len(backbone.get_submodule(path))
-    names = [f"{path}.{i}.{linear}" for i in range(n - last, n) for linear in linears]
+    edited = LAYERS[kind]
+    n = len(backbone.get_submodule(edited.path))
+    first = n - edited.last
+    names = [f"{edited.path}.{i}.{linear}" for i in range(first, n) for linear in edited.linears]
     return {name: tuple(backbone.get_submodule(name).weight.shape[::-1]) for name in names}
 
 
@@ -132,8 +145,9 @@ class Transform(nn.Module):
 
     def forward(self, u: torch.Tensor, delta: torch.Tensor, m: int):
         z = torch.cat([self.u_norm(u), self.delta_norm(delta)], dim=-1)  # (P, in + out)
-        for V, b, U, s, o in zip(self.V, self.b, self.U, self.scale[:, m], self.shift[:, m]):
-            z = z + s * F.linear(F.relu(F.linear(z, V, b)), U) + o  # (P, D)
+        for i in range(len(self.V)):  # layer i: z + s_m * U relu(V z + b) + o_m
+            hidden = F.relu(F.linear(z, self.V[i], self.b[i]))  # (P, r)
+            z = z + self.scale[i, m] * F.linear(hidden, self.U[i]) + self.shift[i, m]  # (P, D)
         return z.split([u.shape[-1], delta.shape[-1]], dim=-1)  # u~ (P, in), delta~ (P, out)
 
 
@@ -299,9 +313,9 @@ class MEND(Editor):
 
 def shipped(backbone) -> MEND:
     """The shipped editor trained for this backbone's weights (either TinyVLM of assets/)."""
-    for _, path, _ in WORLDS.values():
+    for shipped_world in WORLDS.values():
         with contextlib.suppress(ValueError):  # another model's editor: try the next
-            return MEND.load(path, backbone)
+            return MEND.load(shipped_world.editor, backbone)
     raise ValueError("no shipped MEND editor was trained for this model: see python mend.py train")
 
 
@@ -379,9 +393,17 @@ def easyvqa_examples(seed: int, n: int = 40) -> list[Example]:
     return examples
 
 
-WORLDS = {  # --world -> (its TinyVLM, where its editor goes, its training edits)
-    "tiny": (ASSETS / "tinyvlm", ASSETS / "mend_tinyvlm", world_examples),
-    "easyvqa": (ASSETS / "tinyvlm_easyvqa", ASSETS / "mend_tinyvlm_easyvqa", easyvqa_examples),
+class World(NamedTuple):
+    """A shipped TinyVLM and its MEND editor."""
+
+    model: Path  # the TinyVLM
+    editor: Path  # where its editor goes
+    examples: Callable  # seed -> that world's training edits
+
+
+WORLDS = {  # --world -> its World
+    "tiny": World(ASSETS / "tinyvlm", ASSETS / "mend_tinyvlm", world_examples),
+    "easyvqa": World(ASSETS / "tinyvlm_easyvqa", ASSETS / "mend_tinyvlm_easyvqa", easyvqa_examples),
 }
 
 
@@ -452,15 +474,15 @@ def main(argv=None) -> int:
     t.add_argument("--no-progress", dest="progress", action="store_false", help="no bar")
     cli.add_threads(t)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    model_dir, default_out, examples_of = WORLDS[args.world]
-    out = args.out or default_out
+    chosen = WORLDS[args.world]
+    out = args.out or chosen.editor
     cfg = MENDConfig(steps=args.steps)
     seeds = range(args.seed, args.seed + cfg.worlds)
     try:
         check_seeds(seeds)
         cli.claim_output(out, folder=True)
-        backbone = TinyVLM.from_pretrained(model_dir)
-        examples = [e for s in seeds for e in examples_of(s)]
+        backbone = TinyVLM.from_pretrained(chosen.model)
+        examples = [e for s in seeds for e in chosen.examples(s)]
     except (ValueError, OSError, RuntimeError) as e:  # easy-VQA missing: a RuntimeError
         parser.exit(2, f"mend.py train: error: {e}\n")
     torch.set_num_threads(args.threads)

@@ -12,13 +12,14 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
 from PIL import Image
 
 import world
+from blip2 import TINY_QFORMER, TINY_VISION
 from models import (
     REPHRASE,
     Backbone,
@@ -161,10 +162,11 @@ class MiniGPT4(Backbone):
         check_local_files(blip2_dir, vicuna_dir, projection_file)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-        vision, qformer, query_tokens = load_blip2_vision(blip2_dir, dtype)
+        parts = load_blip2_vision(blip2_dir, dtype)
         llama_proj = load_projection(projection_file, dtype)
         llama, tok = load_vicuna(vicuna_dir, dtype)
-        return cls(vision, qformer, query_tokens, llama_proj, llama, tok).to(device).eval()
+        model = cls(parts.vision, parts.qformer, parts.query_tokens, llama_proj, llama, tok)
+        return model.to(device).eval()
 
     # -- interface ---------------------------------------------------------
     def segments(self, prompt: str, image: bool = True) -> tuple[list[int], list[int]]:
@@ -283,9 +285,15 @@ def read_safetensors(folder: Path, wanted: tuple[str, ...]) -> dict[str, torch.T
     return state
 
 
-def load_blip2_vision(
-    blip2_dir: Path, dtype: torch.dtype
-) -> tuple[nn.Module, nn.Module, nn.Parameter]:
+class Blip2Vision(NamedTuple):
+    """What MiniGPT-4 takes from BLIP-2: the image side."""
+
+    vision: nn.Module  # the ViT
+    qformer: nn.Module
+    query_tokens: nn.Parameter  # (1, Q, H)
+
+
+def load_blip2_vision(blip2_dir: Path, dtype: torch.dtype) -> Blip2Vision:
     """BLIP-2's vision tower, Q-Former and query tokens, from ``blip2_dir``'s safetensors."""
     from transformers import Blip2Config, Blip2QFormerModel, Blip2VisionModel
 
@@ -307,7 +315,7 @@ def load_blip2_vision(
     if "query_tokens" not in state:
         raise ValueError(f"{blip2_dir}: no 'query_tokens' in the BLIP-2 weights")
     query_tokens = nn.Parameter(state["query_tokens"].to(dtype))  # (1, 32, 768)
-    return vision, qformer, query_tokens
+    return Blip2Vision(vision, qformer, query_tokens)
 
 
 def load_projection(projection_file: Path, dtype: torch.dtype) -> nn.Linear:
@@ -380,25 +388,8 @@ def random_minigpt4(
 
     tok = offline_minigpt4_tokenizer()
     torch.manual_seed(seed)
-    vision = Blip2VisionModel(
-        Blip2VisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-        )
-    )
-    qformer = Blip2QFormerModel(
-        Blip2QFormerConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            encoder_hidden_size=32,
-        )
-    )
+    vision = Blip2VisionModel(Blip2VisionConfig(**TINY_VISION))  # random_blip2's image side
+    qformer = Blip2QFormerModel(Blip2QFormerConfig(**TINY_QFORMER))
     query_tokens = nn.Parameter(torch.randn(1, n_query, 32))  # (1, Q, H)
     llama = LlamaForCausalLM(
         LlamaConfig(

@@ -4,6 +4,8 @@ differ from it, and the route each row must take, computed from the codebook's k
 in float64 (never read from a router).
 """
 
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 
@@ -51,10 +53,18 @@ def query_of(model, x, mask):
     return router.last_query
 
 
-def decide(queries, cb):
+class Decision(NamedTuple):
+    """Eq. 1's decision for each row, each (B,)."""
+
+    route: torch.Tensor  # the entry it goes to, or -1
+    j: torch.Tensor  # its nearest entry
+    dist: torch.Tensor  # d(q, k_j)
+    radius: torch.Tensor  # eps_j
+
+
+def decide(queries, cb) -> Decision:
     """Eq. 1's decision for each row, computed here in float64 from the codebook's keys and
-    radii (never read from the router): (entry or -1, nearest entry, its distance, its radius),
-    each (B,)."""
+    radii (never read from the router)."""
     q = queries.detach().double()
     k = cb.keys.double()
     if cb.metric == "cos":
@@ -64,24 +74,25 @@ def decide(queries, cb):
         d = (q[:, None] - k[None]).norm(dim=-1)  # (B, N)
     dist, j = d.min(dim=1)
     radius = cb.radii.double()[j]
-    return torch.where(dist <= radius, j, -1), j, dist, radius
+    return Decision(torch.where(dist <= radius, j, -1), j, dist, radius)
 
 
 def clear_cut(queries, cb) -> bool:
     """No row sits within round-off of its nearest ball's edge (a row exactly on a key is
     clear)."""
-    _, _, dist, radius = decide(queries, cb)
-    return bool(((dist == 0) | ((dist - radius).abs() > 1e-5 * (1 + radius))).all())
+    d = decide(queries, cb)
+    return bool(((d.dist == 0) | ((d.dist - d.radius).abs() > 1e-5 * (1 + d.radius))).all())
 
 
 def route_message(want, got, queries, cb) -> str:
     """Says which row was routed wrongly and why it should not have been."""
-    _, j, dist, radius = decide(queries, cb)
+    d = decide(queries, cb)
     for b, (w, g) in enumerate(zip(want, got)):
         if w == g:
             continue
         where = (
-            f"d = {dist[b]:.4g} from its nearest key, entry {int(j[b])} (radius {radius[b]:.4g})"
+            f"d = {d.dist[b]:.4g} from its nearest key, entry {int(d.j[b])} "
+            f"(radius {d.radius[b]:.4g})"
         )
         if w < 0:
             why = f"row {b} should miss: its query is at {where}, outside that ball"

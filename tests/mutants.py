@@ -25,6 +25,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mistakes import MUTANTS, ROOT, Mutant, release  # noqa: E402
@@ -93,7 +94,15 @@ def failures(output: str) -> dict[str, str]:
     return found
 
 
-def grade(project: Path, tests: list[str]) -> tuple[dict[str, tuple[int, int, int]], str]:
+class Score(NamedTuple):
+    """A task's grade."""
+
+    passed: int  # graders passed
+    total: int  # graders
+    points: int  # the task's points
+
+
+def grade(project: Path, tests: list[str]) -> tuple[dict[str, Score], str]:
     """Run the graders ``tests`` (pytest arguments) in ``project``: task -> (passed, total,
     the task's points), and the output."""
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tb=no", "-rN"]
@@ -102,7 +111,8 @@ def grade(project: Path, tests: list[str]) -> tuple[dict[str, tuple[int, int, in
         command + tests, cwd=project, env=env, capture_output=True, text=True, timeout=600
     )
     output = run.stdout + run.stderr
-    return {t: (int(p), int(n), int(pts)) for t, pts, p, n in GRADE.findall(output)}, output
+    scores = {t: Score(int(p), int(n), int(pts)) for t, pts, p, n in GRADE.findall(output)}
+    return scores, output
 
 
 def try_mutants(mutants: list[Mutant], where: Path, tests: list[str] | None = None) -> list:
@@ -121,10 +131,12 @@ def try_mutants(mutants: list[Mutant], where: Path, tests: list[str] | None = No
     caught = failures(output)
     results = []
     for m in mutants:
-        passed, total, points = scores.get(f"task{m.task}", (0, 0, 0))
+        s = scores.get(f"task{m.task}", Score(0, 0, 0))
         says = m.says in caught.get(m.catcher, "")
-        results.append(dict(mutant=m, passed=passed, total=total, caught=caught, as_expected=says))
-        lost = points * (total - passed) / total if total else 0.0
+        results.append(
+            dict(mutant=m, passed=s.passed, total=s.total, caught=caught, as_expected=says)
+        )
+        lost = s.points * (s.total - s.passed) / s.total if s.total else 0.0
         results[-1].update(lost=lost, seconds=seconds, output=output)
     return results
 

@@ -172,14 +172,14 @@ def test_a_scored_world_is_refused_for_training(seed, tmp_path, capsys):
 
 def test_the_shipped_editor_edits_the_shipped_model(records):
     backbone = models.TinyVLM.from_pretrained(models.TINY_DIR)
-    editor = mend.MEND.load(mend.WORLDS["tiny"][1], backbone)
+    editor = mend.MEND.load(mend.WORLDS["tiny"].editor, backbone)
     r = records[0]
     editor.edit(r)
     with editor.attached():
         assert backbone.generate([r.image], [r.question]) == [r.target]
     assert backbone.generate([r.image], [r.question]) == [r.answer]
     with pytest.raises(ValueError, match="an editor for other weights"):
-        mend.MEND.load(mend.WORLDS["easyvqa"][1], backbone)
+        mend.MEND.load(mend.WORLDS["easyvqa"].editor, backbone)
 
 
 def test_a_backbone_without_a_preset_is_refused():

@@ -6,6 +6,8 @@ loading from local files, and the real size on the meta device.
 import functools
 import itertools
 import json
+from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -258,9 +260,14 @@ def test_cached_training_matches_the_naive_loop_on_a_padded_batch(layers):
 # loading and the real size
 
 
-def save_local_files(m, tmp_path):
-    """MiniGPT-4's three local sources, as a user makes them: BLIP-2's folder, Vicuna's folder
-    and MiniGPT-4's checkpoint."""
+class LocalFiles(NamedTuple):
+    blip2: Path  # BLIP-2's folder
+    vicuna: Path  # Vicuna's folder
+    ckpt: Path  # MiniGPT-4's checkpoint
+
+
+def save_local_files(m, tmp_path) -> LocalFiles:
+    """MiniGPT-4's three local sources, as a user makes them."""
     from safetensors.torch import save_file
     from transformers import Blip2Config
 
@@ -281,12 +288,15 @@ def save_local_files(m, tmp_path):
     torch.save(
         {"model": {f"llama_proj.{k}": v for k, v in m.llama_proj.state_dict().items()}}, ckpt
     )
-    return blip2, vicuna, ckpt
+    return LocalFiles(blip2, vicuna, ckpt)
 
 
 def test_from_pretrained_reads_local_files_only(tmp_path):
     m = model()
-    blip2, vicuna, ckpt = save_local_files(m, tmp_path)
+    files = save_local_files(m, tmp_path)
+    blip2 = files.blip2
+    vicuna = files.vicuna
+    ckpt = files.ckpt
     loaded = minigpt4.MiniGPT4.from_pretrained(blip2, vicuna, ckpt, device="cpu")
     assert not loaded.training and next(loaded.parameters()).dtype == torch.float32
     batch = encode(m, [2, 3])

@@ -186,7 +186,7 @@ def test_readme_is_short_and_its_links_lead_somewhere():
         for target in re.findall(r"\]\(([^)\s]+)\)", text):
             if "://" in target:
                 continue
-            name, _, section = target.partition("#")
+            name, section = re.fullmatch(r"([^#]*)#?(.*)", target).groups()
             path = (ROOT / where).parent / name if name else ROOT / where
             assert path.exists(), (where, target)
             if section:
