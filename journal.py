@@ -145,9 +145,10 @@ def read(path: Path) -> list[dict]:
         raise JournalError(f"{path}: damaged ({e}); --fresh starts again, keeping it") from None
 
 
-def _sync_folder(folder: Path) -> None:
-    """Sync a folder, so that a file made or renamed in it stays after a crash."""
-    fd = os.open(folder, os.O_RDONLY)
+def _sync(path: Path) -> None:
+    """Sync a file to the disk, or a folder, so that a file made or renamed in it stays after a
+    crash."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -162,11 +163,9 @@ def replacing(path):
     temporary = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     try:
         yield temporary
-        fd = os.open(temporary, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
+        _sync(temporary)
         os.replace(temporary, path)
-        _sync_folder(path.parent)
+        _sync(path.parent)
     finally:
         temporary.unlink(missing_ok=True)
 
@@ -287,7 +286,7 @@ class Journal:
         os.ftruncate(self.fd, text.rfind(b"\n") + 1)  # to its last whole line
         if text.rfind(b"\n") < 0:
             self.write_line(self.header)
-            _sync_folder(self.folder)
+            _sync(self.folder)
         self.read_all()
         return self
 
@@ -387,11 +386,9 @@ class Part:
             save(temporary)
             (temporary / "edits.json").write_text(json.dumps({"seconds": seconds}))
             for path in temporary.iterdir():
-                fd = os.open(path, os.O_RDONLY)
-                os.fsync(fd)
-                os.close(fd)
+                _sync(path)
             os.replace(temporary, where / str(len(seconds)))
-            _sync_folder(where)
+            _sync(where)
         except OSError as e:
             raise JournalError(f"{temporary}: cannot write a checkpoint ({e.strerror or e})") from e
         for old in where.iterdir():
