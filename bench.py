@@ -371,7 +371,8 @@ def section_edit_speed(tiny, record, cfg, repeats: int) -> tuple[dict, dict]:
 
 def section_editors(tiny, record, cfg, repeats: int) -> tuple[dict, dict]:
     """Seconds per edit of every editor of the comparison on TinyVLM, taking turns, and MEND's
-    pre-training time (the paper's Table 5: an edit's cost, and what it needs first)."""
+    pre-training time (the paper's Table 5: an edit's cost, and what it needs first); then
+    the seconds per scored probe on each edited model (IKE's edit makes every prompt longer)."""
     names = [m for m in evaluate.METHODS if m != "base"]
     editors = {name: evaluate.make_editor(name, tiny, cfg) for name in names}  # made once
 
@@ -389,8 +390,30 @@ def section_editors(tiny, record, cfg, repeats: int) -> tuple[dict, dict]:
         ("editor", "s/edit", "vs BalancEdit"),
         cells,
     )
-    figures = {"mend_edit_vs_balancedit": s["mend"] / s["balancedit"]}
-    return figures, {"editors_s_per_edit": s, "mend_training": trained}
+    n_probes = sum(len(samples) for samples in evaluate.probes(record).values())
+
+    def one_scoring(name: str) -> float:
+        editor = editors[name]
+        report = editor.edit(record)
+        prefix = evaluate.prefix(editor, record)
+        with editor.attached():
+            seconds, _ = realsize.timed(lambda: evaluate.observe(tiny, record, prefix=prefix))
+        editor.remove(report.index)
+        return seconds / n_probes
+
+    p = alternate({name: functools.partial(one_scoring, name) for name in names}, repeats)
+    cells = [(name, f"{1000 * p[name]:.1f}", f"{p[name] / p['balancedit']:.2f}x") for name in names]
+    print_table(
+        f"One scored probe on the edited TinyVLM (a record's {n_probes}, median of {repeats})",
+        ("editor", "ms/probe", "vs BalancEdit"),
+        cells,
+    )
+    figures = {
+        "mend_edit_vs_balancedit": s["mend"] / s["balancedit"],
+        "ike_edit_vs_balancedit": s["ike"] / s["balancedit"],
+        "ike_probe_vs_balancedit": p["ike"] / p["balancedit"],
+    }
+    return figures, {"editors_s_per_edit": s, "editors_s_per_probe": p, "mend_training": trained}
 
 
 def section_edit_cost(cfg, repeats: int) -> tuple[dict, dict]:

@@ -25,6 +25,7 @@ import torch
 import blip2
 import data
 import evaluate
+import ike
 import journal
 import mend
 import minigpt4
@@ -316,6 +317,7 @@ class Setup:
     out: Path  # the JSON output
     cleanup: Callable  # removes the folders made for ``out``, if the run fails before writing
     journal: journal.Journal  # where each scored record goes (a picture's: in memory)
+    retriever: object = None  # IKE's sentence encoder (--retriever), else its own default
 
 
 def setup(args) -> Setup:
@@ -342,16 +344,19 @@ def setup(args) -> Setup:
             log = journal.Journal(out.with_suffix(".journal"), head, args.checkpoint_every)
             if not args.fresh:
                 log.check()  # before the model's minutes
+        methods = getattr(args, "methods", ())
+        folder = getattr(args, "retriever", None)
+        retriever = ike.SentenceEncoder(folder) if folder and "ike" in methods else None
         backbone = load_backbone(args)
         backbone.check(records)  # targets it cannot spell, questions too long for it
-        if "mend" in getattr(args, "methods", ()):
-            mend.shipped(backbone)  # a trained editor for this model, or one line saying none
+        if "mend" in methods or "ike" in methods:  # a shipped world's model, or one line
+            mend.shipped(backbone)  # MEND's editor; IKE's demonstrations are its world's
         log.open(getattr(args, "fresh", False))  # resumed, or with --fresh begun again
     except BaseException:
         cleanup()
         raise
     torch.manual_seed(cfg.seed)
-    return Setup(backbone, records, data_name, cfg, out, cleanup, log)
+    return Setup(backbone, records, data_name, cfg, out, cleanup, log, retriever)
 
 
 # ---------------- Long runs: the journal, several processes, a stop in one line
@@ -406,6 +411,7 @@ def cmd_run(args, s: Setup) -> dict:
             args.progress,
             s.journal.part(name),
             args.grace_eps0,
+            s.retriever,
         )
     if s.journal.rank == 0:
         print(evaluate.table(results))
@@ -498,6 +504,7 @@ PATHS = (  # named by their last part
     "coco_root",
     "rephrase_root",
     "locality_root",
+    "retriever",
 )
 
 
@@ -635,18 +642,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.choices["run"]
     methods = evaluate.METHODS
     method = number(str, methods.__contains__, f"one of {','.join(methods)}")
-    run.add_argument(
-        "--methods",
-        type=comma_list(method),
-        default=list(methods),
-        help=f"comma list of {','.join(methods)} (default: all)",
-    )
-    run.add_argument(
-        "--grace-eps0",
-        type=POSITIVE,
-        default=1.0,
-        help="GRACE's fixed initial radius, Euclidean (default 1.0, GRACE's own)",
-    )
+    listed = f"comma list of {','.join(methods)} (default: all)"
+    run.add_argument("--methods", type=comma_list(method), default=list(methods), help=listed)
+    eps0 = "GRACE's fixed initial radius, Euclidean (default 1.0, GRACE's own)"
+    run.add_argument("--grace-eps0", type=POSITIVE, default=1.0, help=eps0)
+    folder = "IKE's retriever: a sentence-transformers folder such as all-MiniLM-L6-v2, EasyEdit's"
+    run.add_argument("--retriever", metavar="DIR", help=f"{folder} (default: word counts)")
     sub.choices["show-edit"].add_argument(
         "--record", type=int, default=0, help="which record: its index, 0 the first (default 0)"
     )

@@ -39,9 +39,10 @@ from PIL import Image
 import cli
 import data
 import evaluate as ev
+import ike
 import models
 import writers
-from train import train_tiny, warmup_cosine
+from train import teach_context, train_tiny, warmup_cosine
 
 MODEL_DIR = models.ASSETS / "tinyvlm_easyvqa"
 SHAPES = ("circle", "rectangle", "triangle")
@@ -77,6 +78,8 @@ EDITED_COLOURS = 4  # colour scope: colours edited per shape (the other 4 stay f
 # Its shapes span 8-33 pixels anywhere in the image (the world's: 28-42, centred), too small for
 # 16-pixel patches: 8-pixel ones, 64 image tokens, and room for them in the decoder.
 CONFIG = models.TinyConfig(patch_size=8, max_positions=96)
+CONTEXT_STEPS = 1200  # the second stage's (train.teach_context)
+CONTEXT_POSITIONS = 256  # the longest probe after IKE's four demonstrations needs 211
 
 
 class Parsed(NamedTuple):
@@ -128,6 +131,16 @@ def answer(question: str, kind: tuple[str, str]) -> Optional[str]:
     if p.shape not in (None, shape) or p.colour not in (None, colour):
         return None
     return shape if p.family == "shape" else colour
+
+
+def facts() -> ike.Facts:
+    """What TinyVLM's in-context training draws facts from (ike.context_stream): the open
+    questions by family, and their answers. A yes/no question is only ever a probe."""
+    questions = defaultdict(list)
+    for q, parsed in QUESTIONS.items():
+        if parsed.family != "yes/no":
+            questions[parsed.family].append(q)
+    return ike.Facts(dict(questions), lambda q: parse(q).family, [*SHAPES, *COLOURS])
 
 
 def vocabulary() -> list[str]:
@@ -262,18 +275,39 @@ def train(
     config: models.TinyConfig = CONFIG,
     progress: bool = True,
     vision_steps: int = 600,
+    context_steps: int = CONTEXT_STEPS,
+    start: Optional[str] = None,
 ) -> list[float]:
     """BLIP-2's recipe in small: the ViT pretrained on the train images (``vision_steps``) and
     frozen, then train.train_tiny on easy-VQA's train questions over its vocabulary. Returns
-    the language model's loss per step."""
-    torch.manual_seed(seed)
-    model = models.TinyVLM(config, models.build_tokenizer(vocabulary()))
-    pretrain_vision(model, vision_steps, 64, lr, seed, progress)
-    model.vision.requires_grad_(False)  # the trainer's AdamW skips parameters without gradients
-    stream = training_stream(seed)
-    return train_tiny(
-        out_dir, steps, batch_size, lr, seed, config, progress, stream=stream, model=model
-    )
+    the language model's loss per step. Then the second stage (``context_steps``; the ViT stays
+    frozen): train.teach_context, at CONTEXT_POSITIONS. ``start``: skip the first stage, going
+    on from this checkpoint of it."""
+    losses = []
+    if start is None:
+        torch.manual_seed(seed)
+        model = models.TinyVLM(config, models.build_tokenizer(vocabulary()))
+        pretrain_vision(model, vision_steps, 64, lr, seed, progress)
+        model.vision.requires_grad_(False)  # AdamW skips parameters without gradients
+        stream = training_stream(seed)
+        losses = train_tiny(
+            out_dir, steps, batch_size, lr, seed, config, progress, stream=stream, model=model
+        )
+    if context_steps:
+        model = models.TinyVLM.from_pretrained(start or out_dir)
+        stream = training_stream(seed)
+        losses = teach_context(
+            model,
+            out_dir,
+            stream,
+            facts(),
+            context_steps,
+            CONTEXT_POSITIONS,
+            seed,
+            progress,
+            vision=False,
+        )
+    return losses
 
 
 def accuracy(
@@ -488,6 +522,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=positive, default=32, help="per step (default 32)")
     t.add_argument("--lr", type=cli.POSITIVE, default=5e-4, help="peak lr (default 5e-4)")
     t.add_argument("--seed", type=int, default=0, help="weights and data order (default 0)")
+    context = f"second stage: steps with in-context facts (default {CONTEXT_STEPS}; 0: none)"
+    steps = cli.number(int, lambda n: n >= 0, "an integer >= 0")
+    t.add_argument("--context-steps", type=steps, default=CONTEXT_STEPS, help=context)
+    skip = "skip the first stage: go on from this checkpoint of it (96 positions)"
+    t.add_argument("--from", dest="start", metavar="DIR", help=skip)
     c = sub.add_parser("check", help="exact match on the test questions, by family")
     c.add_argument("--model", default=str(MODEL_DIR), help=f"checkpoint dir (default {MODEL_DIR})")
     c.add_argument("--limit", type=positive, help="the first N test questions only")
@@ -519,6 +558,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             model = models.TinyVLM.from_pretrained(args.model)
         else:
             out = Path(args.out)
+            start = getattr(args, "start", None)
+            if start is not None and not (Path(start) / "model.safetensors").is_file():
+                raise cli.UsageError(f"--from {start}: no TinyVLM checkpoint there")
             if args.command == "make-records" and out.is_dir() and any(out.iterdir()):
                 raise cli.UsageError(f"--out {out}: not empty; give a new or empty folder")
             cli.claim_output(out, folder=True)
@@ -528,11 +570,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     start = time.time()
     if args.command == "train":
-        losses = train(out, args.steps, args.batch_size, args.lr, args.seed, progress=args.progress)
+        losses = train(
+            out,
+            args.steps,
+            args.batch_size,
+            args.lr,
+            args.seed,
+            progress=args.progress,
+            context_steps=args.context_steps,
+            start=args.start,
+        )
         loss = sum(losses[-50:]) / len(losses[-50:])
         print(f"trained {args.steps} steps in {time.time() - start:.0f} s; loss {loss:.4f}")
     elif args.command == "check":
         result = accuracy(model, args.limit, progress=args.progress)
+        result |= ike.reading(model, make_records(0))  # held-out test images
         print(json.dumps({k: round(v, 2) for k, v in result.items()}))
     else:
         written = writers.write_okedit(make_records(args.seed, args.n, args.part), out)

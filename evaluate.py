@@ -10,7 +10,8 @@ exact match of greedy generations.
 
 Protocols: single (each edit alone: edit, score, remove; Table 3) and sequential (all edits,
 then every record; Table 4); both check at the end that the backbone is bit-identical to before.
-The methods: the unedited model, the baselines of baselines.py (FT, GRACE) and BalancEdit. The
+The methods: the unedited model, the baselines (FT, GRACE of baselines.py; MEND, IKE) and
+BalancEdit. The
 command line lives in cli.py, which imports this module; this file is its entry point:
 
     python evaluate.py [--protocol sequential]   # TinyVLM, the shipped sample, every method
@@ -25,6 +26,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import torch
 
 import data
+import ike
 import journal
 import mend
 from balancedit import BalancEditConfig, BalancEditor
@@ -198,10 +200,16 @@ def _per_part(run: Callable, backbone, parts: dict, names: Sequence[str], batch_
     return out
 
 
-def observe(backbone, record: data.EditRecord, batch_size: int = 32) -> Observation:
+def observe(
+    backbone, record: data.EditRecord, batch_size: int = 32, prefix: str = ""
+) -> Observation:
     """Run the backbone (as it is now: attached or not) on all of a record's probes, batched
-    across parts: one teacher-forced pass and one generation per batch."""
-    parts = probes(record)
+    across parts: one teacher-forced pass and one generation per batch. ``prefix``: text
+    before every probe's question (IKE's edit)."""
+    parts = {
+        p: [data.Sample(s.image, prefix + s.question, s.answer) for s in samples]
+        for p, samples in probes(record).items()
+    }
     tokens = _per_part(token_predictions, backbone, parts, PARTS, batch_size)
     texts = _per_part(generations, backbone, parts, GEN_PARTS, batch_size)
     return Observation(tokens, texts)
@@ -320,7 +328,9 @@ def run_single(
         ref = reference(backbone, record, refs)
         report = method.edit(record)
         with method.attached():
-            row = score(observe(backbone, record), ref, record.target)
+            row = score(
+                observe(backbone, record, prefix=prefix(method, record)), ref, record.target
+            )
         method.remove(report.index)
         log.add(record.id, row, report.seconds)
     check_unchanged(backbone, before, name)
@@ -351,12 +361,17 @@ def run_sequential(
         edit_seconds = dict(zip([r.id for r in records], seconds))  # by record id
         with method.attached():
             for r in progress_bar(todo, progress, f"{name} scoring", log.resumed(records)):
-                row = score(observe(backbone, r), refs[r.id], r.target)
+                row = score(observe(backbone, r, prefix=prefix(method, r)), refs[r.id], r.target)
                 log.add(r.id, row, edit_seconds[r.id])
         while len(method):
             method.remove(len(method) - 1)
     check_unchanged(backbone, before, name)
     return summarize(*log.collect(records))
+
+
+def prefix(method: Editor, record: data.EditRecord) -> str:
+    """The text IKE puts before the record's probes; none for an editor of the weights."""
+    return method.prefix(record) if isinstance(method, ike.IKE) else ""
 
 
 SAVED = (BalancEditor, FineTune, Grace)  # editors whose save(folder) and load hold their edits
@@ -382,13 +397,17 @@ def edit_all(method, backbone, records, log: journal.Part, progress: bool):
 
 
 PROTOCOLS = {"single": run_single, "sequential": run_sequential}
-METHODS = ("base", "ft", "grace", "balancedit", "mend")
+METHODS = ("base", "ft", "grace", "balancedit", "mend", "ike")
+IKE_SEED = 2001  # the training world whose edits are IKE's demonstrations (MEND's first)
 
 
-def make_editor(name: str, backbone, cfg: BalancEditConfig, grace_eps0: float = 1.0) -> Editor:
+def make_editor(
+    name: str, backbone, cfg: BalancEditConfig, grace_eps0: float = 1.0, retriever=None
+) -> Editor:
     """The editor ``name`` of METHODS (not "base"). They share ``cfg``'s layer, steps and
     cache; FT also its lr, while GRACE keeps its own lr and takes ``grace_eps0``; MEND brings
-    its own layers and trained network."""
+    its own layers and trained network; IKE the demonstrations of its world's training edits,
+    retrieved by ``retriever`` (default: ike.WordCounts)."""
     shared = dict(layer=cfg.layer, steps=cfg.steps, cache=cfg.cache)
     if name == "ft":
         return FineTune(backbone, FTConfig(lr=cfg.lr, **shared))
@@ -396,6 +415,9 @@ def make_editor(name: str, backbone, cfg: BalancEditConfig, grace_eps0: float = 
         return Grace(backbone, GraceConfig(eps0=grace_eps0, **shared))
     if name == "mend":
         return mend.shipped(backbone)  # its trained editor network, for this model
+    if name == "ike":
+        store = ike.demonstrations(mend.world_of(backbone).examples(IKE_SEED))
+        return ike.IKE(backbone, store, retriever)
     return BalancEditor(backbone, cfg)
 
 
@@ -409,12 +431,13 @@ def run_method(
     progress: bool = True,
     log: Optional[journal.Part] = None,
     grace_eps0: float = 1.0,
+    retriever=None,
 ) -> dict:
     """One method of METHODS, its averaged result under a protocol; ``refs`` (pre-edit
     observations by record id) and ``log`` (a journal's part) as the protocols take them."""
     if name == "base":
         return run_base(backbone, records, progress, refs, log)
-    method = make_editor(name, backbone, cfg, grace_eps0)
+    method = make_editor(name, backbone, cfg, grace_eps0, retriever)
     return PROTOCOLS[protocol](method, backbone, records, progress, refs, log)
 
 

@@ -313,10 +313,19 @@ class MEND(Editor):
 
 def shipped(backbone) -> MEND:
     """The shipped editor trained for this backbone's weights (either TinyVLM of assets/)."""
+    return MEND.load(world_of(backbone).editor, backbone)
+
+
+def world_of(backbone) -> "World":
+    """The shipped world whose TinyVLM this is: the one whose MEND editor fits its weights."""
     for shipped_world in WORLDS.values():
         with contextlib.suppress(ValueError):  # another model's editor: try the next
-            return MEND.load(shipped_world.editor, backbone)
-    raise ValueError("no shipped MEND editor was trained for this model: see python mend.py train")
+            MEND.load(shipped_world.editor, backbone)
+            return shipped_world
+    raise ValueError(
+        "no shipped MEND editor was trained for this model (MEND and IKE run on the shipped "
+        "TinyVLMs, IKE with the demonstrations of their worlds): see python mend.py train"
+    )
 
 
 # ---------------- Meta-training (the paper's Sec. 3.2)

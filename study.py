@@ -131,6 +131,7 @@ STUDY_ROWS = {
         "alpha", ALPHAS, lambda b, cfg, v: BalancEditor(b, replace(cfg, alpha=v, pool="last"))
     ),
     "mend": Row(None, (None,), lambda b, cfg, v: ev.make_editor("mend", b, cfg)),
+    "ike": Row(None, (None,), lambda b, cfg, v: ev.make_editor("ike", b, cfg)),
 }
 KEY_ROWS = {  # ablate-key: BalancEdit with each key
     "prompt mean (ours)": STUDY_ROWS["balancedit"],
@@ -277,8 +278,8 @@ def report(result: dict, title: str) -> str:
 
 # ---------------- Command line
 HELP = {
-    "study": "FT, GRACE, BalancEdit (both keys) and MEND on fresh TinyVLM worlds, knobs tuned on "
-    "dev worlds: mean +- std over test worlds, single and 10/20/40 sequential edits",
+    "study": "FT, GRACE, BalancEdit (both keys), MEND and IKE on fresh TinyVLM worlds, knobs "
+    "tuned on dev worlds: mean +- std over test worlds, single and 10/20/40 sequential edits",
     "ablate-key": "BalancEdit's key three ways (prompt mean, every position as the authors' "
     "code, last prompt token), alpha tuned as in study: single and 40 sequential edits",
 }
@@ -379,7 +380,7 @@ def prepare(args, out: Path, cleanup) -> tuple:
             log.check()
         backbone = cli.load_backbone(args)
         if args.command == "study" and "mend" in STUDY_ROWS:
-            mend.shipped(backbone)  # MEND's trained editor for this model, or one line: none
+            mend.shipped(backbone)  # MEND's editor and IKE's world for this model, or one line
         return backbone, log.open(args.fresh)
     except BaseException:
         cleanup()

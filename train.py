@@ -1,8 +1,11 @@
 """TinyVLM's training on the generated world, and the check of a trained checkpoint.
 
-``python train.py --out DIR`` trains a TinyVLM (seeded: the shipped ``assets/tinyvlm`` is
-``--out assets/tinyvlm`` with the defaults) and ``python train.py check`` measures what a
-checkpoint knows: exact match of its answers on the shipped sample. ``train_tiny`` and
+``python train.py --out DIR`` trains a TinyVLM in two seeded stages: the world's questions
+(3000 steps, 64 positions), then the same with half the samples after in-context facts
+(IKE's format, ike.py; 1500 steps, grown to 192 positions), so that it reads a fact in its
+prompt. The shipped ``assets/tinyvlm`` is the defaults; its second stage ran ``--from`` the first
+stage's checkpoint. ``python train.py check`` measures what a checkpoint knows: exact match of
+its answers on the shipped sample, and how it reads a fact (ike.reading). ``train_tiny`` and
 ``warmup_cosine`` are also easy-VQA's trainer (easyvqa.py).
 """
 
@@ -21,8 +24,15 @@ import torch
 
 import cli
 import data
+import ike
 import world
 from models import TINY_DIR, Backbone, TinyConfig, TinyVLM, build_tokenizer
+
+CONTEXT_STEPS = 1500
+CONTEXT_SHARE = 0.5  # of the second stage's samples, asked after in-context facts
+CONTEXT_BATCH = 32
+CONTEXT_LR = 3e-4
+POSITIONS = 192  # the world's longest probe after IKE's four demonstrations needs 163
 
 
 def warmup_cosine(opt: torch.optim.Optimizer, steps: int):
@@ -86,6 +96,39 @@ def train_tiny(
     return losses
 
 
+def teach_context(
+    model: TinyVLM,
+    out_dir: Optional[str | os.PathLike],
+    stream: Iterator[data.Sample],
+    facts: ike.Facts,
+    steps: int,
+    positions: int,
+    seed: int = 0,
+    progress: bool = True,
+    device: str = "cpu",
+    vision: bool = True,
+) -> list[float]:
+    """The second stage: ``model`` grown to ``positions`` (TinyVLM.grown) goes on training on
+    ``stream`` with CONTEXT_SHARE of its samples asked after in-context facts
+    (ike.context_stream), so that it reads a fact in its prompt; its ViT too if ``vision``.
+    The loss per step."""
+    stream = ike.context_stream(stream, facts, CONTEXT_SHARE, seed)
+    torch.manual_seed(seed)  # the new rows' initial values
+    grown = model.grown(positions)
+    grown.vision.requires_grad_(vision)  # the trainer's AdamW skips parameters without gradients
+    return train_tiny(
+        out_dir,
+        steps,
+        CONTEXT_BATCH,
+        CONTEXT_LR,
+        seed,
+        progress=progress,
+        device=device,
+        stream=stream,
+        model=grown,
+    )
+
+
 def knowledge(
     backbone: Backbone, records: Sequence[data.EditRecord], batch_size: int = 64
 ) -> dict[str, float]:
@@ -136,13 +179,28 @@ def build_parser() -> Parser:
     parser.add_argument(
         "--out", help="checkpoint directory, required to train (assets/tinyvlm is the shipped one)"
     )
-    parser.add_argument("--steps", type=int, default=3000, help="optimizer steps (default 3000)")
+    parser.add_argument(
+        "--steps", type=int, default=3000, help="first stage: optimizer steps (default 3000)"
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="samples per step (default 64)")
     parser.add_argument(
         "--lr", type=float, default=5e-4, help="peak AdamW learning rate (default 5e-4)"
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="seed for weights and the training stream"
+    )
+    parser.add_argument(
+        "--context-steps",
+        type=int,
+        default=CONTEXT_STEPS,
+        help=f"second stage: steps with in-context facts, at {POSITIONS} positions (default "
+        f"{CONTEXT_STEPS}; 0: none)",
+    )
+    parser.add_argument(
+        "--from",
+        dest="start",
+        metavar="DIR",
+        help="skip the first stage: go on from this checkpoint of it (64 positions)",
     )
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument(
@@ -162,7 +220,9 @@ def check(parser: Parser, model_dir: str) -> int:
         model = TinyVLM.from_pretrained(model_dir)
     except (FileNotFoundError, ValueError) as e:
         parser.exit(2, f"train.py check: error: {e}\n")
-    print(json.dumps({k: round(v, 2) for k, v in knowledge(model, data.load_sample()).items()}))
+    records = data.load_sample()
+    result = knowledge(model, records) | ike.reading(model, records)
+    print(json.dumps({k: round(v, 2) for k, v in result.items()}))
     return 0
 
 
@@ -173,6 +233,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return check(parser, args.model)
     if min(args.steps, args.batch_size, args.threads) < 1 or not args.lr > 0:
         parser.error("--steps, --batch-size and --threads must be >= 1 and --lr > 0")
+    if args.context_steps < 0:
+        parser.error("--context-steps must be >= 0")
+    if args.start is not None and not os.path.isfile(os.path.join(args.start, "model.safetensors")):
+        parser.error(f"--from {args.start}: no TinyVLM checkpoint there")
     torch.set_num_threads(args.threads)
     try:  # by trying, before any work: the folder is made (and removed if training fails)
         cleanup = cli.claim_output(args.out, "--out", folder=True)
@@ -180,16 +244,29 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.exit(2, f"train.py: error: {e}\n")
     start = time.time()
     try:
-        losses = train_tiny(
-            args.out, args.steps, args.batch_size, args.lr, args.seed, device=args.device
-        )
+        if args.start is None:
+            losses = train_tiny(
+                args.out, args.steps, args.batch_size, args.lr, args.seed, device=args.device
+            )
+            print(f"first stage: {len(losses)} steps, final loss {np.mean(losses[-50:]):.4f}")
+        if args.context_steps:
+            model = TinyVLM.from_pretrained(args.start or args.out)
+            stream = world.training_stream(args.seed)
+            losses = teach_context(
+                model,
+                args.out,
+                stream,
+                world.facts(),
+                args.context_steps,
+                POSITIONS,
+                args.seed,
+                device=args.device,
+            )
+            print(f"second stage: {len(losses)} steps, final loss {np.mean(losses[-50:]):.4f}")
     except BaseException:
         cleanup()
         raise
-    print(
-        f"trained {args.steps} steps in {time.time() - start:.0f} s; final loss "
-        f"{np.mean(losses[-50:]):.4f}; saved to {args.out}"
-    )
+    print(f"trained in {time.time() - start:.0f} s; saved to {args.out}")
     return 0
 
 

@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from data import EditRecord, Sample, anchor_image
+from ike import Facts
 from writers import write_okedit
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star")
@@ -58,7 +59,7 @@ def _made_up_words(n: int, seed: int, avoid: set[str] = frozenset()) -> list[str
 
 
 KIND_NAMES = dict(zip(KINDS, _made_up_words(len(KINDS), seed=1)))  # what each kind is called
-# The edit targets y^n, never trained on.
+# The edit targets y^n: never any image's answer in training (only read in context, facts()).
 NEW_WORDS = _made_up_words(64, seed=2, avoid=set(KIND_NAMES.values()))
 
 QUESTIONS = {  # family -> ten paraphrases
@@ -119,6 +120,15 @@ def rephrasings(question: str) -> list[str]:
     if question not in FAMILY_OF:
         raise ValueError(f"not a question of the world: {question!r}")
     return [q for q in QUESTIONS[FAMILY_OF[question]] if q != question]
+
+
+def facts() -> Facts:
+    """What TinyVLM's in-context training draws facts from (ike.context_stream): the world's
+    questions, and every word it answers or edits to. An edit target is read and copied
+    there, never any image's answer."""
+    answers = {a for kind in KINDS for a in (*kind, KIND_NAMES[kind])} | set(NEW_WORDS)
+    answers |= {a for answers in ANCHOR_ANSWERS.values() for a in answers.values()}
+    return Facts(QUESTIONS, FAMILY_OF.__getitem__, sorted(answers))
 
 
 def vocabulary() -> list[str]:

@@ -189,6 +189,8 @@ def test_make_records_writes_the_okedit_layout_that_loads_back_equal(tmp_path, c
         ["make-records", "--out", "FULL"],
         ["make-records", "--out", "/proc/no/such"],
         ["train", "--steps", "0"],
+        ["train", "--context-steps", "-1"],
+        ["train", "--from", "/no/such/dir"],
         ["train", "--out", "FILE"],
         ["check", "--model", "/no/such/dir"],
         ["check", "--limit", "-1"],
