@@ -351,6 +351,10 @@ def setup(args) -> Setup:
         backbone.check(records)  # targets it cannot spell, questions too long for it
         if "mend" in methods or "ike" in methods:  # a shipped world's model, or one line
             mend.shipped(backbone)  # MEND's editor; IKE's demonstrations are its world's
+        if "ike" in methods:  # a prompt too long for the model: refused before any work
+            ike_editor = evaluate.make_editor("ike", backbone, cfg, retriever=retriever)
+            for r in records:
+                ike_editor.remove(ike_editor.edit(r).index)
         log.open(getattr(args, "fresh", False))  # resumed, or with --fresh begun again
     except BaseException:
         cleanup()

@@ -5,9 +5,10 @@ easy-VQA (Victor Zhou; the PyPI package ``easy-vqa``, MIT) holds 4,000 train and
 64x64 images, each of one shape (circle, rectangle, triangle) in one of 8 colours, drawn by its
 own renderer and asked its own question templates: 4 about the shape, 4 about the colour and
 16 yes/no. TinyVLM (models.py) is trained on the train split by the project's trainer, over
-easy-VQA's vocabulary, once its ViT has learnt the train images' shapes and colours. Edit
-records come from the test images only, at two scopes like the paper's Fig. 1, each edit's
-target another of easy-VQA's own answers:
+easy-VQA's vocabulary, once its ViT has learnt the train images' shapes and colours; then it
+learns to read a fact in its prompt (train.teach_context). Edit records come from the test
+images only, at two scopes like the paper's Fig. 1, each edit's target another of easy-VQA's
+own answers:
 
     shape    "what shape is in the image?" on every image of one shape -> another shape
     colour   "what color is the <shape>?" on one (shape, colour) kind  -> another colour
@@ -78,7 +79,7 @@ EDITED_COLOURS = 4  # colour scope: colours edited per shape (the other 4 stay f
 # Its shapes span 8-33 pixels anywhere in the image (the world's: 28-42, centred), too small for
 # 16-pixel patches: 8-pixel ones, 64 image tokens, and room for them in the decoder.
 CONFIG = models.TinyConfig(patch_size=8, max_positions=96)
-CONTEXT_STEPS = 1200  # the second stage's (train.teach_context)
+CONTEXT_STEPS = 800  # the second stage's (train.teach_context), after its copy steps
 CONTEXT_POSITIONS = 256  # the longest probe after IKE's four demonstrations needs 211
 
 
@@ -522,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=positive, default=32, help="per step (default 32)")
     t.add_argument("--lr", type=cli.POSITIVE, default=5e-4, help="peak lr (default 5e-4)")
     t.add_argument("--seed", type=int, default=0, help="weights and data order (default 0)")
-    context = f"second stage: steps with in-context facts (default {CONTEXT_STEPS}; 0: none)"
+    context = f"second stage: steps with in-context facts (default {CONTEXT_STEPS}; 0: no stage)"
     steps = cli.number(int, lambda n: n >= 0, "an integer >= 0")
     t.add_argument("--context-steps", type=steps, default=CONTEXT_STEPS, help=context)
     skip = "skip the first stage: go on from this checkpoint of it (96 positions)"

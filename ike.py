@@ -62,23 +62,28 @@ def _random_demonstration(rng: random.Random, facts: Facts) -> str:
 
 
 def context_stream(
-    stream: Iterator[Sample], facts: Facts, share: float, seed: int
+    stream: Iterator[Sample],
+    facts: Facts,
+    share: float,
+    seed: int,
+    relevant: float = 0.5,
+    max_demonstrations: int = MAX_DEMONSTRATIONS,
 ) -> Iterator[Sample]:
-    """``stream``'s samples, ``share`` of them asked after 0-4 demonstrations and a new fact.
-    Half of those facts ask the sample's family: the answer is then the fact's. The others ask
-    another family, and the answer stays the image's: a fact about another question is
-    ignored, and so are the demonstrations' facts."""
+    """``stream``'s samples, ``share`` of them asked after 0 to ``max_demonstrations``
+    demonstrations and a new fact. ``relevant`` of those facts ask the sample's family: the
+    answer is then the fact's. The others ask another family, and the answer stays the
+    image's: a fact about another question is ignored, and so are the demonstrations' facts."""
     rng = random.Random(seed)
     families = sorted(facts.questions)
     for s in stream:
         if rng.random() >= share:
             yield s
             continue
-        n = rng.randint(0, MAX_DEMONSTRATIONS)
+        n = rng.randint(0, max_demonstrations)
         demos = [_random_demonstration(rng, facts) for _ in range(n)]
         family = facts.family_of(s.question)
         a = rng.choice(facts.answers)
-        if family in facts.questions and rng.random() < 0.5:
+        if family in facts.questions and rng.random() < relevant:
             q = rng.choice(facts.questions[family])
             yield Sample(s.image, in_context(demos, q, a, s.question), a)
         else:

@@ -379,7 +379,7 @@ def prepare(args, out: Path, cleanup) -> tuple:
         if not args.fresh:
             log.check()
         backbone = cli.load_backbone(args)
-        if args.command == "study" and "mend" in STUDY_ROWS:
+        if args.command == "study" and {"mend", "ike"} & set(STUDY_ROWS):
             mend.shipped(backbone)  # MEND's editor and IKE's world for this model, or one line
         return backbone, log.open(args.fresh)
     except BaseException:

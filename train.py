@@ -1,12 +1,13 @@
 """TinyVLM's training on the generated world, and the check of a trained checkpoint.
 
 ``python train.py --out DIR`` trains a TinyVLM in two seeded stages: the world's questions
-(3000 steps, 64 positions), then the same with half the samples after in-context facts
-(IKE's format, ike.py; 1500 steps, grown to 192 positions), so that it reads a fact in its
-prompt. The shipped ``assets/tinyvlm`` is the defaults; its second stage ran ``--from`` the first
-stage's checkpoint. ``python train.py check`` measures what a checkpoint knows: exact match of
-its answers on the shipped sample, and how it reads a fact (ike.reading). ``train_tiny`` and
-``warmup_cosine`` are also easy-VQA's trainer (easyvqa.py).
+(3000 steps, 64 positions), then, grown to 192 positions, reading a fact in its prompt (IKE's
+format, ike.py): 800 steps of facts that answer the question, then 1000 of the world's samples,
+half of them after demonstrations and a fact (three in four answer the question). The shipped
+``assets/tinyvlm`` is the defaults; its second stage ran ``--from`` the first stage's checkpoint.
+``python train.py check`` measures what a checkpoint knows: exact match of its answers on the
+shipped sample, and how it reads a fact (ike.reading). ``train_tiny`` and ``warmup_cosine`` are
+also easy-VQA's trainer (easyvqa.py).
 """
 
 from __future__ import annotations
@@ -28,8 +29,11 @@ import ike
 import world
 from models import TINY_DIR, Backbone, TinyConfig, TinyVLM, build_tokenizer
 
-CONTEXT_STEPS = 1500
-CONTEXT_SHARE = 0.5  # of the second stage's samples, asked after in-context facts
+COPY_STEPS = 800  # the second stage's start: every sample after a fact that answers it
+COPY_LR = 1e-3
+CONTEXT_STEPS = 1000  # then the world's samples, CONTEXT_SHARE of them after in-context facts
+CONTEXT_SHARE = 0.5
+CONTEXT_RELEVANT = 0.75  # of those facts, the share that answers the question
 CONTEXT_BATCH = 32
 CONTEXT_LR = 3e-4
 POSITIONS = 192  # the world's longest probe after IKE's four demonstrations needs 163
@@ -108,25 +112,21 @@ def teach_context(
     device: str = "cpu",
     vision: bool = True,
 ) -> list[float]:
-    """The second stage: ``model`` grown to ``positions`` (TinyVLM.grown) goes on training on
-    ``stream`` with CONTEXT_SHARE of its samples asked after in-context facts
-    (ike.context_stream), so that it reads a fact in its prompt; its ViT too if ``vision``.
+    """The second stage: ``model`` grown to ``positions`` (TinyVLM.grown) learns to read a fact
+    in its prompt; its ViT too if ``vision``. First COPY_STEPS of facts that answer the
+    question, alone (without them first, the image's answer wins and copying never starts);
+    then ``steps`` of the world's samples, CONTEXT_SHARE of them after demonstrations and a fact
+    that answers the question (CONTEXT_RELEVANT of them) or another one (ike.context_stream).
     The loss per step."""
-    stream = ike.context_stream(stream, facts, CONTEXT_SHARE, seed)
     torch.manual_seed(seed)  # the new rows' initial values
     grown = model.grown(positions)
     grown.vision.requires_grad_(vision)  # the trainer's AdamW skips parameters without gradients
-    return train_tiny(
-        out_dir,
-        steps,
-        CONTEXT_BATCH,
-        CONTEXT_LR,
-        seed,
-        progress=progress,
-        device=device,
-        stream=stream,
-        model=grown,
-    )
+    answerable = (s for s in stream if facts.family_of(s.question) in facts.questions)
+    copy = ike.context_stream(answerable, facts, 1.0, seed, relevant=1.0, max_demonstrations=0)
+    batch = dict(progress=progress, device=device, model=grown)
+    train_tiny(None, COPY_STEPS, CONTEXT_BATCH, COPY_LR, seed, stream=copy, **batch)
+    mixed = ike.context_stream(stream, facts, CONTEXT_SHARE, seed, CONTEXT_RELEVANT)
+    return train_tiny(out_dir, steps, CONTEXT_BATCH, CONTEXT_LR, seed, stream=mixed, **batch)
 
 
 def knowledge(
@@ -193,8 +193,8 @@ def build_parser() -> Parser:
         "--context-steps",
         type=int,
         default=CONTEXT_STEPS,
-        help=f"second stage: steps with in-context facts, at {POSITIONS} positions (default "
-        f"{CONTEXT_STEPS}; 0: none)",
+        help=f"second stage, grown to {POSITIONS} positions: {COPY_STEPS} copy steps, then "
+        f"these steps with in-context facts (default {CONTEXT_STEPS}; 0: no second stage)",
     )
     parser.add_argument(
         "--from",

@@ -379,9 +379,10 @@ def test_each_variant_has_its_own_default_output():
         ("target", "zzyzx", "'zzyzx'"),  # not in TinyVLM's vocabulary: it would be edited as <unk>
         (
             "question",
-            " ".join(["what"] * 60) + "?",
+            " ".join(["what"] * 200) + "?",
             "positions",
-        ),  # longer than TinyVLM's 64 positions
+        ),  # longer than TinyVLM's 192 positions
+        ("question", " ".join(["what"] * 120) + "?", "IKE"),  # fits alone, not after IKE's text
     ],
 )
 def test_cli_refuses_a_record_the_backbone_cannot_encode(field, value, says, tmp_path, capsys):

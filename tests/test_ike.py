@@ -432,3 +432,10 @@ def test_ike_under_both_protocols(grown, records, monkeypatch):
         for r in three:
             assert told[r.id].endswith(f"New Fact: {r.question} {r.target}\nPrompt: ")
         assert (len(editor), editor.store) == (0, SMALL_STORE)
+
+
+def test_the_shipped_model_reads_a_fact_in_its_prompt():
+    """TinyVLM's second stage: on held-out images, a fact in the prompt answers the rephrased
+    question (the model before it answered 0 of these)."""
+    shipped = models.TinyVLM.from_pretrained()
+    assert ike.reading(shipped, data.load_sample(limit=10))["follows"] >= 90

@@ -131,7 +131,7 @@ def test_readme_sequential_table_is_what_the_sequential_protocol_measures(readme
     assert "warn" not in output.lower(), output
     header, readme = _table_after("```bash\npython evaluate.py --protocol sequential ")
     assert header == ["Method", *evaluate.HEADERS.values()]
-    assert list(readme) == ["ft", "grace", "balancedit", "mend"]
+    assert list(readme) == ["ft", "grace", "balancedit", "mend", "ike"]
     for method, row in readme.items():
         measured = [result[method][k] for k in evaluate.COLUMNS]
         assert row == pytest.approx(measured, abs=0.006), method

@@ -77,6 +77,7 @@ def test_compare_tunes_on_dev_worlds_then_reports_every_test_world(tiny, small):
 def test_the_study_command_writes_json_markdown_and_png(tiny, small, tmp_path, monkeypatch, capsys):
     tiny.save_pretrained(tmp_path / "tiny")
     monkeypatch.delitem(study.STUDY_ROWS, "mend")  # no MEND editor is trained for this model
+    monkeypatch.delitem(study.STUDY_ROWS, "ike")  # nor is it a shipped world's, IKE's store
     for name, row in list(study.STUDY_ROWS.items()):
         monkeypatch.setitem(study.STUDY_ROWS, name, row._replace(grid=row.grid[:1]))
     monkeypatch.setattr(study, "SIZES", (2,))
