@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from data import Sample
 from editor import Editor, EditReport
-from models import DEMONSTRATION, NEW_FACT, PROMPT
+from models import DEMONSTRATION, NEW_FACT, PROMPT, TinyVLM
 
 MAX_DEMONSTRATIONS = 4  # what TinyVLM reads: k = 3 retrieved, and the edit's own copy
 
@@ -116,6 +116,13 @@ def reading(backbone, records: Sequence, batch_size: int = 64) -> dict[str, floa
     follows = sum(a == r.target for a, (r, _) in zip(followed, follow)) / len(follow)
     ignores = sum(a == b for a, b in zip(kept, plain)) / len(ignore)
     return {"follows": 100.0 * follows, "ignores": 100.0 * ignores}
+
+
+def reads_prompts(backbone) -> bool:
+    """False for a TinyVLM never taught IKE's format (TinyVLM.grown adds its words): IKE would
+    measure that it cannot read, not IKE. A real backbone reads any text."""
+    vocab = backbone.tokenizer.get_vocab()
+    return not isinstance(backbone, TinyVLM) or "Fact" in vocab
 
 
 # ---------------- Retrieval: a sentence embedding of every demonstration

@@ -26,6 +26,7 @@ import cli
 import data
 import easyvqa
 import evaluate as ev
+import ike
 import journal
 import mend
 import models
@@ -401,7 +402,9 @@ def comparison(args, backbone, cfg, out: Path, log: journal.Journal) -> None:
     temporary file."""
     torch.manual_seed(cfg.seed)
     if args.command == "study":
-        rows = STUDY_ROWS
+        rows = {n: r for n, r in STUDY_ROWS.items() if n != "ike" or ike.reads_prompts(backbone)}
+        if len(rows) < len(STUDY_ROWS):
+            print("IKE left out: this TinyVLM was never taught to read a fact in its prompt")
         sizes = SIZES
     else:
         rows = KEY_ROWS
