@@ -395,7 +395,7 @@ def section_editors(tiny, record, cfg, repeats: int) -> tuple[dict, dict]:
     def one_scoring(name: str) -> float:
         editor = editors[name]
         report = editor.edit(record)
-        prefix = evaluate.prefix(editor, record)
+        prefix = editor.prefix(record)
         with editor.attached():
             seconds, _ = realsize.timed(lambda: evaluate.observe(tiny, record, prefix=prefix))
         editor.remove(report.index)

@@ -1,9 +1,10 @@
 """What every editor provides, so that the protocols of evaluate.py run them alike.
 
-BalancEdit (balancedit.py) and the baselines it is compared with (baselines.py) each implement
-``Editor``: ``edit`` makes one edit and reports it, ``attached()`` is the edited model inside a
-``with`` block, ``remove(j)`` undoes edit j (each editor says what that undoes) and ``len()``
-counts the edits it holds.
+BalancEdit (balancedit.py) and the editors it is compared with (baselines.py, mend.py, ike.py)
+each implement ``Editor``: ``edit`` makes one edit and reports it, ``attached()`` is the edited
+model inside a ``with`` block, ``remove(j)`` undoes edit j (each editor says what that undoes),
+``len()`` counts the edits it holds, and ``prefix(record)`` is the text before the record's
+probes (empty but for IKE, whose edit is that text).
 """
 
 import contextlib
@@ -33,3 +34,8 @@ class Editor(Protocol):
     def remove(self, j: int) -> None: ...  # undo edit j
 
     def __len__(self) -> int: ...  # the edits it holds
+
+    def prefix(self, record) -> str:
+        """Text to put before each of the record's probes: none for an editor of the weights
+        (IKE's edit is this text)."""
+        return ""

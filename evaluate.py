@@ -328,9 +328,7 @@ def run_single(
         ref = reference(backbone, record, refs)
         report = method.edit(record)
         with method.attached():
-            row = score(
-                observe(backbone, record, prefix=prefix(method, record)), ref, record.target
-            )
+            row = score(observe(backbone, record, prefix=method.prefix(record)), ref, record.target)
         method.remove(report.index)
         log.add(record.id, row, report.seconds)
     check_unchanged(backbone, before, name)
@@ -361,17 +359,12 @@ def run_sequential(
         edit_seconds = dict(zip([r.id for r in records], seconds))  # by record id
         with method.attached():
             for r in progress_bar(todo, progress, f"{name} scoring", log.resumed(records)):
-                row = score(observe(backbone, r, prefix=prefix(method, r)), refs[r.id], r.target)
+                row = score(observe(backbone, r, prefix=method.prefix(r)), refs[r.id], r.target)
                 log.add(r.id, row, edit_seconds[r.id])
         while len(method):
             method.remove(len(method) - 1)
     check_unchanged(backbone, before, name)
     return summarize(*log.collect(records))
-
-
-def prefix(method: Editor, record: data.EditRecord) -> str:
-    """The text IKE puts before the record's probes; none for an editor of the weights."""
-    return method.prefix(record) if isinstance(method, ike.IKE) else ""
 
 
 SAVED = (BalancEditor, FineTune, Grace)  # editors whose save(folder) and load hold their edits

@@ -21,7 +21,12 @@ import torch.nn.functional as F
 
 from data import Sample
 from editor import Editor, EditReport
-from models import DEMONSTRATION, NEW_FACT, PROMPT, TinyVLM
+from models import PROMPT, TinyVLM
+
+# IKE's in-context text, as EasyEdit writes it; it goes where PROMPT's question goes.
+DEMONSTRATION = "New Fact: {q} {a}\nPrompt: {x} {y}\n\n"
+NEW_FACT = "New Fact: {q} {a}\nPrompt: {x}"
+FORMAT_WORDS = ("New", "Fact", "Prompt")  # the words a TinyVLM must add to read it (grown)
 
 MAX_DEMONSTRATIONS = 4  # what TinyVLM reads: k = 3 retrieved, and the edit's own copy
 

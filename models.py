@@ -41,9 +41,6 @@ TINY_DIR = ASSETS / "tinyvlm"
 PROMPT = "Question: {} Short answer:"  # BLIP-2's VQA prompt
 # The text-only prompt that asks the language model for a paraphrase (Backbone.rephrase).
 REPHRASE = "Rewrite the question in other words.\nQuestion: {}\nRewritten question:"
-# IKE's in-context text, as EasyEdit writes it; it goes where PROMPT's question goes (ike.py).
-DEMONSTRATION = "New Fact: {q} {a}\nPrompt: {x} {y}\n\n"
-NEW_FACT = "New Fact: {q} {a}\nPrompt: {x}"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -635,12 +632,11 @@ class TinyVLM(Backbone):
         decoder = self.lm.model.decoder
         return opt_tail(self, batch, layer_path, decoder, self.lm.lm_head, per_position)
 
-    def grown(self, max_positions: int) -> "TinyVLM":
-        """A copy that can be taught to read IKE's in-context text: ``max_positions`` positions,
-        the words of DEMONSTRATION added after its vocabulary. Every trained weight is kept;
-        only the new rows (positions, words) start fresh."""
+    def grown(self, max_positions: int, words: Sequence[str]) -> "TinyVLM":
+        """A copy with ``max_positions`` positions and ``words`` added after its vocabulary (to
+        be taught to read IKE's text: ike.FORMAT_WORDS). Every trained weight is kept; only the
+        new rows (positions, words) start fresh."""
         vocab = self.tokenizer.get_vocab()
-        words = re.findall(r"\w+|[^\w\s]", DEMONSTRATION.format(q="", a="", x="", y=""))
         tokenizer = build_tokenizer([*sorted(vocab, key=vocab.get), *words])  # old ids kept
         model = TinyVLM(replace(self.config, max_positions=max_positions), tokenizer)
         state = model.state_dict()

@@ -119,7 +119,7 @@ def teach_context(
     that answers the question (CONTEXT_RELEVANT of them) or another one (ike.context_stream).
     The loss per step."""
     torch.manual_seed(seed)  # the new rows' initial values
-    grown = model.grown(positions)
+    grown = model.grown(positions, ike.FORMAT_WORDS)
     grown.vision.requires_grad_(vision)  # the trainer's AdamW skips parameters without gradients
     answerable = (s for s in stream if facts.family_of(s.question) in facts.questions)
     copy = ike.context_stream(answerable, facts, 1.0, seed, relevant=1.0, max_demonstrations=0)

@@ -17,6 +17,7 @@ import models
 import world
 import writers
 from baselines import Grace, GraceConfig
+from editor import Editor
 from evaluate import Observation, exact_match, hm, score, token_accuracy
 
 
@@ -175,7 +176,7 @@ def test_grace_reads_the_layer_at_the_last_prompt_position_bit_for_bit(tiny, rec
 # ---------------------------------------------------------------- protocols: the model unchanged
 
 
-class HookEditor:
+class HookEditor(Editor):
     """A fake editor with the method surface: each edit registers a forward hook on the
     target layer that really changes the output; remove/reset take it away (unless told not to)."""
 

@@ -38,7 +38,7 @@ SMALL_STORE = [  # demonstrations of other facts, for records[0]: "what do we ca
 @pytest.fixture(scope="module")
 def grown(tiny):
     """The random tiny model with room for k = 3 demonstrations (its 64 positions hold none)."""
-    return tiny.grown(192).eval()
+    return tiny.grown(192, ike.FORMAT_WORDS).eval()
 
 
 @pytest.fixture(scope="module")
@@ -265,11 +265,11 @@ def test_the_refusal_is_exact(tiny, grown, records, world_store):
     probes += [s.question for s in (*r.locality, *r.q_locality, *r.m_locality)]
     longest = max(len(grown.prompt_ids(models.PROMPT.format(prefix + x))) for x in probes)
     need = grown.n_image_tokens + longest + grown.max_new_tokens
-    fits = ike.IKE(tiny.grown(need).eval(), world_store)
+    fits = ike.IKE(tiny.grown(need, ike.FORMAT_WORDS).eval(), world_store)
     fits.edit(r)
     assert fits.prefix(r) == prefix
     evaluate.observe(fits.backbone, r, prefix=prefix)  # every probe encodes, none is cut
-    short = ike.IKE(tiny.grown(need - 1).eval(), world_store)
+    short = ike.IKE(tiny.grown(need - 1, ike.FORMAT_WORDS).eval(), world_store)
     with pytest.raises(ValueError, match=f"needs {need} positions; the model has {need - 1}"):
         short.edit(r)
 
