@@ -2,9 +2,10 @@
 
 ``python train.py --out DIR`` trains a TinyVLM in two seeded stages: the world's questions
 (3000 steps, 64 positions), then, grown to 192 positions, reading a fact in its prompt (IKE's
-format, ike.py): 800 steps of facts that answer the question, then 1000 of the world's samples,
-half of them after demonstrations and a fact (three in four answer the question). The shipped
-``assets/tinyvlm`` is the defaults; its second stage ran ``--from`` the first stage's checkpoint.
+format, ike.py): 800 steps of facts that answer the question, then 2000 of the world's samples,
+each after demonstrations and a fact that answers the question or another one (half each). The
+shipped ``assets/tinyvlm`` is the defaults; its second stage ran ``--from`` the first stage's
+checkpoint.
 ``python train.py check`` measures what a checkpoint knows: exact match of its answers on the
 shipped sample, and how it reads a fact (ike.reading). ``train_tiny`` and ``warmup_cosine`` are
 also easy-VQA's trainer (easyvqa.py).
@@ -31,11 +32,11 @@ from models import TINY_DIR, Backbone, TinyConfig, TinyVLM, build_tokenizer
 
 COPY_STEPS = 800  # the second stage's start: every sample after a fact that answers it
 COPY_LR = 1e-3
-CONTEXT_STEPS = 1000  # then the world's samples, CONTEXT_SHARE of them after in-context facts
+CONTEXT_STEPS = 2500  # then the world's samples, CONTEXT_SHARE of them after in-context facts
 CONTEXT_SHARE = 0.5
-CONTEXT_RELEVANT = 0.75  # of those facts, the share that answers the question
+CONTEXT_RELEVANT = 0.5  # of those facts, the share that answers the question
 CONTEXT_BATCH = 32
-CONTEXT_LR = 3e-4
+CONTEXT_LR = 1e-3
 POSITIONS = 192  # the world's longest probe after IKE's four demonstrations needs 163
 
 

@@ -158,4 +158,4 @@ def records():
     """The first records of the shipped sample (assets/okedit_tiny)."""
     import data
 
-    return data.load_sample(limit=4)
+    return data.load_sample(limit=5)

@@ -291,7 +291,7 @@ def test_d_pos_is_the_same_image_with_a_rephrased_question(shipped, records):
 
 
 def test_d_neg_is_the_configs_anchor_image_with_the_same_question(shipped, records):
-    record = records[0]
+    record = records[4]  # its probes lie apart on every anchor image, so each mistake shows
     for negative in ANCHORS:
         editor = BalancEditor(shipped, BalancEditConfig(steps=1, negative=negative))
         p = editor.probe(record, record.image)

@@ -366,7 +366,7 @@ def test_grace_rules(tiny, records):
     assert r1 == pytest.approx(0.0, abs=1e-6) and r0 == pytest.approx(r1 - baselines.TIE, abs=1e-6)
 
 
-@pytest.mark.parametrize("index", [2, 19])  # a kind-scope and a shape-scope record
+@pytest.mark.parametrize("index", [2, 1])  # a kind-scope and a shape-scope record
 def test_end_to_end_on_the_shipped_tinyvlm(shipped, index):
     record = data.load_sample()[index]
     black = data.anchor_image("black", world.SIZE)
@@ -388,7 +388,7 @@ def test_end_to_end_on_the_shipped_tinyvlm(shipped, index):
     assert after[3] == before[3]  # the black image (the negative) keeps its answer
     kept = sum(a == b for a, b in zip(after[4:], before[4:]))
     # Near misses: at the default alpha a ball of either scope reaches some of the nearest
-    # other kinds (Loc is 40.0 over the sample, see the README), not all of these.
+    # other kinds (Loc is 88.33 over the sample, see the README), not all of these.
     assert kept >= 1
     editor.remove(report.index)
     assert shipped.generate(images, questions) == before

@@ -436,6 +436,8 @@ def test_ike_under_both_protocols(grown, records, monkeypatch):
 
 def test_the_shipped_model_reads_a_fact_in_its_prompt():
     """TinyVLM's second stage: on held-out images, a fact in the prompt answers the rephrased
-    question (the model before it answered 0 of these)."""
-    shipped = models.TinyVLM.from_pretrained()
-    assert ike.reading(shipped, data.load_sample(limit=10))["follows"] >= 90
+    question (the first-stage model answered 0 of these), and a fact about another question
+    leaves most answers as they were (the model shipped before it, which copied every fact,
+    kept 0 of these). Measured: 83.0 and 73.75 on the 40 records."""
+    reading = ike.reading(models.TinyVLM.from_pretrained(), data.load_sample())
+    assert reading["follows"] >= 80 and reading["ignores"] >= 70

@@ -78,7 +78,7 @@ def test_meta_training_lowers_the_edit_loss_of_unseen_edits():
     start.load_state_dict(norms, strict=False)
     before = rephrase_loss(mend.MEND(backbone, start), backbone, held_out)
     after = rephrase_loss(shipped, backbone, held_out)
-    assert after < 0.85 * before, (before, after)  # measured: 0.85 -> 0.33
+    assert after < 0.85 * before, (before, after)  # measured: 0.32 -> 0.06
     net, _ = mend.train(backbone, mend.world_examples(2001), mend.MENDConfig(steps=40), 0, False)
     assert all(g.U.abs().max() > 0 for g in net.g.values())  # g left its start (U = 0)
 
