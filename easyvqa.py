@@ -79,8 +79,8 @@ EDITED_COLOURS = 4  # colour scope: colours edited per shape (the other 4 stay f
 # Its shapes span 8-33 pixels anywhere in the image (the world's: 28-42, centred), too small for
 # 16-pixel patches: 8-pixel ones, 64 image tokens, and room for them in the decoder.
 CONFIG = models.TinyConfig(patch_size=8, max_positions=96)
-CONTEXT_STEPS = 0  # no second stage: tried (800, after its copy steps), it did not teach this
-# model to read a fact (follows 13.75, ignores 58.3; docs/easyvqa.md), so the shipped one has none
+CONTEXT_STEPS = 0  # no second stage: tried with four mixtures, none taught this model to both
+# follow and ignore a fact (at best 31.25 and 99.2; docs/easyvqa.md), so the shipped one has none
 CONTEXT_POSITIONS = 256  # the longest probe after IKE's four demonstrations needs 211
 
 
