@@ -5,10 +5,10 @@ easy-VQA (Victor Zhou; the PyPI package ``easy-vqa``, MIT) holds 4,000 train and
 64x64 images, each of one shape (circle, rectangle, triangle) in one of 8 colours, drawn by its
 own renderer and asked its own question templates: 4 about the shape, 4 about the colour and
 16 yes/no. TinyVLM (models.py) is trained on the train split by the project's trainer, over
-easy-VQA's vocabulary, once its ViT has learnt the train images' shapes and colours; then it
-learns to read a fact in its prompt (train.teach_context). Edit records come from the test
-images only, at two scopes like the paper's Fig. 1, each edit's target another of easy-VQA's
-own answers:
+easy-VQA's vocabulary, once its ViT has learnt the train images' shapes and colours (the second
+stage that teaches reading a fact in the prompt, train.teach_context, is off: it did not teach
+this model). Edit records come from the test images only, at two scopes like the paper's
+Fig. 1, each edit's target another of easy-VQA's own answers:
 
     shape    "what shape is in the image?" on every image of one shape -> another shape
     colour   "what color is the <shape>?" on one (shape, colour) kind  -> another colour

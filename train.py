@@ -2,10 +2,10 @@
 
 ``python train.py --out DIR`` trains a TinyVLM in two seeded stages: the world's questions
 (3000 steps, 64 positions), then, grown to 192 positions, reading a fact in its prompt (IKE's
-format, ike.py): 800 steps of facts that answer the question, then 2000 of the world's samples,
-each after demonstrations and a fact that answers the question or another one (half each). The
-shipped ``assets/tinyvlm`` is the defaults; its second stage ran ``--from`` the first stage's
-checkpoint.
+format, ike.py): 800 steps of facts that answer the question, then 2500 of the world's samples,
+half of them after demonstrations and a fact that answers the question or another one (half
+each). The shipped ``assets/tinyvlm`` is the defaults; its second stage ran ``--from`` the first
+stage's checkpoint.
 ``python train.py check`` measures what a checkpoint knows: exact match of its answers on the
 shipped sample, and how it reads a fact (ike.reading). ``train_tiny`` and ``warmup_cosine`` are
 also easy-VQA's trainer (easyvqa.py).
