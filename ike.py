@@ -48,7 +48,7 @@ class Facts(NamedTuple):
 
     questions: dict[str, list[str]]  # family -> the questions a fact can ask
     family_of: Callable[[str], str]  # any question of the world -> its family
-    answers: list[str]  # the words a fact can say
+    answers: dict[str, list[str]]  # family (of any question) -> the words that answer it
 
 
 def _random_demonstration(rng: random.Random, facts: Facts) -> str:
@@ -56,14 +56,15 @@ def _random_demonstration(rng: random.Random, facts: Facts) -> str:
     families = sorted(facts.questions)
     family = rng.choice(families)
     q = rng.choice(facts.questions[family])
-    a = rng.choice(facts.answers)
+    a = rng.choice(facts.answers[family])
     kind = rng.choice(("copy", "update", "retain"))
     if kind == "copy":
         return demonstration(q, a, q, a)
     if kind == "update":
         return demonstration(q, a, rng.choice(facts.questions[family]), a)
     other = rng.choice([f for f in families if f != family])
-    return demonstration(q, a, rng.choice(facts.questions[other]), rng.choice(facts.answers))
+    x = rng.choice(facts.questions[other])
+    return demonstration(q, a, x, rng.choice(facts.answers[other]))
 
 
 def context_stream(
@@ -75,9 +76,11 @@ def context_stream(
     max_demonstrations: int = MAX_DEMONSTRATIONS,
 ) -> Iterator[Sample]:
     """``stream``'s samples, ``share`` of them asked after 0 to ``max_demonstrations``
-    demonstrations and a new fact. ``relevant`` of those facts ask the sample's family: the
-    answer is then the fact's. The others ask another family, and the answer stays the
-    image's: a fact about another question is ignored, and so are the demonstrations' facts."""
+    demonstrations and a new fact, which says a word that could answer the sample's question
+    (so that only the fact's question tells whether it applies). ``relevant`` of those facts
+    ask the sample's family: the answer is then the fact's. The others ask another family, and
+    the answer stays the image's: a fact about another question is ignored, and so are the
+    demonstrations' facts."""
     rng = random.Random(seed)
     families = sorted(facts.questions)
     for s in stream:
@@ -87,7 +90,7 @@ def context_stream(
         n = rng.randint(0, max_demonstrations)
         demos = [_random_demonstration(rng, facts) for _ in range(n)]
         family = facts.family_of(s.question)
-        a = rng.choice(facts.answers)
+        a = rng.choice(facts.answers[family])  # a word that could answer the question
         if family in facts.questions and rng.random() < relevant:
             q = rng.choice(facts.questions[family])
             yield Sample(s.image, in_context(demos, q, a, s.question), a)

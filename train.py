@@ -112,12 +112,16 @@ def teach_context(
     progress: bool = True,
     device: str = "cpu",
     vision: bool = True,
+    copy_steps: int = COPY_STEPS,
+    share: float = CONTEXT_SHARE,
+    relevant: float = CONTEXT_RELEVANT,
+    lr: float = CONTEXT_LR,
 ) -> list[float]:
     """The second stage: ``model`` grown to ``positions`` (TinyVLM.grown) learns to read a fact
-    in its prompt; its ViT too if ``vision``. First COPY_STEPS of facts that answer the
+    in its prompt; its ViT too if ``vision``. First ``copy_steps`` of facts that answer the
     question, alone (without them first, the image's answer wins and copying never starts);
-    then ``steps`` of the world's samples, CONTEXT_SHARE of them after demonstrations and a fact
-    that answers the question (CONTEXT_RELEVANT of them) or another one (ike.context_stream).
+    then ``steps`` at ``lr`` of the world's samples, ``share`` of them after demonstrations and a
+    fact that answers the question (``relevant`` of them) or another one (ike.context_stream).
     The loss per step."""
     torch.manual_seed(seed)  # the new rows' initial values
     grown = model.grown(positions, ike.FORMAT_WORDS)
@@ -125,9 +129,9 @@ def teach_context(
     answerable = (s for s in stream if facts.family_of(s.question) in facts.questions)
     copy = ike.context_stream(answerable, facts, 1.0, seed, relevant=1.0, max_demonstrations=0)
     batch = dict(progress=progress, device=device, model=grown)
-    train_tiny(None, COPY_STEPS, CONTEXT_BATCH, COPY_LR, seed, stream=copy, **batch)
-    mixed = ike.context_stream(stream, facts, CONTEXT_SHARE, seed, CONTEXT_RELEVANT)
-    return train_tiny(out_dir, steps, CONTEXT_BATCH, CONTEXT_LR, seed, stream=mixed, **batch)
+    train_tiny(None, copy_steps, CONTEXT_BATCH, COPY_LR, seed, stream=copy, **batch)
+    mixed = ike.context_stream(stream, facts, share, seed, relevant)
+    return train_tiny(out_dir, steps, CONTEXT_BATCH, lr, seed, stream=mixed, **batch)
 
 
 def knowledge(

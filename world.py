@@ -128,7 +128,8 @@ def facts() -> Facts:
     there, never any image's answer."""
     answers = {a for kind in KINDS for a in (*kind, KIND_NAMES[kind])} | set(NEW_WORDS)
     answers |= {a for answers in ANCHOR_ANSWERS.values() for a in answers.values()}
-    return Facts(QUESTIONS, FAMILY_OF.__getitem__, sorted(answers))
+    words = sorted(answers)  # any family's fact may say any of them: the world's targets do
+    return Facts(QUESTIONS, FAMILY_OF.__getitem__, {family: words for family in QUESTIONS})
 
 
 def vocabulary() -> list[str]:

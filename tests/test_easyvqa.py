@@ -8,6 +8,7 @@ import torch
 
 import data
 import easyvqa
+import ike
 import models
 import study
 from balancedit import BalancEditConfig
@@ -150,6 +151,16 @@ def test_the_shipped_checkpoint_loads_offline_and_answers_test_questions(monkeyp
     model.check(records)  # every target is a word it can spell and generate
     got = model.generate([r.image for r in records], [r.question for r in records])
     assert got == [r.answer for r in records]  # it knows what each edit will change
+
+
+def test_the_shipped_model_reads_a_fact_in_its_prompt():
+    """The second stage on this world: on held-out test images, a fact in the prompt answers
+    half the rephrased questions (the first-stage model, grown, answered 0 of these), and a fact
+    about another question leaves nearly every answer as it was. Measured: 50.0 and 94.17."""
+    reading = ike.reading(
+        models.TinyVLM.from_pretrained(easyvqa.MODEL_DIR), easyvqa.make_records(0)
+    )
+    assert reading["follows"] >= 45 and reading["ignores"] >= 90
 
 
 def test_train_uses_the_train_split_and_its_vocabulary(tmp_path):

@@ -3,6 +3,7 @@ reference, the edits' demonstrations and the store in both protocols, no scored 
 demonstrations, a context too long refused (never cut), the in-context training stream, the
 grown TinyVLM, the sentence encoder from a local folder, and IKE under the protocols."""
 
+import hashlib
 import math
 import os
 import random
@@ -21,6 +22,8 @@ import evaluate
 import ike
 import mend
 import models
+import train
+import world
 from data import Sample
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -290,7 +293,9 @@ FAMILIES = {
     "name": ["what is this called?", "what do people call this?"],
 }
 FAMILY = {q: f for f, qs in FAMILIES.items() for q in qs}
-FACTS = ike.Facts(FAMILIES, lambda q: FAMILY.get(q, "count"), ["daben", "fesak", "kazok"])
+WORDS = {"shape": ["circle", "square"], "colour": ["red", "blue"], "name": ["daben", "fesak"]}
+WORDS["count"] = ["two", "three"]  # a family no fact asks: its questions only ever ignore one
+FACTS = ike.Facts(FAMILIES, lambda q: FAMILY.get(q, "count"), WORDS)
 
 
 def hand_made_stream(n: int) -> list[Sample]:
@@ -315,7 +320,7 @@ def test_the_stream_tells_a_fact_that_answers_only_its_own_family():
         n_demos[o.question.count("New Fact:") - 1] += 1
         fact = o.question.rsplit("New Fact: ", 1)[1].split("\n")[0]
         q, a = fact.rsplit(" ", 1)
-        assert q in FAMILY and a in FACTS.answers
+        assert q in FAMILY and a in WORDS[FACTS.family_of(s.question)]  # it could answer s
         if FAMILY[q] == FACTS.family_of(s.question):
             assert o.answer == a
             told += 1
@@ -326,6 +331,18 @@ def test_the_stream_tells_a_fact_that_answers_only_its_own_family():
     assert set(n_demos) == set(range(ike.MAX_DEMONSTRATIONS + 1)), n_demos
     again = list(ike.context_stream(iter(stream), FACTS, share=1.0, seed=3))
     assert [o.question for o in again] == [o.question for o in out]
+
+
+def test_the_project_worlds_stream_is_the_one_its_shipped_model_learnt_from():
+    """`python train.py --from FIRST` remakes assets/tinyvlm only while the mixture draws the
+    same samples: a golden digest of its first 2,000, as the shipped model saw them."""
+    share = train.CONTEXT_SHARE
+    stream = ike.context_stream(
+        world.training_stream(0), world.facts(), share, 0, train.CONTEXT_RELEVANT
+    )
+    text = "".join(f"{s.question}|{s.answer}\n" for _, s in zip(range(2000), stream))
+    digest = "1e51e52a02464bca11f6eae78d768fede19db837abefb4605602817cfc65c06f"
+    assert hashlib.sha256(text.encode()).hexdigest() == digest
 
 
 def test_the_stream_without_share_is_unchanged():
