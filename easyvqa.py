@@ -85,7 +85,7 @@ COPY_STEPS = 300  # copying forms in 150 steps here
 CONTEXT_SHARE = 0.7
 CONTEXT_RELEVANT = 0.7
 CONTEXT_LR = 3e-4
-CONTEXT_POSITIONS = 256  # the longest probe after IKE's four demonstrations needs 211
+CONTEXT_POSITIONS = 256  # the study worlds' longest probe after four demonstrations needs 184
 
 
 class Parsed(NamedTuple):
